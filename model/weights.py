@@ -1,0 +1,191 @@
+"""Named models, where their files live, the download cache, and safe checkpoint loading.
+
+Files are found under a hub base URL in Meta's layout, `{hub}/{m}/{file}` with `m` the backbone
+without `_reg` (e.g. `dinov2_vits14/dinov2_vits14_reg4_pretrain.pth`). The hub is Meta's public
+file host unless `DINOSEG_HUB` says otherwise (a folder, `file://`, `s3://`, `http://` ...).
+Hub files are cached under `DINOSEG_CACHE` (default `~/.cache/dinoseg`) in the same layout and
+written atomically. Environment variables are read when a file is needed, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import BACKBONES, backbone_config
+from .errors import UnknownModelError, WeightsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB = "https://dl.fbaipublicfiles.com/dinov2"
+DATASETS = {"ade20k": 150, "voc2012": 21}
+META_HEADS = ("linear", "ms")
+
+
+@dataclass(frozen=True)
+class SegmentationModel:
+    """A backbone paired with one of Meta's released segmentation heads."""
+
+    name: str
+    backbone: str
+    dataset: str
+    head: str  # 'linear' or 'ms'
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.dataset]
+
+    def files(self) -> list[str]:
+        return [backbone_file(self.backbone), head_file(self.backbone, self.dataset, self.head)]
+
+
+SEGMENTATION_MODELS: dict[str, SegmentationModel] = {
+    f"{b}_{d}_{h}": SegmentationModel(f"{b}_{d}_{h}", b, d, h)
+    for b in BACKBONES if not b.endswith("_reg")  # Meta released heads for the plain backbones only
+    for d in DATASETS
+    for h in META_HEADS
+}
+
+
+def _family(backbone: str) -> str:
+    return backbone.removesuffix("_reg")
+
+
+def backbone_file(backbone: str) -> str:
+    """Hub-relative path of a backbone's released weights."""
+    backbone_config(backbone)  # unknown names fail here, with the list
+    m = _family(backbone)
+    return f"{m}/{m}_reg4_pretrain.pth" if backbone.endswith("_reg") else f"{m}/{m}_pretrain.pth"
+
+
+def head_file(backbone: str, dataset: str, kind: str) -> str:
+    m = _family(backbone)
+    return f"{m}/{m}_{dataset}_{kind}_head.pth"
+
+
+def segmentation_model(name: str) -> SegmentationModel:
+    try:
+        return SEGMENTATION_MODELS[name]
+    except KeyError:
+        known = ", ".join(SEGMENTATION_MODELS)
+        raise UnknownModelError(f"Unknown model '{name}'; choose one of: {known} (or run `dinoseg models`).") from None
+
+
+def hub_url() -> str:
+    return os.environ.get("DINOSEG_HUB", DEFAULT_HUB).rstrip("/")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DINOSEG_CACHE", "~/.cache/dinoseg")).expanduser()
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).expanduser()
+
+
+def _download(url: str, dest: Path, storage_options: dict | None) -> None:
+    """Copy url to dest through a temporary file in the same folder, then rename (atomic)."""
+    import fsspec
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb", **(storage_options or {})) as src:
+            while chunk := src.read(16 << 20):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch_hub_file(relpath: str, storage_options: dict | None = None) -> Path:
+    """The local cached copy of `{hub}/{relpath}`, downloaded on first use."""
+    cached = cache_dir() / relpath
+    if cached.is_file():
+        return cached
+    hub = hub_url()
+    if is_local(hub):
+        source = local_path(hub) / relpath
+        if source.is_file():  # a local hub is used in place, not copied
+            return source
+    url = f"{hub}/{relpath}"
+    log.info("downloading %s to %s", url, cached)
+    try:
+        _download(url, cached, storage_options)
+    except Exception as e:  # network, permissions, missing file: one sentence with the way out
+        raise WeightsError(
+            f"Cannot fetch {url} ({type(e).__name__}: {e}); without access to it, copy the files "
+            f"into a folder laid out as {{hub}}/{relpath} and set DINOSEG_HUB to that folder "
+            "(or pass the weights' path with --backbone-weights / --head)."
+        ) from None
+    return cached
+
+
+def load_checkpoint(source: str, storage_options: dict | None = None):
+    """`torch.load(weights_only=True)` of a local path or any fsspec URL, with clear errors.
+
+    Remote files are streamed to a temporary file and memory-mapped, so a large backbone is not
+    held twice in memory.
+    """
+    if is_local(source):
+        path = local_path(source)
+        if not path.is_file():
+            raise WeightsError(f"Weights file {source} does not exist: check the path or URL.")
+        return _safe_load(path, source)
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(prefix=".remote-", suffix=".pth", dir=cache)[1])
+    try:
+        try:
+            _download(source, tmp, storage_options)
+        except FileNotFoundError:
+            raise WeightsError(f"Weights file {source} does not exist: check the path or URL.") from None
+        except Exception as e:
+            raise WeightsError(f"Cannot read {source} ({type(e).__name__}: {e}): check the URL and credentials.") from None
+        return _safe_load(tmp, source)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _safe_load(path: Path, source: str):
+    try:
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e) and "Unsupported global" in str(e):
+            raise WeightsError(
+                f"{source} needs to unpickle code to load, and dinoseg only loads plain tensors "
+                "(weights_only=True): re-save it as a state dict of tensors."
+            ) from None
+        raise WeightsError(f"{source} is not a PyTorch checkpoint (or it is truncated): download it again.") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise WeightsError(
+            f"{source} is not a readable PyTorch checkpoint ({type(e).__name__}; truncated or another format): "
+            "download it again."
+        ) from None
+
+
+def describe_models() -> list[dict]:
+    """Rows for `dinoseg models`: every named model and the hub files it needs."""
+    rows = [
+        {"name": name, "kind": "backbone", "classes": "-", "files": [backbone_file(name)]}
+        for name in BACKBONES
+    ]
+    rows += [
+        {"name": m.name, "kind": f"segmentation ({m.head})", "classes": f"{m.dataset} ({m.num_classes})", "files": m.files()}
+        for m in SEGMENTATION_MODELS.values()
+    ]
+    return rows
