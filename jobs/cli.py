@@ -1,0 +1,54 @@
+"""`dinoseg`: the command-line entry point. Thin: parses options, calls jobs, prints results.
+
+Errors a user can cause (`DinosegError`) end in their one-sentence message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from model.errors import DinosegError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Semantic segmentation with a frozen DINOv2 backbone.",
+)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and details.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def models(files: bool = typer.Option(True, help="Show the hub files each model needs.")) -> None:
+    """List the named models (backbones, and segmentation models with Meta's heads) and their files."""
+    from model.weights import describe_models, hub_url
+
+    rows = describe_models()
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'name':<{width}}  {'kind':<19} {'classes':<14} files (under {hub_url()})")
+    for r in rows:
+        shown = ", ".join(r["files"]) if files else ""
+        typer.echo(f"{r['name']:<{width}}  {r['kind']:<19} {r['classes']:<14} {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; usage errors are click's (exit 2), user errors one sentence (exit 2)."""
+    try:
+        app(args=argv, prog_name="dinoseg")
+    except DinosegError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except SystemExit as e:  # click's standalone mode ends every run with SystemExit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

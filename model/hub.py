@@ -1,0 +1,120 @@
+"""Named constructors: a backbone, a head, or a whole Segmenter from names, paths and URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, backbone_config, build_backbone
+from .checkpoint import is_head_checkpoint, parse_head_checkpoint
+from .classes import BUNDLED, ClassMap, bundled, default_color
+from .convert import check_fits, to_meta_layout
+from .errors import DinosegError, WeightsError
+from .heads import head_from_mmseg
+from .segmenter import InferenceConfig, Segmenter
+from .weights import DATASETS, backbone_file, fetch_hub_file, head_file, load_checkpoint, segmentation_model
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"  # backbone weights: random initialisation (offline demo and tests)
+
+
+def load_backbone(name: str, weights: str | None = None, storage_options: dict | None = None) -> DinoVisionTransformer:
+    """A named backbone with its released weights (from the hub) or the weights at `weights`."""
+    model = build_backbone(name)
+    if weights == RANDOM:
+        log.warning("%s has random weights: its features mean nothing beyond local colour", name)
+        return model
+    source = weights or str(fetch_hub_file(backbone_file(name), storage_options))
+    sd = to_meta_layout(load_checkpoint(source, storage_options))
+    check_fits(sd, model.state_dict(), name)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@dataclass
+class LoadedHead:
+    head: nn.Module
+    classes: ClassMap
+    backbone: str
+    resolution: int = 512
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    checksum: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def _checksum(state_dict: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _classes_for(num_classes: int) -> ClassMap:
+    for name in BUNDLED:
+        if DATASETS[name] == num_classes:
+            return bundled(name)
+    return ClassMap(tuple(f"class_{i}" for i in range(num_classes)), tuple(default_color(i) for i in range(num_classes)))
+
+
+def load_head(source: str, backbone: str | None = None, kind: str | None = None,
+              storage_options: dict | None = None) -> LoadedHead:
+    """A head trained by dinoseg (it names its backbone) or one of Meta's mmseg head files."""
+    obj = load_checkpoint(source, storage_options)
+    if is_head_checkpoint(obj):
+        ckpt = parse_head_checkpoint(obj, source, backbone)
+        head = ckpt.build()
+        return LoadedHead(head, ckpt.classes, ckpt.backbone, ckpt.resolution, ckpt.mean, ckpt.std,
+                          _checksum(ckpt.state_dict), ckpt.meta)
+    if backbone is None:
+        raise WeightsError(f"{source} is one of Meta's head files, which do not name their backbone: pass --backbone.")
+    cfg = backbone_config(backbone)
+    if kind is None:  # Meta's 'ms' heads read 4 blocks: their conv has 4x the backbone's width
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        w = sd.get("decode_head.conv_seg.weight") if isinstance(sd, dict) else None
+        kind = "ms" if w is not None and w.dim() == 4 and w.shape[1] == 4 * cfg.embed_dim else "linear"
+    head = head_from_mmseg(obj, kind, cfg.embed_dim, cfg.depth, source)
+    return LoadedHead(head, _classes_for(head.config.num_classes), backbone, checksum=_checksum(head.state_dict()))
+
+
+def build_segmenter(
+    model: str | None = None,
+    *,
+    backbone: str | None = None,
+    head: str | None = None,
+    backbone_weights: str | None = None,
+    config: InferenceConfig | None = None,
+    device: str | None = None,
+    storage_options: dict | None = None,
+) -> Segmenter:
+    """`model`: a named segmentation model (Meta's backbone + head from the hub); or `head`: a
+    head checkpoint (trained by dinoseg, or Meta's with `backbone`). `backbone_weights`
+    overrides where the backbone's weights come from."""
+    if model and head:
+        raise DinosegError("Both --model and --head were given: pass one (a named model, or a head with its backbone).")
+    if model:
+        spec = segmentation_model(model)
+        if backbone and backbone != spec.backbone:
+            raise DinosegError(f"Model {model} uses {spec.backbone}, not {backbone}: leave --backbone out.")
+        head_path = str(fetch_hub_file(head_file(spec.backbone, spec.dataset, spec.head), storage_options))
+        loaded = load_head(head_path, spec.backbone, spec.head, storage_options)
+        loaded.classes = bundled(spec.dataset)
+    elif head:
+        loaded = load_head(head, backbone, storage_options=storage_options)
+    else:
+        raise DinosegError("No model given: pass --model NAME (see `dinoseg models`) or --head URL of a trained head.")
+    vit = load_backbone(loaded.backbone, backbone_weights, storage_options)
+    if config is None:
+        config = InferenceConfig(resolution=loaded.resolution)
+    seg = Segmenter(vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std)
+    seg.model_id = model or f"{loaded.backbone}+{head}"
+    seg.head_checksum = loaded.checksum
+    return seg
+
+
+__all__ = ["RANDOM", "LoadedHead", "build_segmenter", "load_backbone", "load_head"]

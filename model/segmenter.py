@@ -1,0 +1,283 @@
+"""Segmenter: a frozen DINOv2 backbone and a head, from uint8 RGB images to masks.
+
+Per image: normalise on the device, resize (short side `resolution`, long side capped as in Meta's
+eval), then for every test-time view (scales x flips) compute a logit field, either whole-image
+(centre-padded to a multiple of 14) or by sliding window (crops accumulated at view resolution).
+The fields are sampled bilinearly straight at the original image's pixels, strip by strip so a
+large image needs bounded memory, and the class is the argmax of the mean softmax over views.
+The mask is never resized after the argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer
+from .classes import ClassMap
+from .device import autocast, choose_device, choose_precision
+from .errors import DinosegError, ImageInputError
+
+META_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # Meta's multi-scale test ratios
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    resolution: int = 512  # short side after resizing (Meta's eval: 512 for linear, 640 for ms)
+    long_side_ratio: float = 4.0  # long side capped at ratio x resolution (Meta: 2048 for 512)
+    mode: str = "whole"  # 'whole' or 'slide'
+    crop: int = 512  # sliding window, Meta's 512 / 341
+    stride: int = 341
+    flip: bool = False  # add horizontally flipped views
+    scales: tuple[float, ...] = (1.0,)  # multiples of `resolution`; META_MS_SCALES for Meta's 'ms'
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto
+    batch_size: int = 8  # images or crops per backbone forward
+    strip_bytes: int = 64 << 20  # logits memory for one strip of the output upsampling
+    antialias: bool = True  # when shrinking the input: large photos alias badly without it
+
+    def validate(self) -> "InferenceConfig":
+        if self.mode not in ("whole", "slide"):
+            raise DinosegError(f"Unknown mode '{self.mode}': use whole or slide.")
+        if self.resolution < 14 or (self.mode == "slide" and not 14 <= self.stride <= self.crop):
+            raise DinosegError(
+                f"resolution {self.resolution}, crop {self.crop}, stride {self.stride} are out of range: "
+                "use resolution >= 14 and 14 <= stride <= crop."
+            )
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise DinosegError(f"scales {self.scales} must be positive numbers, e.g. 1.0,1.32,1.73.")
+        if self.batch_size < 1:
+            raise DinosegError(f"batch size {self.batch_size} must be at least 1.")
+        return self
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (H, W) uint8 (uint16 past 256 classes): class index per pixel
+    confidence: np.ndarray  # (H, W) float32: max softmax probability (mean over TTA views)
+
+
+@dataclass
+class _Piece:
+    """One network input (the whole view, or a sliding-window crop) and its logits.
+
+    The piece covers view pixels [y0, y0+h) x [x0, x0+w) (in the unflipped view). Per axis, a
+    view position c (pixel edges at integers) lies at logit-grid position (c + offset) / cell.
+    """
+
+    image: int
+    view: int  # index of the TTA view within its image
+    view_hw: tuple[int, int]
+    region: tuple[int, int, int, int]  # y0, x0, h, w
+    offset: tuple[float, float]
+    flipped: bool
+    logits: torch.Tensor | None = None  # (C, gh, gw) float32, flipped back for flipped views
+
+
+def resized_size(h: int, w: int, short: int, long_max: float) -> tuple[int, int]:
+    """Keep the aspect ratio; short side -> `short` unless the long side would pass `long_max`."""
+    scale = min(short / min(h, w), long_max / max(h, w))
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def centre_pad(h: int, w: int, multiple: int = 14) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding that centres h x w in the next multiple of `multiple`."""
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg's sliding-window origins: a grid of `stride`, the last window flush with the edge."""
+    if size <= crop:
+        return [0]
+    n = (size - crop + stride - 1) // stride + 1
+    return sorted({min(i * stride, size - crop) for i in range(n)})
+
+
+class Segmenter(nn.Module):
+    def __init__(
+        self,
+        backbone: DinoVisionTransformer,
+        head: nn.Module,
+        classes: ClassMap,
+        config: InferenceConfig | None = None,
+        device: str | torch.device | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.config = (config or InferenceConfig()).validate()
+        self.device = choose_device(device)
+        self.precision = choose_precision(self.config.precision, self.device)
+        if len(classes) != head.config.num_classes:
+            raise DinosegError(f"the head predicts {head.config.num_classes} classes but the class map has {len(classes)}: pass the matching class map.")
+        self.classes = classes
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.head = head.requires_grad_(False).eval()
+        self.layers = list(head.config.layers)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255, persistent=False)
+        self.to(self.device)
+
+    def with_config(self, **changes) -> "Segmenter":
+        """The same weights with other inference options (the modules are shared, not copied)."""
+        mean, std = (self.mean / 255).flatten().tolist(), (self.std / 255).flatten().tolist()
+        return Segmenter(self.backbone, self.head, self.classes, replace(self.config, **changes), self.device, mean, std)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # ---- the network -------------------------------------------------------------------------
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised (B, 3, H, W), H and W multiples of 14 -> the head's input maps."""
+        return self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised, padded (B, 3, H, W) -> float32 logits on the head's grid."""
+        with autocast(self.device, self.precision):
+            return self.head(self.features(x)).float()
+
+    def _run(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Forward a list of same-shaped (3, H, W) inputs in chunks of batch_size."""
+        out: list[torch.Tensor] = []
+        for i in range(0, len(batch), self.config.batch_size):
+            out.extend(self(torch.stack(batch[i : i + self.config.batch_size])).unbind(0))
+        return out
+
+    # ---- images in, masks out ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Prediction]:
+        """uint8 RGB images (H, W, 3), any sizes -> one Prediction each, at the input's size."""
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+            raise ImageInputError("predict() takes a list of images: wrap a single image as [image].")
+        sizes, pieces = [], []
+        groups: dict[tuple[int, int], list[tuple[_Piece, torch.Tensor]]] = {}
+        for i, image in enumerate(images):
+            x = self._to_tensor(image, i)
+            sizes.append(tuple(x.shape[-2:]))
+            for piece, tensor in self._pieces(i, x):
+                pieces.append(piece)
+                groups.setdefault(tuple(tensor.shape[-2:]), []).append((piece, tensor))
+        for group in groups.values():  # same-shaped inputs batch together, across images and views
+            for (piece, _), logits in zip(group, self._run([t for _, t in group])):
+                piece.logits = logits.flip(-1) if piece.flipped else logits
+        return [self._finish(hw, [p for p in pieces if p.image == i]) for i, hw in enumerate(sizes)]
+
+    def _to_tensor(self, image, index: int) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            ok = image.dtype == np.uint8
+        elif isinstance(image, torch.Tensor):
+            ok = image.dtype == torch.uint8
+        else:
+            raise ImageInputError(f"image {index} is a {type(image).__name__}: pass uint8 RGB arrays of shape (H, W, 3).")
+        if not ok or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ImageInputError(
+                f"image {index} has dtype {image.dtype} and shape {tuple(image.shape)}: pass uint8 RGB arrays of shape (H, W, 3)."
+            )
+        t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
+        t = t.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+        return (t - self.mean) / self.std
+
+    def _pieces(self, index: int, x: torch.Tensor):
+        """Yield (piece, padded input) for every TTA view of one image and every window of a view."""
+        cfg = self.config
+        h0, w0 = x.shape[-2:]
+        views = [(s, f) for s in cfg.scales for f in ((False, True) if cfg.flip else (False,))]
+        for v, (scale, flipped) in enumerate(views):
+            short = round(cfg.resolution * scale)
+            h, w = resized_size(h0, w0, short, cfg.long_side_ratio * short)
+            view = x
+            if (h, w) != (h0, w0):
+                shrink = cfg.antialias and (h < h0 or w < w0)
+                view = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)[0]
+            if flipped:
+                view = view.flip(-1)
+            if cfg.mode == "whole":
+                windows = [(0, 0, h, w)]
+            else:
+                windows = [
+                    (y, xs, min(cfg.crop, h), min(cfg.crop, w))
+                    for y in window_starts(h, cfg.crop, cfg.stride)
+                    for xs in window_starts(w, cfg.crop, cfg.stride)
+                ]
+            for y, xs, ch, cw in windows:
+                top, bottom, left, right = centre_pad(ch, cw)
+                crop = F.pad(view[:, y : y + ch, xs : xs + cw], (left, right, top, bottom))
+                # logits of a flipped view are flipped back: the window then starts at w - xs - cw,
+                # and the padding before it is the right-hand padding
+                x0, before = (w - xs - cw, right) if flipped else (xs, left)
+                yield _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped), crop
+
+    def _finish(self, hw: tuple[int, int], pieces: list[_Piece]) -> Prediction:
+        h0, w0 = hw
+        c = self.num_classes
+        views = sorted({p.view for p in pieces})
+        rows = max(1, min(h0, self.config.strip_bytes // (4 * max(c, 2) * w0 * 3)))
+        mask_dtype = torch.uint8 if c <= 256 else torch.int32
+        mask = torch.empty(h0, w0, dtype=mask_dtype, device=self.device)
+        conf = torch.empty(h0, w0, dtype=torch.float32, device=self.device)
+        for r0 in range(0, h0, rows):
+            r1 = min(h0, r0 + rows)
+            prob = None
+            for v in views:
+                logits = self._view_logits(hw, r0, r1, [p for p in pieces if p.view == v])
+                if len(views) == 1:
+                    best, cls = logits.max(0)
+                    conf[r0:r1] = torch.exp(best - torch.logsumexp(logits, 0))
+                    mask[r0:r1] = cls.to(mask_dtype)
+                    break
+                p = logits.softmax(0)
+                prob = p if prob is None else prob.add_(p)
+            else:
+                best, cls = prob.max(0)
+                conf[r0:r1] = best / len(views)
+                mask[r0:r1] = cls.to(mask_dtype)
+        out_dtype = np.uint8 if c <= 256 else np.uint16
+        return Prediction(mask.cpu().numpy().astype(out_dtype, copy=False), conf.cpu().numpy())
+
+    def _view_logits(self, hw: tuple[int, int], r0: int, r1: int, pieces: list[_Piece]) -> torch.Tensor:
+        """Logits of one view at original rows r0..r1: each piece sampled bilinearly at the original
+        pixels whose centres fall inside it; overlapping windows are averaged (as mmseg does)."""
+        h0, w0 = hw
+        total = torch.zeros(self.num_classes, r1 - r0, w0, device=self.device)
+        count = torch.zeros(1, r1 - r0, w0, device=self.device) if len(pieces) > 1 else None
+        for p in pieces:
+            (h, w), (y0, x0, ch, cw) = p.view_hw, p.region
+            ra, rb = max(r0, _first_inside(y0, h, h0)), min(r1, _first_inside(y0 + ch, h, h0))
+            ca, cb = _first_inside(x0, w, w0), _first_inside(x0 + cw, w, w0)
+            if ra >= rb or ca >= cb:
+                continue
+            gh, gw = p.logits.shape[-2:]
+            cell_y, cell_x = (ch + sum(centre_pad(ch, cw)[:2])) / gh, (cw + sum(centre_pad(ch, cw)[2:])) / gw
+            gy = _grid_coords(ra, rb, h / h0, p.offset[0], cell_y, gh, self.device)
+            gx = _grid_coords(ca, cb, w / w0, p.offset[1], cell_x, gw, self.device)
+            grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+            sampled = F.grid_sample(p.logits[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            total[:, ra - r0 : rb - r0, ca:cb] += sampled
+            if count is not None:
+                count[:, ra - r0 : rb - r0, ca:cb] += 1
+        return total if count is None else total / count
+
+
+def _first_inside(edge: float, view_n: int, n0: int) -> int:
+    """The first original pixel whose centre maps at or past view position `edge`.
+
+    Neighbouring windows share an edge, so every pixel lands in at least one window."""
+    return max(0, min(n0, math.ceil(edge * n0 / view_n - 0.5)))
+
+
+def _grid_coords(start: int, stop: int, scale: float, offset: float, cell: float, size: int, device) -> torch.Tensor:
+    """grid_sample's normalised coordinates (align_corners=False) of original pixels start..stop."""
+    centres = (torch.arange(start, stop, device=device, dtype=torch.float32) + 0.5) * scale
+    return 2.0 * ((centres + offset) / cell) / size - 1.0
+
+
+__all__ = ["InferenceConfig", "META_MS_SCALES", "Prediction", "Segmenter", "centre_pad", "resized_size", "window_starts"]
