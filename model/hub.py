@@ -111,10 +111,8 @@ def build_segmenter(
     vit = load_backbone(loaded.backbone, backbone_weights, storage_options)
     if config is None:
         config = InferenceConfig(resolution=loaded.resolution)
-    seg = Segmenter(vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std)
-    seg.model_id = model or f"{loaded.backbone}+{head}"
-    seg.head_checksum = loaded.checksum
-    return seg
+    model_id = model or f"{loaded.backbone}+{head}"
+    return Segmenter(vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std, model_id, loaded.checksum)
 
 
 __all__ = ["RANDOM", "LoadedHead", "build_segmenter", "load_backbone", "load_head"]

@@ -109,8 +109,12 @@ class Segmenter(nn.Module):
         device: str | torch.device | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        model_id: str = "",
+        head_checksum: str = "",
     ):
         super().__init__()
+        self.model_id = model_id  # what produced the masks, for the rows a pipeline writes
+        self.head_checksum = head_checksum
         self.config = (config or InferenceConfig()).validate()
         self.device = choose_device(device)
         self.precision = choose_precision(self.config.precision, self.device)
@@ -127,7 +131,8 @@ class Segmenter(nn.Module):
     def with_config(self, **changes) -> "Segmenter":
         """The same weights with other inference options (the modules are shared, not copied)."""
         mean, std = (self.mean / 255).flatten().tolist(), (self.std / 255).flatten().tolist()
-        return Segmenter(self.backbone, self.head, self.classes, replace(self.config, **changes), self.device, mean, std)
+        config = replace(self.config, **changes)
+        return Segmenter(self.backbone, self.head, self.classes, config, self.device, mean, std, self.model_id, self.head_checksum)
 
     @property
     def num_classes(self) -> int:

@@ -146,7 +146,9 @@ def load_checkpoint(source: str, storage_options: dict | None = None):
         return _safe_load(path, source)
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(prefix=".remote-", suffix=".pth", dir=cache)[1])
+    fd, name = tempfile.mkstemp(prefix=".remote-", suffix=".pth", dir=cache)
+    os.close(fd)
+    tmp = Path(name)
     try:
         try:
             _download(source, tmp, storage_options)
@@ -171,7 +173,7 @@ def _safe_load(path: Path, source: str):
                 "(weights_only=True): re-save it as a state dict of tensors."
             ) from None
         raise WeightsError(f"{source} is not a PyTorch checkpoint (or it is truncated): download it again.") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # the weights-only unpickler raises KeyError, IndexError ... on non-checkpoints
         raise WeightsError(
             f"{source} is not a readable PyTorch checkpoint ({type(e).__name__}; truncated or another format): "
             "download it again."

@@ -140,12 +140,14 @@ def test_batching_does_not_change_results():
         np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-5)
 
 
-def test_bf16_argmax_agrees_with_fp32():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_argmax_agrees_with_fp32(precision):
     fp32 = make_segmenter(resolution=224)
-    bf16 = fp32.with_config(precision="bf16")
-    assert bf16.precision == "bf16"
+    low = fp32.with_config(precision=precision)
+    assert low.precision == precision
     img = image(224, 300, 7)
-    a, b = fp32.predict([img])[0], bf16.predict([img])[0]
+    a, b = fp32.predict([img])[0], low.predict([img])[0]
+    assert not np.array_equal(a.confidence, b.confidence)  # autocast really ran in low precision
     agreement = (a.mask == b.mask).mean()
     assert agreement >= 0.99, agreement
 
