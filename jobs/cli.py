@@ -31,11 +31,12 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
     from model.weights import describe_models, hub_url
 
     rows = describe_models()
-    width = max(len(r["name"]) for r in rows)
-    typer.echo(f"{'name':<{width}}  {'kind':<19} {'classes':<14} files (under {hub_url()})")
+    header = {"name": "name", "kind": "kind", "classes": "classes"}
+    width = {k: max(len(str(r[k])) for r in [header, *rows]) for k in header}
+    line = lambda r, tail: "  ".join(f"{r[k]:<{width[k]}}" for k in header) + "  " + tail  # noqa: E731
+    typer.echo(line(header, f"files (under {hub_url()})" if files else ""))
     for r in rows:
-        shown = ", ".join(r["files"]) if files else ""
-        typer.echo(f"{r['name']:<{width}}  {r['kind']:<19} {r['classes']:<14} {shown}")
+        typer.echo(line(r, ", ".join(r["files"]) if files else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,10 +160,10 @@ class DinoVisionTransformer(nn.Module):
             if not 1 <= n <= depth:
                 raise ValueError(f"n={n} must be between 1 and the depth {depth}")
             return list(range(depth - n, depth))
-        indices = [i + depth if i < 0 else i for i in n]
-        if not indices or any(not 0 <= i < depth for i in indices):
-            raise ValueError(f"block indices {list(n)} must lie in [0, {depth})")
-        return indices
+        indices = [i + depth if i < 0 else i for i in n]  # negative indices count from the end
+        if not indices or any(not 0 <= i < depth for i in indices) or len(set(indices)) != len(indices):
+            raise ValueError(f"block indices {list(n)} must be distinct and lie in [0, {depth})")
+        return sorted(indices)  # outputs come in block order, as in Meta's loop
 
     def get_intermediate_layers(
         self,
@@ -207,8 +207,8 @@ def build_backbone(name_or_config: str | BackboneConfig) -> DinoVisionTransforme
 
 def count_flops(config: BackboneConfig, height: int, width: int) -> float:
     """Multiply-add FLOPs (x2) of one forward pass at height x width: matmuls and attention."""
-    d, tokens = config.embed_dim, 1 + config.num_register_tokens + (height // 14) * (width // 14)
-    patches = (height // 14) * (width // 14)
+    patches = (height // config.patch_size) * (width // config.patch_size)
+    d, tokens = config.embed_dim, 1 + config.num_register_tokens + patches
     flops = 2 * patches * 3 * config.patch_size**2 * d  # patch embedding
     if config.ffn == "swiglu":
         hidden = swiglu_hidden(d, config.mlp_ratio)

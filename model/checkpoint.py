@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,23 @@ class HeadCheckpoint:
     std: tuple[float, ...] = IMAGENET_STD
     meta: dict = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
+    def build(self, source: str = "the head checkpoint") -> nn.Module:
         head = build_head(self.config)
+        expected = head.state_dict()
+        missing = [k for k in expected if k not in self.state_dict]
+        unexpected = [k for k in self.state_dict if k not in expected]
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in self.state_dict.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if missing or unexpected or shapes:
+            found = "; ".join(filter(None, [
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shape {', '.join(shapes[:2])}" if shapes else "",
+            ]))
+            raise WeightsError(
+                f"{source}: its weights do not fit the '{self.config.kind}' head it declares ({found}); "
+                "the file is damaged or was edited: retrain or re-export it."
+            )
         head.load_state_dict(self.state_dict, strict=True)
         return head
 
@@ -52,10 +66,33 @@ class HeadCheckpoint:
             "head": self.config.to_dict(),
             "classes": self.classes.to_dict(),
             "resolution": int(self.resolution),
-            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "normalization": {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
-            "meta": dict(self.meta),
+            "meta": plain(self.meta, "meta"),
         }
+
+
+def plain(value, where: str):
+    """`value` as types that torch.load(weights_only=True) reads back: numpy scalars become
+    Python numbers, paths and other scalars strings; anything else is refused here, at save time."""
+    if value is None or type(value) in (str, bool, int, float):
+        return value
+    for kind in (bool, int, float, str):  # subclasses (np.float64 is a float) become the plain type
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {str(k): plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy array
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{where} holds a {type(value).__name__}, which a weights-only checkpoint cannot store")
 
 
 def is_head_checkpoint(obj) -> bool:
@@ -109,10 +146,12 @@ def save_head_checkpoint(ckpt: HeadCheckpoint, url: str, storage_options: dict |
     if "://" not in url or url.startswith("file://"):
         path = Path(url.removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
     import fsspec
 

@@ -59,17 +59,17 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def unwrap(obj) -> dict[str, torch.Tensor]:
+def unwrap(obj, source: str = "the file") -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint (possibly nested in training wrappers)."""
     while not _is_tensor_dict(obj):
         if not isinstance(obj, Mapping):
-            raise WeightsError("the file holds no state dict of tensors; pass a DINOv2 checkpoint")
+            raise WeightsError(f"{source} holds no state dict of tensors: pass a DINOv2 checkpoint.")
         inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
             tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
             if tensors:
                 return tensors
-            raise WeightsError("the file holds no state dict of tensors; pass a DINOv2 checkpoint")
+            raise WeightsError(f"{source} holds no state dict of tensors: pass a DINOv2 checkpoint.")
         obj = inner
     return dict(obj)
 
@@ -117,9 +117,9 @@ def _from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_meta_layout(checkpoint) -> dict[str, torch.Tensor]:
+def to_meta_layout(checkpoint, source: str = "the file") -> dict[str, torch.Tensor]:
     """Any accepted layout -> Meta's released key names."""
-    sd = _strip_prefixes(unwrap(checkpoint))
+    sd = _strip_prefixes(unwrap(checkpoint, source))
     if any(k.startswith("embeddings.") for k in sd):
         sd = _from_hf(sd)
     if any(_CHUNKED.match(k) for k in sd):

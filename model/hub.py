@@ -29,7 +29,7 @@ def load_backbone(name: str, weights: str | None = None, storage_options: dict |
         log.warning("%s has random weights: its features mean nothing beyond local colour", name)
         return model
     source = weights or str(fetch_hub_file(backbone_file(name), storage_options))
-    sd = to_meta_layout(load_checkpoint(source, storage_options))
+    sd = to_meta_layout(load_checkpoint(source, storage_options), source)
     check_fits(sd, model.state_dict(), name)
     model.load_state_dict(sd, strict=True)
     return model
@@ -68,7 +68,7 @@ def load_head(source: str, backbone: str | None = None, kind: str | None = None,
     obj = load_checkpoint(source, storage_options)
     if is_head_checkpoint(obj):
         ckpt = parse_head_checkpoint(obj, source, backbone)
-        head = ckpt.build()
+        head = ckpt.build(source)
         return LoadedHead(head, ckpt.classes, ckpt.backbone, ckpt.resolution, ckpt.mean, ckpt.std,
                           _checksum(ckpt.state_dict), ckpt.meta)
     if backbone is None:

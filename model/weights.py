@@ -95,15 +95,18 @@ def local_path(url: str) -> Path:
 
 
 def _download(url: str, dest: Path, storage_options: dict | None) -> None:
-    """Copy url to dest through a temporary file in the same folder, then rename (atomic)."""
+    """Copy url to dest through a temporary file in the same folder, then rename (atomic).
+
+    `get_file` streams the whole object, so plain HTTP servers without Range support work too."""
     import fsspec
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb", **(storage_options or {})) as src:
-            while chunk := src.read(16 << 20):
-                out.write(chunk)
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs.get_file(path, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should be readable
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -146,9 +149,7 @@ def load_checkpoint(source: str, storage_options: dict | None = None):
         return _safe_load(path, source)
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".remote-", suffix=".pth", dir=cache)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = cache / f".remote-{os.getpid()}-{abs(hash(source)):x}.pth"
     try:
         try:
             _download(source, tmp, storage_options)
@@ -162,9 +163,16 @@ def load_checkpoint(source: str, storage_options: dict | None = None):
 
 
 def _safe_load(path: Path, source: str):
+    with open(path, "rb") as f:
+        is_zip = zipfile.is_zipfile(f)
+        f.seek(0)
+        is_pickle = f.read(1) == b"\x80"  # the PROTO opcode every torch.save pickle starts with
+    if not (is_zip or is_pickle):
+        raise WeightsError(
+            f"{source} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle: truncated, "
+            "or another format): download it again, or pass a .pth/.pt file."
+        )
     try:
-        with open(path, "rb") as f:
-            is_zip = zipfile.is_zipfile(f)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e) and "Unsupported global" in str(e):

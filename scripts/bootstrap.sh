@@ -29,6 +29,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# some machines' pip configs name index folders that do not exist; pip warns once per package
+quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 export PIP_PROGRESS_BAR=off
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
@@ -56,12 +58,12 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
         fi
         say "no GPU found: installing the CPU build of $torch_spec"
     fi
-    "${pip[@]}" install -q "${args[@]}"
+    quiet_pip install -q "${args[@]}"
 fi
 
 target="$root"
 [ -n "$extras" ] && target="$root[$extras]"
 say "installing dinoseg${extras:+[$extras]} and its dependencies"
-"${pip[@]}" install -q -e "$target" 2> >(grep -v "^WARNING: Location" >&2)
+quiet_pip install -q -e "$target"
 echo "$want" > "$(stamp_file "$extras")"
 stamp_of "" > "$(stamp_file "")"

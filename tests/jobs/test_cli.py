@@ -1,0 +1,73 @@
+"""The `dinoseg` command line: `models` lists every named model with its hub files; exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.cli import main
+from model.backbone import BACKBONES
+from model.weights import SEGMENTATION_MODELS, describe_models
+
+
+def rows(out: str) -> dict[str, str]:
+    """`dinoseg models` output as {name: whole line}, header left out."""
+    lines = out.splitlines()
+    assert lines[0].startswith("name")
+    return {line.split()[0]: line for line in lines[1:] if line.strip()}
+
+
+def test_models_lists_every_backbone_and_segmentation_model(capsys):
+    assert main(["models"]) == 0
+    listed = rows(capsys.readouterr().out)
+    assert len(BACKBONES) == 8 and len(SEGMENTATION_MODELS) == 16
+    assert set(listed) == set(BACKBONES) | set(SEGMENTATION_MODELS)
+    assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in listed["dinov2_vits14"]
+    assert "dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth" in listed["dinov2_vitg14_reg"]
+    assert not any(name.endswith("_reg") for name in SEGMENTATION_MODELS)  # Meta released none
+
+
+def test_each_segmentation_model_names_its_backbone_and_head_files(capsys):
+    assert main(["models"]) == 0
+    listed = rows(capsys.readouterr().out)
+    line = listed["dinov2_vits14_voc2012_linear"]
+    assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in line
+    assert "dinov2_vits14/dinov2_vits14_voc2012_linear_head.pth" in line
+    assert "voc2012 (21)" in line
+    for name, spec in SEGMENTATION_MODELS.items():
+        m = spec.backbone
+        assert f"{m}/{m}_pretrain.pth" in listed[name]
+        assert f"{m}/{m}_{spec.dataset}_{spec.head}_head.pth" in listed[name]
+        assert f"{spec.dataset} ({150 if spec.dataset == 'ade20k' else 21})" in listed[name]
+
+
+def test_models_header_names_the_hub(capsys, monkeypatch):
+    monkeypatch.setenv("DINOSEG_HUB", "s3://team-bucket/dinov2/")
+    assert main(["models"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "(under s3://team-bucket/dinov2)" in header
+
+    monkeypatch.delenv("DINOSEG_HUB")
+    assert main(["models"]) == 0
+    assert "(under https://dl.fbaipublicfiles.com/dinov2)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_models_without_files(capsys):
+    assert main(["models", "--no-files"]) == 0
+    out = capsys.readouterr().out
+    assert "dinov2_vits14_ade20k_ms" in out
+    assert "_head.pth" not in out and "_pretrain.pth" not in out
+
+
+def test_models_columns_line_up(capsys):
+    assert main(["models"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    by_name = {r["name"]: r for r in describe_models()}
+    for line in lines:
+        r = by_name[line.split()[0]]
+        assert line.index(r["classes"], len(r["name"])) == header.index("classes"), line
+        assert line.index(r["files"][0], len(r["name"])) == header.index("files"), line
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["no-such-command"]) == 2
+    assert "no-such-command" in capsys.readouterr().err
