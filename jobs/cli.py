@@ -39,10 +39,16 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
         typer.echo(line(r, ", ".join(r["files"]) if files else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; usage errors are click's (exit 2), user errors one sentence (exit 2)."""
+def _register() -> None:
+    from jobs import segment
+
+    app.command("segment")(segment.command)
+
+
+def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg") -> int:
+    """Run a typer app; usage errors are click's (exit 2), user errors one sentence (exit 2)."""
     try:
-        app(args=argv, prog_name="dinoseg")
+        typer_app(args=argv, prog_name=prog)
     except DinosegError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -50,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(app, argv)
+
+
+_register()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -197,3 +197,19 @@ def vits14_file(tmp_path_factory, vits14_state_dict) -> Path:
     path = tmp_path_factory.mktemp("weights") / "dinov2_vits14_pretrain.pth"
     torch.save(vits14_state_dict, path)
     return path
+
+
+# --- one local Ray for the whole session ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Local Ray with 2 CPUs, started once; tests give their stages small CPU requests so the
+    predictor actor never takes every CPU and starves the readers."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,235 @@
+"""`dinoseg segment INPUT OUTPUT` / `python -m jobs.segment INPUT OUTPUT` (what `ray job submit` runs).
+
+Thin: turns options into configs, lists inputs on the driver, hands the graph to Ray Data, and
+streams the result rows into predictions/ and errors/ Parquet files, then run.json and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Optional
+
+import typer
+
+from model.errors import DinosegError
+
+log = logging.getLogger("dinoseg.segment")
+
+
+class MaskFormat(str, Enum):
+    png = "png"
+    parquet = "parquet"
+    both = "both"
+
+
+class Mode(str, Enum):
+    whole = "whole"
+    slide = "slide"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class SegmentConfig:
+    input: str
+    output: str
+    model: Optional[str] = "dinov2_vits14_voc2012_linear"
+    backbone: Optional[str] = None
+    head: Optional[str] = None
+    backbone_weights: Optional[str] = None
+    resolution: Optional[int] = None
+    mode: str = "whole"
+    crop: int = 512
+    stride: int = 341
+    tta: bool = False
+    precision: str = "auto"
+    batch_size: int = 8
+    device: Optional[str] = None
+    actors: Optional[int] = None
+    gpus_per_actor: Optional[float] = None
+    cpus_per_actor: Optional[float] = None
+    decode_cpus: float = 1.0
+    masks: str = "png"
+    rle: bool = False
+    overlays: bool = False
+    overwrite: bool = False
+    max_megapixels: float = 100.0
+    storage_options: dict = field(default_factory=dict)
+    address: Optional[str] = None
+
+
+def command(
+    input: str = typer.Argument(..., help="Folder, fsspec URL prefix, glob, or manifest (.txt/.csv/.parquet)."),
+    output: str = typer.Argument(..., help="Folder or fsspec URL prefix for masks/, predictions/, errors/, run.json."),
+    model: str = typer.Option("dinov2_vits14_voc2012_linear", help="Named segmentation model (see `dinoseg models`)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone name, with --head of one of Meta's head files."),
+    head: Optional[str] = typer.Option(None, help="Head checkpoint URL (trained by dinoseg; it names its backbone)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="Where the backbone's weights come from (path or URL)."),
+    resolution: Optional[int] = typer.Option(None, help="Short side the image is resized to (default 512, or the head's)."),
+    mode: Mode = typer.Option(Mode.whole, help="whole image, or Meta's sliding window."),
+    crop: int = typer.Option(512, help="Sliding-window crop."),
+    stride: int = typer.Option(341, help="Sliding-window stride."),
+    tta: bool = typer.Option(False, help="Flip and Meta's multi-scale test-time augmentation (about 10x the work)."),
+    precision: Precision = typer.Option(Precision.auto, help="auto: bf16 on a GPU, fp32 on the CPU."),
+    batch_size: int = typer.Option(8, help="Images per predictor call."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda (default auto)."),
+    actors: Optional[int] = typer.Option(None, help="Predictor actors (default: one per GPU, or one on the CPU)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per predictor actor (default 1 with GPUs)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs reserved per predictor actor."),
+    decode_cpus: float = typer.Option(1.0, help="CPUs per read/decode task."),
+    masks: MaskFormat = typer.Option(MaskFormat.png, help="png files, rows in Parquet, or both."),
+    rle: bool = typer.Option(False, help="Add per-class COCO RLE to the prediction rows."),
+    overlays: bool = typer.Option(False, help="Write overlays/<key>.jpg to look at."),
+    overwrite: bool = typer.Option(False, help="Redo keys that an earlier run finished."),
+    max_megapixels: float = typer.Option(100.0, help="Decompression-bomb limit."),
+    storage_options: str = typer.Option("{}", help="JSON of fsspec storage options (endpoint, credentials...)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
+) -> None:
+    """Segment every image under INPUT; masks and rows go under OUTPUT. Re-running resumes."""
+    try:
+        options = json.loads(storage_options)
+    except json.JSONDecodeError as e:
+        raise DinosegError(f"--storage-options is not valid JSON ({e}): pass e.g. '{{\"anon\": true}}'.") from None
+    config = SegmentConfig(
+        input, output, None if head else model, backbone, head, backbone_weights, resolution, mode.value, crop,
+        stride, tta, precision.value, batch_size, device, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
+        masks.value, rle, overlays, overwrite, max_megapixels, options, address,
+    )
+    counts = run(config)
+    typer.echo(summary(counts))
+
+
+def summary(counts: dict) -> str:
+    from pipeline.sinks import summary_table
+
+    return summary_table(counts)
+
+
+def inference_config(config: SegmentConfig):
+    from model.segmenter import META_MS_SCALES, InferenceConfig
+
+    extra = {"resolution": config.resolution} if config.resolution else {}
+    tta = {"flip": True, "scales": META_MS_SCALES} if config.tta else {}
+    return InferenceConfig(mode=config.mode, crop=config.crop, stride=config.stride, precision=config.precision,
+                           batch_size=config.batch_size, **extra, **tta).validate()
+
+
+def run(config: SegmentConfig) -> dict:
+    """The whole job; returns the counts also written to run.json."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline import graph
+    from pipeline.predict import Predict, PredictConfig
+    from pipeline.rows import RollingParquetWriter, done_keys
+    from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
+    from pipeline.sinks import WriteConfig, WriteMasks, write_run_json
+    from pipeline.sources import Decode, DecodeConfig, ReadBytes, list_inputs
+
+    started = time.time()
+    so = config.storage_options or None
+    out = config.output.rstrip("/")
+    inference = inference_config(config)
+    predict_config = PredictConfig(config.model, config.backbone, config.head, config.backbone_weights, inference,
+                                   config.device, keep_image=config.overlays, storage_options=so)
+    # Load the model once on the driver first: a wrong name, path or weights file fails here in one
+    # sentence, before any cluster work, and the classes are known for writing masks.
+    segmenter = predict_config.build()
+    classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
+    del segmenter
+
+    done = set() if config.overwrite else done_keys(f"{out}/predictions", so)
+    paths, keys, skipped, inputs = [], [], 0, 0
+    for row in list_inputs(config.input, so):
+        inputs += 1
+        if row["key"] in done:
+            skipped += 1
+            continue
+        paths.append(row["path"])
+        keys.append(row["key"])
+    rows = pa.table({"path": paths, "key": keys, "error_stage": [""] * len(keys),
+                     "error_type": [""] * len(keys), "error_message": [""] * len(keys)})
+    del paths, keys
+
+    counts = {"inputs": inputs, "predicted": 0, "skipped": skipped, "failed": 0}
+    schema = PREDICTION_SCHEMA
+    if config.masks in ("parquet", "both"):
+        schema = schema.append(MASK_PNG_FIELD)
+    if config.rle:
+        schema = schema.append(RLE_FIELD)
+    predictions = RollingParquetWriter(f"{out}/predictions", schema, so)
+    errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000)
+    started_ray = graph.start_ray(config.address)
+    try:
+        if len(rows):
+            resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor,
+                                        config.decode_cpus, config.batch_size).resolve(graph.cluster_resources())
+            log.info("resources: %s", resources)
+            write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so))
+            ds = graph.build(rows, ReadBytes(so), Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
+                             Predict, predict_config, write, resources)
+            for table in graph.iter_results(ds):
+                ok = table["ok"]
+                done_rows = table.filter(ok).select(schema.names)
+                failed_rows = table.filter(pc.invert(ok)).select(ERROR_SCHEMA.names)
+                predictions.write(done_rows)
+                errors.write(failed_rows)
+                counts["predicted"] += len(done_rows)
+                counts["failed"] += len(failed_rows)
+    finally:
+        predictions.close()
+        errors.close()
+        if started_ray:
+            graph.stop_ray()
+    elapsed = time.time() - started
+    info = {
+        "arguments": asdict(config) | {"storage_options": sorted(config.storage_options)},  # no secrets
+        "model": model_id, "head_checksum": checksum, "versions": versions(),
+        "counts": counts, "wall_seconds": round(elapsed, 3),
+        "images_per_second": round(counts["predicted"] / elapsed, 3) if elapsed else None,
+    }
+    write_run_json(out, info, so)
+    if counts["inputs"] != counts["predicted"] + counts["skipped"] + counts["failed"]:
+        raise RuntimeError(f"lost inputs: {counts}")  # must never happen; say so loudly
+    return counts
+
+
+def shrink_for(inference) -> int:
+    """The short side decoding may shrink an image to: what the largest TTA view needs."""
+    return int(round(inference.resolution * max(inference.scales)))
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "ray", "pyarrow", "numpy", "pillow", "fsspec"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.segment INPUT OUTPUT [options]`: the same options as `dinoseg segment`."""
+    from jobs.cli import run_command
+
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(single, argv, prog="python -m jobs.segment")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

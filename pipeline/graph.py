@@ -1,0 +1,89 @@
+"""The Ray Data graph of `segment`: the only module of `pipeline/` that imports Ray.
+
+    listing (driver) -> ReadBytes + Decode (CPU tasks) -> Predict (actor pool, model loaded once
+    per actor) -> WriteMasks (CPU tasks) -> result rows, consumed by the driver in a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where each stage runs. `None` fields are filled from the cluster by `resolve`."""
+
+    actors: int | None = None  # predictor actors (default: one per GPU, or one on the CPU)
+    gpus_per_actor: float | None = None  # default 1 on a GPU cluster, 0 otherwise
+    cpus_per_actor: float | None = None  # default 1 with GPUs; on the CPU, what decoding leaves
+    decode_cpus: float = 1.0  # CPUs per read/decode task
+    batch_size: int = 8  # images per predictor call
+    read_batch_size: int = 16  # images per read/decode task call
+
+    def resolve(self, cluster: dict) -> "Resources":
+        gpus, cpus = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus else 0)
+        actors = self.actors or (max(1, int(gpus // gpa)) if gpa else 1)
+        # On the CPU an actor reserves what decoding leaves (its torch threads use every core anyway);
+        # a request of all CPUs would starve the decode tasks and hang the job.
+        cpa = self.cpus_per_actor or (1.0 if gpa else max(0.25, (cpus - self.decode_cpus) / actors))
+        return Resources(actors, gpa, cpa, self.decode_cpus, self.batch_size, self.read_batch_size)
+
+
+def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, resources: Resources):
+    """The lazy Dataset of result rows (one per input row)."""
+    import ray.data
+
+    # small blocks, so reading and decoding spread over tasks and the stream starts at once
+    step = 4 * resources.read_batch_size
+    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, max(len(rows), 1), step)])
+    decode_args = dict(batch_size=resources.read_batch_size, batch_format="numpy", num_cpus=resources.decode_cpus)
+    ds = ds.map_batches(read, **decode_args)
+    ds = ds.map_batches(decode, **decode_args)
+    ds = ds.map_batches(
+        predict_cls,
+        fn_constructor_kwargs={"config": predict_config},
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        batch_size=resources.batch_size,
+        batch_format="numpy",
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor or None,
+    )  # Ray Data restarts dead pool actors and retries their batches by default: no input is lost
+    return ds.map_batches(write, **decode_args)
+
+
+def iter_results(ds, batch_size: int = 256) -> Iterator[pa.Table]:
+    """Result rows as Arrow tables, in a stream (the write step declares their schema)."""
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join a cluster (`address` or RAY_ADDRESS), or start Ray embedded in this process.
+    Returns whether this call started Ray (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(**kwargs, configure_logging=False)
+    return True
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()

@@ -1,0 +1,88 @@
+"""The predictor step: holds one Segmenter (loaded once per actor) and turns decoded images into
+masks. Device, precision and batch size are decided here, once, in the constructor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.segmenter import InferenceConfig
+
+from .schema import failed, object_array, set_error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "dinov2_vits14_voc2012_linear"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str | None = DEFAULT_MODEL  # a named segmentation model, or None with `head`
+    backbone: str | None = None
+    head: str | None = None  # URL of a head checkpoint
+    backbone_weights: str | None = None  # override; 'random' for the offline demo
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    device: str | None = None  # None/'auto': CUDA when present
+    keep_image: bool = False  # pass the decoded image on (overlays need it)
+    storage_options: dict | None = None
+
+    def build(self):
+        from model.hub import build_segmenter
+
+        return build_segmenter(
+            None if self.head else self.model,
+            backbone=self.backbone,
+            head=self.head,
+            backbone_weights=self.backbone_weights,
+            config=self.inference,
+            device=self.device,
+            storage_options=self.storage_options,
+        )
+
+
+class Predict:
+    """batch {image, width, height, ...} -> {mask, class_counts, mean_confidence, ...}.
+
+    The whole batch goes through the model at once; if that fails (a bad image, out of memory)
+    the images are retried one by one so one bad input costs only its own row."""
+
+    def __init__(self, config: PredictConfig):
+        self.config = config
+        self.segmenter = config.build()
+        log.info("predictor ready: %s on %s (%s)", self.segmenter.model_id, self.segmenter.device, self.segmenter.precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        todo = np.flatnonzero(~failed(batch)).tolist()
+        masks: list = [np.zeros((0, 0), np.uint8)] * n
+        counts: list = [np.zeros(0, np.int64)] * n
+        confidence = np.zeros(n, np.float32)
+        for i, pred in self._predict(batch, todo):
+            if isinstance(pred, BaseException):
+                set_error(batch, i, "predict", pred)
+                continue
+            masks[i] = pred.mask
+            counts[i] = np.bincount(pred.mask.ravel(), minlength=self.segmenter.num_classes).astype(np.int64)
+            confidence[i] = float(pred.confidence.mean())
+        out = {k: v for k, v in batch.items() if k != "image" or self.config.keep_image}
+        out.update(mask=object_array(masks), class_counts=object_array(counts), mean_confidence=confidence)
+        return out
+
+    def _predict(self, batch, todo: list[int]):
+        images = [batch["image"][i] for i in todo]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
+        try:
+            yield from zip(todo, self.segmenter.predict(images, output_sizes=sizes))
+            return
+        except Exception as e:  # isolate the culprit: retry one by one
+            if len(todo) == 1:
+                yield todo[0], e
+                return
+            log.warning("batch of %d failed (%s); retrying images one by one", len(todo), e)
+        for i, image, size in zip(todo, images, sizes):
+            try:
+                yield i, self.segmenter.predict([image], output_sizes=[size])[0]
+            except Exception as e:
+                yield i, e

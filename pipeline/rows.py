@@ -1,0 +1,82 @@
+"""Driver-side Parquet output: result rows streamed into files of a sensible size.
+
+A file is written under a temporary name and renamed when closed (an object-store PUT is atomic
+by itself), so a killed run leaves only complete files; `done_keys` reads them back for resume.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+class RollingParquetWriter:
+    """Append record batches; a new part file starts past `max_bytes` or `max_rows`."""
+
+    def __init__(self, folder: str, schema: pa.Schema, storage_options: dict | None = None,
+                 max_bytes: int = 256 << 20, max_rows: int = 10_000):
+        self.folder, self.schema = folder.rstrip("/"), schema
+        self.fs, self.root = _fs(self.folder, storage_options)
+        self.max_bytes, self.max_rows = max_bytes, max_rows
+        self.run = uuid.uuid4().hex[:8]
+        self.parts = 0
+        self.rows_written = 0
+        self._buf: io.BytesIO | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if not len(table):
+            return
+        if self._writer is None:
+            self._buf = io.BytesIO()
+            self._writer = pq.ParquetWriter(self._buf, self.schema, compression="zstd")
+        self._writer.write_table(table.cast(self.schema))
+        self._rows += len(table)
+        if self._rows >= self.max_rows or self._buf.tell() >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Close the current part file and publish it."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        name = f"part-{self.run}-{self.parts:05d}.parquet"
+        self.fs.makedirs(self.root, exist_ok=True)
+        final = f"{self.root}/{name}"
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            tmp = f"{self.root}/.{name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self._buf.getvalue())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(final, self._buf.getvalue())
+        self.parts += 1
+        self.rows_written += self._rows
+        self._writer, self._buf, self._rows = None, None, 0
+
+    close = flush
+
+
+def done_keys(folder: str, storage_options: dict | None = None) -> set[str]:
+    """Keys of the rows in the complete part files under `folder` (none if it does not exist)."""
+    fs, root = _fs(folder.rstrip("/"), storage_options)
+    if not fs.exists(root):
+        return set()
+    keys: set[str] = set()
+    for path in sorted(fs.find(root)):
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".parquet") and not name.startswith("."):
+            with fs.open(path, "rb") as f:
+                keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    return keys

@@ -1,0 +1,79 @@
+"""The rows that flow through the segmentation graph, declared once.
+
+Every step takes and returns a batch: a dict of equal-length numpy arrays (Ray Data's "numpy"
+batch format). A row that failed at some stage keeps flowing with its error fields set; later
+steps pass it through untouched, and the job routes it to `errors/`. So no input is ever lost.
+
+Columns along the way:
+    listing      path, key, + ERROR_FIELDS (empty strings)
+    read         + bytes (binary; empty for failed rows)
+    decode       - bytes, + image (object array of (h, w, 3) uint8, maybe shrunk), width, height
+                   (the original size after EXIF rotation)
+    predict      - image, + mask (object array of (height, width) uint8/uint16),
+                   class_counts (object array of int64 vectors), mean_confidence (float32)
+    write        -> PREDICTION_SCHEMA rows (and ERROR_SCHEMA rows for failures)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+STAGES = ("list", "read", "decode", "predict", "write")
+ERROR_FIELDS = ("error_stage", "error_type", "error_message")
+
+# Hugging Face datasets' Image feature layout, so `datasets` and pandas read the column as is
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # the input's URL
+        ("key", pa.string()),  # its path relative to INPUT, without extension
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask", pa.string()),  # URL of OUTPUT/masks/<key>.png ('' with --masks parquet)
+        ("class_counts", pa.list_(pa.int64())),  # pixels per class, index = class id
+        ("mean_confidence", pa.float32()),
+        ("model", pa.string()),
+        ("head_checksum", pa.string()),
+    ]
+)
+MASK_PNG_FIELD = pa.field("mask_png", HF_IMAGE)  # with --masks parquet|both
+RLE_FIELD = pa.field("rle", pa.list_(pa.struct([("class_id", pa.int32()), ("counts", pa.string())])))
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("key", pa.string()),
+        ("stage", pa.string()),  # one of STAGES
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+def empty_errors(n: int) -> dict[str, np.ndarray]:
+    return {f: np.full(n, "", dtype=object) for f in ERROR_FIELDS}
+
+
+def failed(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean mask of the rows that failed at an earlier stage."""
+    return np.asarray([bool(s) for s in batch["error_stage"]], dtype=bool)
+
+
+def set_error(batch: dict[str, np.ndarray], i: int, stage: str, error: BaseException | str, error_type: str | None = None) -> None:
+    """Mark row i failed at `stage`, keeping the first failure if it already has one."""
+    if batch["error_stage"][i]:
+        return
+    batch["error_stage"][i] = stage
+    batch["error_type"][i] = error_type or (type(error).__name__ if isinstance(error, BaseException) else "Error")
+    batch["error_message"][i] = str(error) or type(error).__name__
+
+
+def object_array(items) -> np.ndarray:
+    """A 1-D object array (numpy would otherwise stack equal-shaped arrays into one block)."""
+    items = list(items)
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out

@@ -1,0 +1,146 @@
+"""`segment` end to end on a real local Ray: local and s3 in/out, bad inputs, resume, counts."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs.segment import SegmentConfig, run
+from model.checkpoint import HeadCheckpoint, save_head_checkpoint
+from model.classes import ClassMap
+from model.heads import HeadConfig, LinearHead
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(backbone_weights="random", resolution=56, decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory):
+    torch.manual_seed(0)
+    head = LinearHead(HeadConfig("linear", (11,), 384, 4))
+    for p in head.parameters():
+        p.data.normal_(0, 0.5)
+    classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    path = tmp_path_factory.mktemp("head") / "head.pt"
+    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(path))
+    return str(path)
+
+
+def jpeg(w, h, seed=0, **save):
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def make_inputs(root: Path) -> dict[str, bytes]:
+    files = {
+        "a.jpg": jpeg(64, 48, 1),
+        "sub/b.jpg": jpeg(30, 90, 2),
+        "sub/deeper/c.PNG": None,
+        "tiny.png": None,
+        "wide.jpg": jpeg(900, 20, 3),
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image\n",
+        "truncated.jpg": jpeg(64, 64, 4)[:300],
+        "notes.txt": b"ignored: not an image extension",
+    }
+    rgba = Image.new("RGBA", (40, 30), (10, 200, 30, 128))
+    buf = io.BytesIO(); rgba.save(buf, "PNG"); files["sub/deeper/c.PNG"] = buf.getvalue()
+    buf = io.BytesIO(); Image.new("L", (1, 1), 77).save(buf, "PNG"); files["tiny.png"] = buf.getvalue()
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+GOOD = {"a": (64, 48), "sub/b": (30, 90), "sub/deeper/c": (40, 30), "tiny": (1, 1), "wide": (900, 20)}
+BAD = {"empty", "text", "truncated"}
+
+
+def read_rows(folder: Path):
+    files = sorted(folder.glob("*.parquet"))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def test_local_folder_with_bad_inputs(ray_local, tmp_path, head_file):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    counts = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
+    assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
+    rows = {r["key"]: r for r in read_rows(out / "predictions")}
+    assert set(rows) == set(GOOD)
+    for key, (w, h) in GOOD.items():
+        r = rows[key]
+        mask = Image.open(out / "masks" / f"{key}.png")
+        assert mask.mode == "P" and mask.size == (w, h) == (r["width"], r["height"])
+        values = np.asarray(mask)
+        assert np.array_equal(np.bincount(values.ravel(), minlength=4), r["class_counts"])
+        assert r["mask"].endswith(f"masks/{key}.png") and 0 < r["mean_confidence"] <= 1
+    errors = {r["key"]: r for r in read_rows(out / "errors")}
+    assert set(errors) == BAD and all(r["stage"] == "decode" and r["message"] for r in errors.values())
+    info = json.loads((out / "run.json").read_text())
+    assert info["counts"] == counts and info["model"].startswith("dinov2_vits14")
+
+
+def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
+    make_inputs(tmp_path / "in")
+    manifest = tmp_path / "half.txt"  # the "interrupted" run got through two images
+    manifest.write_text("\n".join(str(tmp_path / "in" / n) for n in ("a.jpg", "wide.jpg")))
+    out = tmp_path / "out"
+    first = run(SegmentConfig(str(manifest), str(out), model=None, head=head_file, **SMALL))
+    assert first["predicted"] == 2
+    a_mtime = (out / "masks" / "a.png").stat().st_mtime_ns
+    again = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
+    assert again == {"inputs": 8, "predicted": 3, "skipped": 2, "failed": 3}
+    assert (out / "masks" / "a.png").stat().st_mtime_ns == a_mtime  # not redone
+    keys = [r["key"] for r in read_rows(out / "predictions")]
+    assert sorted(keys) == sorted(GOOD)  # every mask exactly once
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written files
+    redo = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL))
+    assert redo["predicted"] == 5 and redo["skipped"] == 0
+
+
+def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_path):
+    import fsspec
+
+    bucket, so = s3_bucket
+    fs = fsspec.filesystem("s3", **so)
+    fs.pipe({f"{bucket}/in/x/one.jpg": jpeg(50, 40, 5), f"{bucket}/in/two.jpg": jpeg(20, 30, 6)})
+    counts = run(SegmentConfig(f"s3://{bucket}/in", f"s3://{bucket}/out", model=None, head=head_file,
+                               masks="both", storage_options=so, **SMALL))
+    assert counts == {"inputs": 2, "predicted": 2, "skipped": 0, "failed": 0}
+    assert fs.exists(f"{bucket}/out/masks/x/one.png") and fs.exists(f"{bucket}/out/run.json")
+    files = fs.glob(f"{bucket}/out/predictions/*.parquet")
+    rows = {r["key"]: r for f in files for r in pq.read_table(fs.open(f)).to_pylist()}
+    png = rows["x/one"]["mask_png"]
+    assert png["path"].endswith("x/one.png") and Image.open(io.BytesIO(png["bytes"])).size == (50, 40)
+
+
+def test_local_mode_without_ray_start(tmp_path, head_file):
+    """`python -m jobs.segment` in a fresh process starts Ray embedded and stops it."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jpg").write_bytes(jpeg(33, 44, 7))
+    cmd = [sys.executable, "-m", "jobs.segment", str(tmp_path / "in"), str(tmp_path / "out"), "--head", head_file,
+           "--backbone-weights", "random", "--resolution", "56", "--decode-cpus", "0.25", "--cpus-per-actor", "0.5"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted" in proc.stdout and Image.open(tmp_path / "out" / "masks" / "p.png").size == (33, 44)
+
+
+def test_bad_options_are_one_sentence(tmp_path, head_file):
+    from jobs.segment import main
+
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"]) == 2
+    assert main([str(tmp_path), str(tmp_path / "out"), "--storage-options", "{not json"]) == 2
+    assert main([str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2

@@ -1,0 +1,433 @@
+"""The write step and its helpers: mask PNGs, output layout, atomic writes, resume listing,
+WriteMasks (local and on a loopback S3), COCO RLE, run.json and the summary table. No Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from model.classes import ClassMap, bundled, default_color
+from model.errors import DinosegError
+from pipeline.rle import counts_to_string, rle_decode, rle_encode, rle_encode_labels, string_to_counts
+from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD, empty_errors, object_array
+from pipeline.sinks import (
+    ERROR_COLUMNS,
+    WriteConfig,
+    WriteMasks,
+    decode_mask_png,
+    encode_mask_png,
+    existing_keys,
+    mask_url,
+    overlay_url,
+    prediction_columns,
+    summary_table,
+    write_bytes_atomic,
+    write_run_json,
+    write_schema,
+)
+
+VOC = bundled("voc2012")
+WIDE = ClassMap(tuple(f"c{i}" for i in range(300)), tuple(default_color(i) for i in range(300)))
+
+
+def blobs(h: int, w: int, n_classes: int, seed: int = 0, cell: int = 8) -> np.ndarray:
+    """A segmentation-like mask: constant cells of random classes."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, n_classes, (h // cell + 1, w // cell + 1))
+    return low.repeat(cell, 0).repeat(cell, 1)[:h, :w].astype(np.uint8 if n_classes <= 256 else np.uint16)
+
+
+def make_batch(masks: list[np.ndarray], keys: list[str], images: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A predict-stage batch, as schema.py describes it."""
+    n = len(masks)
+    return {
+        "path": np.array([f"in/{k}.jpg" for k in keys], dtype=object),
+        "key": np.array(keys, dtype=object),
+        "width": np.array([m.shape[1] if m.ndim == 2 else 0 for m in masks], dtype=np.int32),
+        "height": np.array([m.shape[0] if m.ndim == 2 else 0 for m in masks], dtype=np.int32),
+        "mask": object_array(masks),
+        "class_counts": object_array(np.bincount(m.astype(np.int64).ravel(), minlength=len(VOC))[: len(VOC)].astype(np.int64) for m in masks),
+        "mean_confidence": np.linspace(0.5, 0.9, n).astype(np.float32),
+        **({"image": object_array(images)} if images is not None else {}),
+        **empty_errors(n),
+    }
+
+
+def fail_earlier(batch: dict, i: int) -> None:
+    batch["mask"][i] = np.zeros((0, 0), np.uint8)
+    batch["class_counts"][i] = np.zeros(0, np.int64)
+    batch["mean_confidence"][i] = np.nan
+    batch["error_stage"][i], batch["error_type"][i], batch["error_message"][i] = "decode", "UnidentifiedImageError", "not an image"
+
+
+def rows(table: pa.Table) -> dict[str, dict]:
+    return {r["key"]: r for r in table.to_pylist()}
+
+
+# --- mask PNGs ---------------------------------------------------------------------------------
+
+
+def test_png_round_trip_uint8_keeps_palette_values_and_ignore():
+    mask = blobs(48, 64, len(VOC), seed=1)
+    mask[:5, :7] = 255
+    data = encode_mask_png(mask, VOC)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "P" and im.size == (64, 48)
+        palette = im.getpalette()
+    assert palette[: 3 * len(VOC)] == VOC.palette()[: 3 * len(VOC)]
+    assert palette[3 * 255 : 3 * 256] == [255, 255, 255]  # ignore shows white
+    back = decode_mask_png(data)
+    assert back.dtype == np.uint8 and np.array_equal(back, mask) and (back[:5, :7] == 255).all()
+
+
+def test_png_round_trip_uint16_past_256_classes():
+    mask = blobs(40, 30, 300, seed=2)
+    mask[0, 0], mask[-1, -1] = 299, 256
+    data = encode_mask_png(mask, WIDE)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "I;16"
+    back = decode_mask_png(data)
+    assert back.dtype == np.uint16 and np.array_equal(back, mask)
+
+
+def test_png_accepts_wider_ints_that_fit_and_refuses_masks_that_do_not():
+    mask = blobs(10, 12, 21).astype(np.int64)
+    assert np.array_equal(decode_mask_png(encode_mask_png(mask, VOC)), mask)
+    for bad in (np.full((4, 4), 300, np.uint16), np.full((4, 4), -1, np.int32), np.zeros((4, 4, 3), np.uint8),
+                np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(DinosegError):
+            encode_mask_png(bad, VOC)
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+
+def test_urls_keep_the_protocol_and_nest_keys():
+    assert mask_url("s3://bkt/out/", "a/b/c") == "s3://bkt/out/masks/a/b/c.png"
+    assert overlay_url("s3://bkt/out", "a/b") == "s3://bkt/out/overlays/a/b.jpg"
+    assert mask_url("/data/out", "img.v2") == "/data/out/masks/img.v2.png"
+
+
+@pytest.mark.parametrize("key", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "./a", "a//b", "a/", "a\\..\\b", "a\x00b"])
+def test_keys_that_could_escape_output_are_refused(key):
+    with pytest.raises(DinosegError):
+        mask_url("/data/out", key)
+    with pytest.raises(DinosegError):
+        overlay_url("s3://bkt/out", key)
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+def test_atomic_write_creates_folders_leaves_no_temp_file_and_overwrites(tmp_path):
+    url = str(tmp_path / "out" / "masks" / "a" / "b.png")
+    write_bytes_atomic(url, b"first")
+    write_bytes_atomic(url, b"second, longer")
+    assert open(url, "rb").read() == b"second, longer"
+    assert os.listdir(tmp_path / "out" / "masks" / "a") == ["b.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    write_bytes_atomic("file://" + str(tmp_path / "c.png"), b"via file://")
+    assert (tmp_path / "c.png").read_bytes() == b"via file://"
+
+
+def test_failed_atomic_write_removes_its_temp_file(tmp_path):
+    (tmp_path / "taken.png").mkdir()  # the target is a folder: the rename fails
+    with pytest.raises(OSError):
+        write_bytes_atomic(str(tmp_path / "taken.png"), b"data")
+    assert os.listdir(tmp_path) == ["taken.png"] and not os.listdir(tmp_path / "taken.png")
+
+
+def test_atomic_write_remote(s3_bucket):
+    bucket, so = s3_bucket
+    url = f"s3://{bucket}/out/masks/x/y.png"
+    write_bytes_atomic(url, b"one", so)
+    write_bytes_atomic(url, b"two", so)
+    assert fsspec.open(url, "rb", **so).open().read() == b"two"
+    write_bytes_atomic("memory://dinoseg-test/masks/deep/k.png", b"mem")  # a filesystem with folders
+    assert fsspec.filesystem("memory").cat_file("/dinoseg-test/masks/deep/k.png") == b"mem"
+
+
+# --- resume listing ----------------------------------------------------------------------------
+
+
+def test_existing_keys_local_nested_ignores_temp_and_other_files(tmp_path):
+    out = str(tmp_path / "out")
+    assert existing_keys(out) == set()  # no output yet
+    for key in ("a", "b/c", "b/d/e.v2"):
+        write_bytes_atomic(mask_url(out, key), b"png")
+    (tmp_path / "out" / "masks" / "b" / ".c2.png.1234abcd.tmp").write_bytes(b"half")
+    (tmp_path / "out" / "masks" / "notes.txt").write_text("x")
+    write_bytes_atomic(overlay_url(out, "z"), b"jpg")
+    assert existing_keys(out) == {"a", "b/c", "b/d/e.v2"}
+    assert existing_keys(out + "/") == existing_keys("file://" + out) == {"a", "b/c", "b/d/e.v2"}
+
+
+def test_existing_keys_s3(s3_bucket):
+    bucket, so = s3_bucket
+    out = f"s3://{bucket}/run1"
+    assert existing_keys(out, so) == set()
+    for key in ("a", "b/c", "b/d/e"):
+        write_bytes_atomic(mask_url(out, key), b"png", so)
+    write_bytes_atomic(f"s3://{bucket}/run1/masksx/f.png", b"png", so)  # a sibling prefix, not masks/
+    assert existing_keys(out, so) == {"a", "b/c", "b/d/e"}
+
+
+# --- WriteMasks --------------------------------------------------------------------------------
+
+
+def test_write_config_checks_masks_option_and_makes_local_output_absolute(tmp_path, monkeypatch):
+    with pytest.raises(DinosegError, match="masks"):
+        WriteConfig("out", VOC, masks="tiff")
+    monkeypatch.chdir(tmp_path)
+    assert WriteConfig("out", VOC).output == str(tmp_path / "out")
+    assert WriteConfig("s3://b/out", VOC).output == "s3://b/out"
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_write_png_masks_and_pass_earlier_failures_through(tmp_path, threads):
+    masks = [blobs(30, 40, 21, seed=s) for s in range(3)] + [np.zeros(0, np.uint8)]
+    batch = make_batch(masks, ["a", "sub/b", "sub/deep/c", "broken"])
+    fail_earlier(batch, 3)
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, model_id="dinov2_vits14_voc2012_linear", head_checksum="abc", io_threads=threads)
+    table = WriteMasks(cfg)(batch)
+    assert table.schema == write_schema(cfg) and "mask_png" not in table.schema.names and "rle" not in table.schema.names
+    got = rows(table)
+    for key, mask in zip(["a", "sub/b", "sub/deep/c"], masks):
+        r = got[key]
+        assert r["ok"] and r["stage"] == r["error_type"] == r["message"] == ""
+        assert r["mask"] == str(tmp_path / "out" / "masks" / f"{key}.png")
+        assert np.array_equal(decode_mask_png(open(r["mask"], "rb").read()), mask)
+        assert r["class_counts"] == np.bincount(mask.ravel(), minlength=21).tolist()
+        assert (r["width"], r["height"], r["model"], r["head_checksum"]) == (40, 30, "dinov2_vits14_voc2012_linear", "abc")
+    broken = got["broken"]
+    assert not broken["ok"] and (broken["stage"], broken["error_type"], broken["message"]) == ("decode", "UnidentifiedImageError", "not an image")
+    assert broken["mask"] == "" and broken["class_counts"] is None and broken["mean_confidence"] is None
+    assert existing_keys(cfg.output) == {"a", "sub/b", "sub/deep/c"}
+    assert [r["key"] for r in table.to_pylist()] == ["a", "sub/b", "sub/deep/c", "broken"]  # order kept
+
+
+def test_rows_that_fail_while_writing_become_write_errors(tmp_path):
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "blocked").write_text("a file where a folder should be")
+    good = blobs(8, 8, 21)
+    masks = [good, good, np.zeros((5, 5), np.uint8), np.full((8, 8), 77, np.uint8), good.astype(np.float32), good]
+    batch = make_batch(masks, ["ok", "blocked/x", "wrong-size", "bad-values", "float", "../escape"])
+    batch["width"][2] = 6  # the mask is 5x5 but the image 5 high, 6 wide
+    got = rows(WriteMasks(WriteConfig(str(out), VOC))(batch))
+    assert got["ok"]["ok"]
+    for key, error_type in [("blocked/x", None), ("wrong-size", "DinosegError"), ("bad-values", "DinosegError"),
+                            ("float", "DinosegError"), ("../escape", "DinosegError")]:
+        r = got[key]
+        assert not r["ok"] and r["stage"] == "write" and r["message"] and r["mask"] == "", key
+        assert error_type is None or r["error_type"] == error_type, (key, r["error_type"])
+    assert not (tmp_path / "escape.png").exists() and not (out / "escape.png").exists()
+    assert existing_keys(str(out)) == {"ok"}
+
+
+def test_parquet_masks_are_hf_image_structs_and_no_files(tmp_path):
+    masks = [blobs(20, 24, 21, seed=4), blobs(16, 16, 21, seed=5)]
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, masks="parquet")
+    table = WriteMasks(cfg)(make_batch(masks, ["p/one", "two"]))
+    assert table.schema.field("mask_png") == MASK_PNG_FIELD
+    for r, mask in zip(table.to_pylist(), masks):
+        assert r["ok"] and r["mask"] == "" and r["mask_png"]["path"] == f"{r['key']}.png"
+        with Image.open(io.BytesIO(r["mask_png"]["bytes"])) as im:
+            assert im.mode == "P" and np.array_equal(np.asarray(im), mask)
+    assert not (tmp_path / "out").exists() and existing_keys(cfg.output) == set()
+
+
+def test_both_writes_files_and_the_same_bytes_in_the_column(tmp_path):
+    mask = blobs(20, 24, 21, seed=6)
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, masks="both")
+    (r,) = WriteMasks(cfg)(make_batch([mask], ["k"])).to_pylist()
+    assert open(r["mask"], "rb").read() == r["mask_png"]["bytes"]
+
+
+def test_rle_column_has_one_entry_per_class_present_without_ignore(tmp_path):
+    mask = blobs(37, 23, 5, seed=7)
+    mask[0:3, :] = 255
+    table = WriteMasks(WriteConfig(str(tmp_path / "out"), VOC, rle=True))(make_batch([mask], ["k"]))
+    assert table.schema.field("rle") == RLE_FIELD
+    (r,) = table.to_pylist()
+    present = sorted(set(np.unique(mask).tolist()) - {255})
+    assert [e["class_id"] for e in r["rle"]] == present
+    for e in r["rle"]:
+        assert np.array_equal(rle_decode({"size": [37, 23], "counts": e["counts"]}), (mask == e["class_id"]).astype(np.uint8))
+
+
+def test_overlays_are_resized_blends_and_written_before_the_mask(tmp_path):
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:, 40:] = 15  # VOC 'person', colour (192, 128, 128)
+    mask[:20, :40] = 255
+    image = np.full((30, 40, 3), 100, np.uint8)  # shrunk to half by the decode step
+    batch = make_batch([mask, mask], ["o/k", "bad-image"], images=[image, np.zeros((30, 40), np.float32)])
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, overlays=True)
+    got = rows(WriteMasks(cfg)(batch))
+    assert got["o/k"]["ok"]
+    with Image.open(overlay_url(cfg.output, "o/k")) as im:
+        assert im.format == "JPEG" and im.size == (80, 60)
+        px = np.asarray(im).astype(int)
+    assert np.abs(px[5, 5] - 100).max() <= 3  # ignore: the image alone
+    assert np.abs(px[40, 10] - (100 + 0) // 2).max() <= 3  # background (0, 0, 0)
+    assert np.abs(px[30, 70] - np.array([146, 114, 114])).max() <= 3  # (100 + person) / 2
+    assert not got["bad-image"]["ok"] and got["bad-image"]["stage"] == "write"
+    assert existing_keys(cfg.output) == {"o/k"}  # no mask without its overlay: resume redoes it
+    with pytest.raises(DinosegError, match="image"):
+        WriteMasks(cfg)(make_batch([mask], ["no-image-column"]))
+
+
+def test_ray_shaped_batches_stacked_and_read_only(tmp_path):
+    masks = np.stack([blobs(12, 10, 21, seed=s) for s in range(3)])
+    batch = make_batch(list(masks), ["a", "b", "c"])
+    batch["mask"] = masks  # Ray gives equal-shaped tensors as one array
+    batch["class_counts"] = np.stack(list(batch["class_counts"]))
+    batch["key"] = np.array(["a", "b", "c"])  # str dtype, not object
+    for v in batch.values():
+        v.setflags(write=False)
+    table = WriteMasks(WriteConfig(str(tmp_path / "out"), VOC, masks="both", rle=True))(batch)
+    assert table.column("ok").to_pylist() == [True] * 3
+
+
+def test_returned_rows_split_into_the_declared_schemas_and_survive_parquet(tmp_path):
+    masks = [blobs(10, 10, 21), np.zeros(0, np.uint8)]
+    batch = make_batch(masks, ["good", "bad"])
+    fail_earlier(batch, 1)
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, masks="both", rle=True)
+    table = WriteMasks(cfg)(batch)
+    ok = table.column("ok")
+    preds = table.filter(ok).select(prediction_columns(cfg))
+    errors = table.filter(pa.compute.invert(ok)).select(list(ERROR_COLUMNS))
+    assert preds.schema == pa.schema(list(PREDICTION_SCHEMA) + [MASK_PNG_FIELD, RLE_FIELD])
+    assert errors.schema == ERROR_SCHEMA and errors.to_pylist()[0]["stage"] == "decode"
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert pq.read_table(tmp_path / "t.parquet").schema == table.schema
+    # all rows failed: the types still hold (a numpy dict would give list<null> and null here)
+    fail_earlier(batch, 0)
+    assert WriteMasks(cfg)(batch).schema == write_schema(cfg)
+
+
+def test_write_masks_to_s3_and_to_a_missing_bucket(s3_bucket):
+    bucket, so = s3_bucket
+    masks = [blobs(20, 30, 21, seed=s) for s in range(3)]
+    images = [np.full((10, 15, 3), 50, np.uint8)] * 3
+    cfg = WriteConfig(f"s3://{bucket}/out", VOC, masks="both", rle=True, overlays=True, storage_options=so)
+    table = WriteMasks(cfg)(make_batch(masks, ["a", "d/b", "d/e/c"], images))
+    assert table.column("ok").to_pylist() == [True] * 3
+    assert existing_keys(cfg.output, so) == {"a", "d/b", "d/e/c"}
+    fs = fsspec.filesystem("s3", **so)
+    for r, mask in zip(table.to_pylist(), masks):
+        assert r["mask"] == f"s3://{bucket}/out/masks/{r['key']}.png"
+        assert np.array_equal(decode_mask_png(fs.cat_file(r["mask"])), mask)
+        assert fs.exists(overlay_url(cfg.output, r["key"]))
+    missing = WriteConfig("s3://no-such-bucket-dinoseg/out", VOC, storage_options=so)
+    got = WriteMasks(missing)(make_batch(masks[:2], ["a", "b"]))
+    assert got.column("ok").to_pylist() == [False, False] and set(got.column("stage").to_pylist()) == {"write"}
+
+
+# --- run.json and the summary ------------------------------------------------------------------
+
+
+def test_run_json_local_and_s3(tmp_path, s3_bucket):
+    info = {"args": {"input": "s3://in/"}, "counts": {"inputs": 3}, "model": "m"}
+    url = write_run_json(str(tmp_path / "out"), info)
+    assert json.loads(open(url).read()) == info and os.listdir(tmp_path / "out") == ["run.json"]
+    bucket, so = s3_bucket
+    url = write_run_json(f"s3://{bucket}/out/", info, so)
+    assert url == f"s3://{bucket}/out/run.json"
+    assert json.loads(fsspec.filesystem("s3", **so).cat_file(url)) == info
+
+
+def test_summary_table_checks_that_nothing_is_lost():
+    ok = summary_table({"inputs": 1200, "predicted": 1000, "skipped": 150, "failed": 50})
+    lines = ok.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["inputs", "predicted", "skipped", "failed", "check"]
+    assert len({len(ln) for ln in lines[:4]}) == 1  # numbers right-aligned
+    assert "ok" in lines[-1] and "MISMATCH" not in ok
+    bad = summary_table({"inputs": 10, "predicted": 7, "skipped": 1, "failed": 1})
+    assert "MISMATCH" in bad and "+1" in bad
+
+
+# --- COCO RLE ----------------------------------------------------------------------------------
+
+# Strings produced by pycocotools 2.0.11 (mask.encode on the Fortran-ordered uint8 mask).
+KNOWN = [
+    (np.array([[1, 0], [1, 1]]), "021O"),
+    (np.ones((3, 4)), "0<"),
+    (np.zeros((3, 4)), "<"),
+    (np.array([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]), "0162M0:N"),
+    (np.ones((2000, 1100)), "0P^TS2"),
+    (np.zeros((2000, 1100)), "P^TS2"),
+    (np.hstack([np.zeros((1100, 500)), np.ones((1100, 500))]), "`Si`0`Si`0"),
+    (np.random.default_rng(7).random((16, 12)) < 0.4,
+     "1341MN3O00N0O050K00021OO00O0013ON0012OO031KO10120NO0O10O011OO22NO0O0012O0010M100112ONO1043KN5OJ"),
+]
+
+
+@pytest.mark.parametrize("mask, expected", KNOWN, ids=range(len(KNOWN)))
+def test_rle_matches_pycocotools_strings(mask, expected):
+    assert rle_encode(mask) == {"size": list(mask.shape), "counts": expected}
+    assert np.array_equal(rle_decode({"size": list(mask.shape), "counts": expected}), mask.astype(np.uint8))
+
+
+def test_rle_counts_are_column_major():
+    # [[1, 0],
+    #  [1, 1]]  read down column 0 (1, 1) then column 1 (0, 1): 1 1 0 1.
+    # Runs, starting with zeros: 0 zeros, 2 ones, 1 zero, 1 one -> [0, 2, 1, 1]. Row-major
+    # (1 0 1 1) would give [0, 1, 1, 2]. Compressed: 0, 2, 1 as they are, then 1 - 2 = -1.
+    assert string_to_counts("021O") == [0, 2, 1, 1]
+    assert rle_encode(np.array([[1, 0], [1, 1]]))["counts"] == counts_to_string([0, 2, 1, 1])
+    assert rle_encode(np.array([[1, 1], [0, 1]]))["counts"] == counts_to_string([0, 1, 1, 2])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 5), (64, 48), (0, 5), (3000, 1)])
+@pytest.mark.parametrize("p", [0.0, 0.02, 0.5, 0.98, 1.0])
+def test_rle_round_trips(shape, p):
+    mask = np.random.default_rng(hash((shape, p)) % 2**32).random(shape) < p
+    rle = rle_encode(mask)
+    assert rle["size"] == list(shape) and np.array_equal(rle_decode(rle), mask.astype(np.uint8))
+    assert np.array_equal(rle_decode({**rle, "counts": rle["counts"].encode()}), mask)  # bytes, as pycocotools
+
+
+def test_rle_long_runs_and_large_deltas():
+    mask = np.zeros((3000, 1000), np.uint8)  # a 0-run past 2**20
+    mask[:, -1] = 1
+    mask[0, 0] = 1  # then 1 one, 2,996,999 zeros, 3,000 ones
+    rle = rle_encode(mask)
+    assert string_to_counts(rle["counts"]) == [0, 1, 2_996_999, 3000]
+    assert np.array_equal(rle_decode(rle), mask)
+    counts = [0, 2**40, 3, 1, 2**33, 2**20 + 1, 1]  # deltas far negative and far positive
+    assert string_to_counts(counts_to_string(counts)) == counts
+
+
+def test_rle_uncompressed_list_counts_and_bad_input():
+    assert rle_decode({"size": [2, 3], "counts": [1, 2, 3]}).tolist() == [[0, 1, 0], [1, 0, 0]]
+    for bad in ("0<\x7f", "0_"):  # a character out of range; a value cut off mid-way ('_' has 'more')
+        with pytest.raises(ValueError):
+            string_to_counts(bad)
+    with pytest.raises(ValueError):
+        rle_decode({"size": [3, 4], "counts": "0;"})  # 11 pixels for 12
+    with pytest.raises(ValueError):
+        rle_encode(np.zeros((2, 2, 2)))
+
+
+def test_rle_of_labels_equals_per_class_encoding():
+    mask = blobs(61, 47, 9, seed=3, cell=5)
+    mask[10:20, 5] = 255
+    per_class = rle_encode_labels(mask)
+    assert sorted(per_class) == sorted(np.unique(mask).tolist())
+    for c, counts in per_class.items():
+        assert counts == rle_encode(mask == c)["counts"]
+    assert rle_encode_labels(mask, [42]) == {42: rle_encode(np.zeros_like(mask))["counts"]}
+    wide = blobs(20, 30, 300, seed=4)
+    assert all(s == rle_encode(wide == c)["counts"] for c, s in rle_encode_labels(wide).items())
