@@ -148,20 +148,6 @@ def run(config: SegmentConfig) -> dict:
     classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
     del segmenter
 
-    done = set() if config.overwrite else done_keys(f"{out}/predictions", so)
-    paths, keys, skipped, inputs = [], [], 0, 0
-    for row in list_inputs(config.input, so):
-        inputs += 1
-        if row["key"] in done:
-            skipped += 1
-            continue
-        paths.append(row["path"])
-        keys.append(row["key"])
-    rows = pa.table({"path": paths, "key": keys, "error_stage": [""] * len(keys),
-                     "error_type": [""] * len(keys), "error_message": [""] * len(keys)})
-    del paths, keys
-
-    counts = {"inputs": inputs, "predicted": 0, "skipped": skipped, "failed": 0}
     schema = PREDICTION_SCHEMA
     if config.masks in ("parquet", "both"):
         schema = schema.append(MASK_PNG_FIELD)
@@ -169,6 +155,26 @@ def run(config: SegmentConfig) -> dict:
         schema = schema.append(RLE_FIELD)
     predictions = RollingParquetWriter(f"{out}/predictions", schema, so)
     errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000)
+
+    done = set() if config.overwrite else done_keys(f"{out}/predictions", so)
+    counts = {"inputs": 0, "predicted": 0, "skipped": 0, "failed": 0}
+    paths, keys, listing_errors = [], [], []
+    for row in list_inputs(config.input, so):
+        counts["inputs"] += 1
+        if row["error_stage"]:  # unsafe path, key collision...: an error row, never read
+            listing_errors.append({"path": row["path"], "key": row["key"], "stage": row["error_stage"],
+                                   "error_type": row["error_type"], "message": row["error_message"]})
+        elif row["key"] in done:
+            counts["skipped"] += 1
+        else:
+            paths.append(row["path"])
+            keys.append(row["key"])
+    errors.write(pa.Table.from_pylist(listing_errors, schema=ERROR_SCHEMA))
+    counts["failed"] += len(listing_errors)
+    rows = pa.table({"path": paths, "key": keys, "error_stage": [""] * len(keys),
+                     "error_type": [""] * len(keys), "error_message": [""] * len(keys)})
+    del paths, keys, listing_errors
+
     started_ray = graph.start_ray(config.address)
     try:
         if len(rows):

@@ -1,18 +1,28 @@
-"""dinoseg's model core: pure PyTorch (+ fsspec for weights). Never imports Ray."""
+"""dinoseg's model core: pure PyTorch (+ fsspec for weights). Never imports Ray.
 
-from .backbone import BACKBONES, BackboneConfig, DinoVisionTransformer, build_backbone
-from .checkpoint import HeadCheckpoint, parse_head_checkpoint, save_head_checkpoint
-from .classes import ClassMap, bundled, load_class_map
-from .errors import DinosegError, ImageInputError, UnknownModelError, WeightsError
-from .heads import ConvHead, HeadConfig, LinearHead, build_head, default_layers
-from .hub import build_segmenter, load_backbone, load_head
-from .segmenter import META_MS_SCALES, InferenceConfig, Prediction, Segmenter
-from .weights import SEGMENTATION_MODELS, describe_models
+Names load lazily, so `from model.errors import DinosegError` (pipeline CPU tasks do it) does
+not import torch.
+"""
 
-__all__ = [
-    "BACKBONES", "BackboneConfig", "ClassMap", "ConvHead", "DinoVisionTransformer", "DinosegError",
-    "HeadCheckpoint", "HeadConfig", "ImageInputError", "InferenceConfig", "LinearHead", "META_MS_SCALES",
-    "Prediction", "SEGMENTATION_MODELS", "Segmenter", "UnknownModelError", "WeightsError", "build_backbone",
-    "build_head", "build_segmenter", "bundled", "default_layers", "describe_models", "load_backbone",
-    "load_class_map", "load_head", "parse_head_checkpoint", "save_head_checkpoint",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "backbone": ("BACKBONES", "BackboneConfig", "DinoVisionTransformer", "build_backbone"),
+    "checkpoint": ("HeadCheckpoint", "parse_head_checkpoint", "save_head_checkpoint"),
+    "classes": ("ClassMap", "bundled", "load_class_map"),
+    "errors": ("DinosegError", "ImageInputError", "UnknownModelError", "WeightsError"),
+    "heads": ("ConvHead", "HeadConfig", "LinearHead", "build_head", "default_layers"),
+    "hub": ("build_segmenter", "load_backbone", "load_head"),
+    "segmenter": ("META_MS_SCALES", "InferenceConfig", "Prediction", "Segmenter"),
+    "weights": ("SEGMENTATION_MODELS", "describe_models"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -198,7 +198,9 @@ class Segmenter(nn.Module):
             raise ImageInputError(
                 f"image {index} has dtype {image.dtype} and shape {tuple(image.shape)}: pass uint8 RGB arrays of shape (H, W, 3)."
             )
-        t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
+        if isinstance(image, np.ndarray):  # decoded images may be read-only views (PIL, Ray's zero-copy)
+            image = image if image.flags.c_contiguous and image.flags.writeable else np.array(image)
+        t = torch.as_tensor(image)
         t = t.to(self.device, non_blocking=True).float().permute(2, 0, 1)  # float first: 10x faster on CPU
         return (t - self.mean) / self.std
 

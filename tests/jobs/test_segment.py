@@ -144,3 +144,20 @@ def test_bad_options_are_one_sentence(tmp_path, head_file):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"]) == 2
     assert main([str(tmp_path), str(tmp_path / "out"), "--storage-options", "{not json"]) == 2
     assert main([str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
+
+
+def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
+    make_inputs(tmp_path / "in")
+    manifest = tmp_path / "m.txt"  # the same image twice: the second line is an error row, never read
+    manifest.write_text(f"{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'sub' / 'b.jpg'}\n")
+    out = tmp_path / "out"
+    counts = run(SegmentConfig(str(manifest), str(out), model=None, head=head_file, overlays=True, rle=True, **SMALL))
+    assert counts == {"inputs": 3, "predicted": 2, "skipped": 0, "failed": 1}
+    errors = read_rows(out / "errors")
+    assert len(errors) == 1 and errors[0]["stage"] == "list"
+    assert not (out / "masks" / ".png").exists()
+    rows = {r["key"]: r for r in read_rows(out / "predictions")}
+    for key, r in rows.items():
+        assert Image.open(out / "overlays" / f"{key}.jpg").size == (r["width"], r["height"])
+        present = {i for i, c in enumerate(r["class_counts"]) if c}
+        assert {e["class_id"] for e in r["rle"]} == present
