@@ -26,6 +26,7 @@ class PredictConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     device: str | None = None  # None/'auto': CUDA when present
     keep_image: bool = False  # pass the decoded image on (overlays need it)
+    threads: int | None = None  # torch threads for CPU inference (default: every core of the node)
     storage_options: dict | None = None
 
     def build(self):
@@ -51,6 +52,14 @@ class Predict:
     def __init__(self, config: PredictConfig):
         self.config = config
         self.segmenter = config.build()
+        if self.segmenter.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's CPU request (often 1); CPU inference should
+            # use the machine's cores, the decode tasks' share is small beside it.
+            import os
+
+            import torch
+
+            torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
         log.info("predictor ready: %s on %s (%s)", self.segmenter.model_id, self.segmenter.device, self.segmenter.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -161,3 +161,26 @@ def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
         assert Image.open(out / "overlays" / f"{key}.jpg").size == (r["width"], r["height"])
         present = {i for i, c in enumerate(r["class_counts"]) if c}
         assert {e["class_id"] for e in r["rle"]} == present
+
+
+def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, head_file, monkeypatch):
+    """The actor process exits during its first batch; Ray restarts it and retries the batch."""
+    import os
+
+    import pipeline.predict
+
+    marker = tmp_path / "died-once"
+
+    class DiesOnce(pipeline.predict.Predict):  # defined here: Ray pickles it by value
+        def __call__(self, batch):
+            if not marker.exists():
+                marker.write_text("dying")
+                os._exit(1)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(pipeline.predict, "Predict", DiesOnce)
+    make_inputs(tmp_path / "in")
+    counts = run(SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL))
+    assert marker.exists()  # it really died
+    assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
+    assert sorted(r["key"] for r in read_rows(tmp_path / "out" / "predictions")) == sorted(GOOD)
