@@ -12,6 +12,7 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 
 def _fs(url: str, storage_options: dict | None):
@@ -54,7 +55,7 @@ class RollingParquetWriter:
         name = f"part-{self.run}-{self.parts:05d}.parquet"
         self.fs.makedirs(self.root, exist_ok=True)
         final = f"{self.root}/{name}"
-        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+        if isinstance(self.fs, LocalFileSystem):  # rename makes the file appear whole
             tmp = f"{self.root}/.{name}.tmp"
             with open(tmp, "wb") as f:
                 f.write(self._buf.getvalue())
