@@ -58,7 +58,7 @@ class SegmentConfig:
     actors: Optional[int] = None
     gpus_per_actor: Optional[float] = None
     cpus_per_actor: Optional[float] = None
-    decode_cpus: float = 1.0
+    decode_cpus: float = 0.5
     masks: str = "png"
     rle: bool = False
     overlays: bool = False
@@ -86,7 +86,7 @@ def command(
     actors: Optional[int] = typer.Option(None, help="Predictor actors (default: one per GPU, or one on the CPU)."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per predictor actor (default 1 with GPUs)."),
     cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs reserved per predictor actor."),
-    decode_cpus: float = typer.Option(1.0, help="CPUs per read/decode task."),
+    decode_cpus: float = typer.Option(0.5, help="CPUs per read/decode/write task."),
     masks: MaskFormat = typer.Option(MaskFormat.png, help="png files, rows in Parquet, or both."),
     rle: bool = typer.Option(False, help="Add per-class COCO RLE to the prediction rows."),
     overlays: bool = typer.Option(False, help="Write overlays/<key>.jpg to look at."),

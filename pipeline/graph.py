@@ -23,7 +23,7 @@ class Resources:
     actors: int | None = None  # predictor actors (default: one per GPU, or one on the CPU)
     gpus_per_actor: float | None = None  # default 1 on a GPU cluster, 0 otherwise
     cpus_per_actor: float | None = None  # default 1 with GPUs; on the CPU, what decoding leaves
-    decode_cpus: float = 1.0  # CPUs per read/decode task
+    decode_cpus: float = 0.5  # CPUs per read/decode/write task
     batch_size: int = 8  # images per predictor call
     read_batch_size: int = 16  # images per read/decode task call
 
@@ -34,7 +34,13 @@ class Resources:
         # On the CPU an actor reserves what decoding leaves (its torch threads use every core anyway);
         # a request of all CPUs would starve the decode tasks and hang the job.
         cpa = self.cpus_per_actor or (1.0 if gpa else max(0.25, (cpus - self.decode_cpus) / actors))
-        return Resources(actors, gpa, cpa, self.decode_cpus, self.batch_size, self.read_batch_size)
+        decode = self.decode_cpus
+        if not gpa and cpa == decode:
+            # Ray Data fuses a task stage into the next actor stage when their requests are equal:
+            # decoding would then run inside the predictor, one batch after the other.
+            decode = cpa / 2
+            log.info("decode tasks request %.2f CPUs (not %.2f) so they are not fused into the predictor", decode, cpa)
+        return Resources(actors, gpa, cpa, decode, self.batch_size, self.read_batch_size)
 
 
 def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, resources: Resources):
