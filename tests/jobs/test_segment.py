@@ -184,3 +184,41 @@ def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, hea
     assert marker.exists()  # it really died
     assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
     assert sorted(r["key"] for r in read_rows(tmp_path / "out" / "predictions")) == sorted(GOOD)
+
+
+def test_a_killed_job_rerun_finishes_every_mask_exactly_once(tmp_path, head_file):
+    """SIGKILL the job once its first masks exist, run it again: every image ends with exactly
+    one mask and one prediction row, and no temporary file is left."""
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(24):
+        (src / f"img{i:02d}.jpg").write_bytes(jpeg(96, 64, 100 + i))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.segment", str(src), str(out), "--head", head_file, "--backbone-weights",
+           "random", "--resolution", "56", "--batch-size", "2", "--decode-cpus", "0.25", "--cpus-per-actor", "0.5"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list((out / "masks").glob("*.png"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    interrupted = len(list((out / "masks").glob("*.png")))
+    assert interrupted >= 2
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    masks = sorted(p.stem for p in (out / "masks").glob("*.png"))
+    assert masks == [f"img{i:02d}" for i in range(24)]
+    keys = [r["key"] for r in read_rows(out / "predictions")]
+    assert sorted(keys) == masks  # one row per image, none twice
+    for p in (out / "masks").glob("*.png"):  # every mask whole (a write is a rename of a full file)
+        with Image.open(p) as m:
+            m.load()
+            assert m.size == (96, 64)
+    # parts are renamed into place when complete; a temp name only lives for a write's duration
+    assert not [p for p in (out / "predictions").iterdir() if not p.name.endswith(".parquet")]
