@@ -61,9 +61,9 @@ from machine import cpu_model, core_count  # noqa: E402  (benchmarks/ is the scr
 
 def decode_module():
     """Where decode_image and DecodeConfig live."""
-    import pipeline.sources
+    import pipeline.decode
 
-    return pipeline.sources
+    return pipeline.decode
 
 
 

@@ -130,11 +130,12 @@ def run(config: SegmentConfig) -> dict:
     import pyarrow.compute as pc
 
     from pipeline import graph
+    from pipeline.decode import Decode, DecodeConfig
     from pipeline.predict import Predict, PredictConfig
     from pipeline.rows import RollingParquetWriter, done_keys
     from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
     from pipeline.sinks import WriteConfig, WriteMasks, write_run_json
-    from pipeline.sources import Decode, DecodeConfig, ReadBytes, list_inputs
+    from pipeline.sources import ReadBytes, list_inputs
 
     started = time.time()
     so = config.storage_options or None

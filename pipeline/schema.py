@@ -77,3 +77,15 @@ def object_array(items) -> np.ndarray:
     for i, item in enumerate(items):
         out[i] = item
     return out
+
+
+def with_error_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A shallow copy whose error columns are fresh, writable object arrays (Ray's may be read-only
+    or fixed-width strings that would truncate a message)."""
+    out = dict(batch)
+    n = len(out["path"])
+    for field, fresh in empty_errors(n).items():
+        if field in out:
+            fresh[:] = [str(v) if v is not None else "" for v in out[field]]
+        out[field] = fresh
+    return out

@@ -21,17 +21,8 @@ from PIL import Image, ImageFile
 
 from model.errors import DinosegError
 from pipeline.schema import ERROR_FIELDS
-from pipeline.sources import (
-    IMAGE_EXTENSIONS,
-    Decode,
-    DecodeConfig,
-    DecodeError,
-    ReadBytes,
-    check_pixels,
-    decode_image,
-    list_inputs,
-    make_key,
-)
+from pipeline.decode import Decode, DecodeConfig, DecodeError, check_pixels, decode_image
+from pipeline.sources import IMAGE_EXTENSIONS, ReadBytes, list_inputs, make_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -467,7 +458,7 @@ def test_decode_batch_records_errors_and_passes_failed_rows():
 
 
 def test_pipeline_sources_does_not_import_ray():
-    code = "import sys, pipeline.sources; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = "import sys, pipeline.sources, pipeline.decode; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
