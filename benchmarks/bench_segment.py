@@ -579,7 +579,7 @@ def main(argv=None) -> int:
                 emit(f"- aim peak memory({big}) <= 1.15 x peak memory({lo}), {label}: {ratio:.3f} "
                      f"({'met' if ratio <= 1.15 else 'not met'})")
         emit(f"- fixed cost of the job (T({counts[0]}) - {counts[0]} / steady rate): "
-             + (f"{jobs[counts[0]]['wall'] - counts[0] / steady:.1f} s" if steady else "n/a")
+             + (f"{fixed:.1f} s" if steady and (fixed := jobs[counts[0]]["wall"] - counts[0] / steady) > 0 else "n/a")
              + "; subprocess wall incl. imports: " + ", ".join(f"{jobs[n]['process_wall']:.1f} s ({n})" for n in counts)
              + "; processes in the job's tree: " + ", ".join(f"{jobs[n]['memory']['processes']} ({n})" for n in counts))
         emit("- CPU s: user + system seconds of the job's process tree (2 cores x wall s is the most there is)")

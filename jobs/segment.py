@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Optional
 
@@ -145,7 +145,8 @@ def run(config: SegmentConfig) -> dict:
                                    config.device, keep_image=config.overlays, storage_options=so)
     # Load the model once on the driver first: a wrong name, path or weights file fails here in one
     # sentence, before any cluster work, and the classes are known for writing masks.
-    segmenter = predict_config.build()
+    # On the CPU: the driver (a cluster's head node) may have no GPU even when the actors do.
+    segmenter = replace(predict_config, device="cpu").build()
     classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
     del segmenter
 
@@ -176,9 +177,10 @@ def run(config: SegmentConfig) -> dict:
                      "error_type": [""] * len(keys), "error_message": [""] * len(keys)})
     del paths, keys, listing_errors
 
-    started_ray = graph.start_ray(config.address)
+    started_ray = False
     try:
-        if len(rows):
+        if len(rows):  # nothing left to do (a finished run re-run) needs no Ray at all
+            started_ray = graph.start_ray(config.address)
             resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor,
                                         config.decode_cpus, config.batch_size).resolve(graph.cluster_resources())
             log.info("resources: %s", resources)
