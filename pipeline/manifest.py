@@ -1,0 +1,141 @@
+"""Manifests: the inputs listed in a .txt (one path or URL a line), .csv or .parquet (a `path`
+column) file, as rows in the manifest's order (`list_inputs` in `pipeline.sources` says what a
+manifest may hold; `pipeline.keys` the key and collision rules).
+
+The manifest is read twice, streaming, so that its paths are never all held in memory: once for
+the common folder of all entries and an 8-byte hash of each entry's key, to find collisions;
+once to yield the rows, remembering only the colliding entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from array import array
+from typing import Iterator
+
+import numpy as np
+from fsspec.core import split_protocol
+
+from model.errors import DinosegError
+
+from .keys import canonical_protocol, extension, input_row, is_local, key_from_parts, list_error_row, split_url
+
+MANIFEST_EXTENSIONS = ("txt", "csv", "parquet")
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+def _manifest_lines(fs, path: str, input: str) -> Iterator[str]:
+    ext = extension(path)
+    try:
+        if ext == "txt":
+            with fs.open(path, "rt", encoding="utf-8-sig") as f:
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        yield line
+            return
+        with fs.open(path, "rb") as f:
+            if ext == "csv":
+                import pyarrow as pa
+                import pyarrow.csv as pacsv
+
+                opts = pacsv.ConvertOptions(include_columns=["path"], column_types={"path": pa.string()})
+                try:
+                    batches = pacsv.open_csv(f, convert_options=opts)
+                except (pa.ArrowInvalid, pa.ArrowKeyError) as e:
+                    if "include_columns" not in str(e):
+                        raise
+                    batches = None
+            else:
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(f)
+                batches = pf.iter_batches(columns=["path"], batch_size=65536) if "path" in pf.schema_arrow.names else None
+            if batches is None:
+                raise DinosegError(f"the manifest '{input}' has no 'path' column: name the column of image paths 'path'.")
+            for batch in batches:
+                for value in batch.column(0).to_pylist():
+                    if value and value.strip():
+                        yield value.strip()
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's errors are ValueErrors and KeyErrors
+        raise DinosegError(f"cannot read the manifest '{input}' ({type(e).__name__}: {e}): check that it is a valid .{ext} file.") from None
+
+
+def _resolve(entry: str, fs, folder: str) -> tuple[str, str, list[str]]:
+    """A manifest entry -> (URL to read, canonical protocol, path components)."""
+    protocol, rest = split_protocol(entry)
+    if protocol is None and is_local(fs):  # relative to the manifest's folder, like a link in a page
+        url = os.path.normpath(os.path.join(folder, entry))
+    elif protocol is None:  # ... and '/x' is relative to the manifest's filesystem: its bucket list
+        joined = fs.root_marker + entry.lstrip("/") if entry.startswith("/") else posixpath.join(folder, entry)
+        url = fs.unstrip_protocol(posixpath.normpath(joined))
+    elif canonical_protocol(protocol) == "file":
+        url = os.path.abspath(rest)  # the OS resolves '..' in local paths anyway
+    else:
+        url = entry  # kept literally: on an object store 'a/../b' is a name, not a path
+    protocol, parts = split_url(url)
+    return url, protocol, parts
+
+
+def manifest_rows(fs, path: str, input: str) -> Iterator[dict]:
+    """Rows for the manifest at `path` on `fs` (`input` as the user wrote it, for messages)."""
+    folder = path.rsplit("/", 1)[0] if "/" in path else ""
+    # pass 1: the common folder and the stem-key hashes (8 bytes an entry), to find collisions
+    protocols: set[str] = set()
+    prefix: list[str] | None = None
+    stems = array("Q")
+    for entry in _manifest_lines(fs, path, input):
+        _, protocol, parts = _resolve(entry, fs, folder)
+        protocols.add(protocol)
+        dirs = parts[:-1]
+        if prefix is None:
+            prefix = dirs
+        else:
+            n = 0
+            while n < min(len(prefix), len(dirs)) and prefix[n] == dirs[n]:
+                n += 1
+            del prefix[n:]
+        stems.append(_hash("/".join(dirs + [os.path.splitext(parts[-1])[0]])) if parts else 0)
+    if prefix is None:
+        return
+    root = prefix if len(protocols) == 1 else []
+    sorted_stems = np.sort(np.frombuffer(stems, dtype=np.uint64)) if len(stems) else np.zeros(0, np.uint64)
+    repeated = sorted_stems[1:][sorted_stems[1:] == sorted_stems[:-1]]
+    colliding = {int(h) for h in np.unique(repeated)}
+    del stems
+
+    def is_stem(h: int) -> bool:
+        i = np.searchsorted(sorted_stems, np.uint64(h))
+        return i < len(sorted_stems) and int(sorted_stems[i]) == h
+
+    # pass 2: the rows; only colliding entries are remembered
+    taken: dict[str, str] = {}
+    seen: set[str] = set()
+    for entry in _manifest_lines(fs, path, input):
+        url, _, parts = _resolve(entry, fs, folder)
+        rel = parts[len(root):]
+        try:
+            key = key_from_parts(rel, url)
+        except DinosegError as e:
+            yield list_error_row(url, str(e), "UnsafePath")
+            continue
+        if _hash("/".join(parts[:-1] + [os.path.splitext(parts[-1])[0]])) in colliding:
+            if url in seen:
+                message = f"'{url}' is listed more than once in the manifest: only its first line is processed."
+                yield list_error_row(url, message, "DuplicateInput")
+                continue
+            seen.add(url)
+            key = key_from_parts(rel, url, keep_extension=True)
+            h = _hash("/".join(parts))
+            other = taken.get(key)
+            if other is not None or (is_stem(h) and h not in colliding):
+                by = f"'{other}'" if other else "another entry"
+                yield list_error_row(url, f"its key '{key}' is already used by {by}: rename one of them or list only one.", "KeyCollision")
+                continue
+            taken[key] = url
+        yield input_row(url, key)
