@@ -76,6 +76,7 @@ class _Piece:
     region: tuple[int, int, int, int]  # y0, x0, h, w
     offset: tuple[float, float]
     flipped: bool
+    padded_hw: tuple[int, int]  # the network input's size (the region plus its centre padding)
     logits: torch.Tensor | None = None  # (C, gh, gw) float32, flipped back for flipped views
 
 
@@ -233,7 +234,8 @@ class Segmenter(nn.Module):
                 # logits of a flipped view are flipped back: the window then starts at w - xs - cw,
                 # and the padding before it is the right-hand padding
                 x0, before = (w - xs - cw, right) if flipped else (xs, left)
-                yield _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped), crop
+                yield _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped,
+                             tuple(crop.shape[-2:])), crop
 
     def _finish(self, hw: tuple[int, int], pieces: list[_Piece]) -> Prediction:
         h0, w0 = hw
@@ -275,7 +277,7 @@ class Segmenter(nn.Module):
             if ra >= rb or ca >= cb:
                 continue
             gh, gw = p.logits.shape[-2:]
-            cell_y, cell_x = (ch + sum(centre_pad(ch, cw)[:2])) / gh, (cw + sum(centre_pad(ch, cw)[2:])) / gw
+            cell_y, cell_x = p.padded_hw[0] / gh, p.padded_hw[1] / gw  # view pixels per logit cell
             gy = _grid_coords(ra, rb, h / h0, p.offset[0], cell_y, gh, self.device)
             gx = _grid_coords(ca, cb, w / w0, p.offset[1], cell_x, gw, self.device)
             grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
