@@ -21,6 +21,7 @@ from torch import nn
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer
 from .classes import ClassMap
+from .geometry import centre_pad, resized_size, window_starts
 from .device import autocast, choose_device, choose_precision
 from .errors import DinosegError, ImageInputError
 
@@ -78,26 +79,6 @@ class _Piece:
     flipped: bool
     padded_hw: tuple[int, int]  # the network input's size (the region plus its centre padding)
     logits: torch.Tensor | None = None  # (C, gh, gw) float32, flipped back for flipped views
-
-
-def resized_size(h: int, w: int, short: int, long_max: float) -> tuple[int, int]:
-    """Keep the aspect ratio; short side -> `short` unless the long side would pass `long_max`."""
-    scale = min(short / min(h, w), long_max / max(h, w))
-    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-
-
-def centre_pad(h: int, w: int, multiple: int = 14) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) padding that centres h x w in the next multiple of `multiple`."""
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
-
-
-def window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """mmseg's sliding-window origins: a grid of `stride`, the last window flush with the edge."""
-    if size <= crop:
-        return [0]
-    n = (size - crop + stride - 1) // stride + 1
-    return sorted({min(i * stride, size - crop) for i in range(n)})
 
 
 class Segmenter(nn.Module):
