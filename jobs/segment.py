@@ -6,7 +6,6 @@ streams the result rows into predictions/ and errors/ Parquet files, then run.js
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -16,7 +15,8 @@ from typing import Optional
 
 import typer
 
-from model.errors import DinosegError
+from jobs.options import storage_options as parse_storage_options
+from jobs.options import versions
 
 log = logging.getLogger("dinoseg.segment")
 
@@ -96,10 +96,7 @@ def command(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
 ) -> None:
     """Segment every image under INPUT; masks and rows go under OUTPUT. Re-running resumes."""
-    try:
-        options = json.loads(storage_options)
-    except json.JSONDecodeError as e:
-        raise DinosegError(f"--storage-options is not valid JSON ({e}): pass e.g. '{{\"anon\": true}}'.") from None
+    options = parse_storage_options(storage_options)
     config = SegmentConfig(
         input, output, None if head else model, backbone, head, backbone_weights, resolution, mode.value, crop,
         stride, tta, precision.value, batch_size, device, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
@@ -216,18 +213,6 @@ def run(config: SegmentConfig) -> dict:
 def shrink_for(inference) -> int:
     """The short side decoding may shrink an image to: what the largest TTA view needs."""
     return int(round(inference.resolution * max(inference.scales)))
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "ray", "pyarrow", "numpy", "pillow", "fsspec"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
