@@ -75,7 +75,7 @@ def command(
     backbone: Optional[str] = typer.Option(None, help="Backbone name, with --head of one of Meta's head files."),
     head: Optional[str] = typer.Option(None, help="Head checkpoint URL (trained by dinoseg; it names its backbone)."),
     backbone_weights: Optional[str] = typer.Option(None, help="Where the backbone's weights come from (path or URL)."),
-    resolution: Optional[int] = typer.Option(None, help="Short side the image is resized to (default 512, or the head's)."),
+    resolution: Optional[int] = typer.Option(None, help="Short side the image is resized to (default: the head's training resolution; 512 for Meta's)."),
     mode: Mode = typer.Option(Mode.whole, help="whole image, or Meta's sliding window."),
     crop: int = typer.Option(512, help="Sliding-window crop."),
     stride: int = typer.Option(341, help="Sliding-window stride."),
@@ -115,7 +115,7 @@ def summary(counts: dict) -> str:
 def inference_config(config: SegmentConfig):
     from model.segmenter import META_MS_SCALES, InferenceConfig
 
-    extra = {"resolution": config.resolution} if config.resolution else {}
+    extra = {"resolution": config.resolution}  # None: the head's (a dinoseg head names it; Meta's: 512)
     tta = {"flip": True, "scales": META_MS_SCALES} if config.tta else {}
     return InferenceConfig(mode=config.mode, crop=config.crop, stride=config.stride, precision=config.precision,
                            batch_size=config.batch_size, **extra, **tta).validate()
@@ -145,6 +145,8 @@ def run(config: SegmentConfig) -> dict:
     # On the CPU: the driver (a cluster's head node) may have no GPU even when the actors do.
     segmenter = replace(predict_config, device="cpu").build()
     classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
+    inference = segmenter.config  # with the resolution resolved
+    predict_config = replace(predict_config, inference=inference)
     del segmenter
 
     schema = PREDICTION_SCHEMA

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer, backbone_config, build_backbone
@@ -20,14 +21,17 @@ from .weights import DATASETS, backbone_file, fetch_hub_file, head_file, load_ch
 log = logging.getLogger(__name__)
 
 RANDOM = "random"  # backbone weights: random initialisation (offline demo and tests)
+RANDOM_SEED = 0  # the same random backbone in every process: a head trained on it works at segment time
 
 
 def load_backbone(name: str, weights: str | None = None, storage_options: dict | None = None) -> DinoVisionTransformer:
     """A named backbone with its released weights (from the hub) or the weights at `weights`."""
-    model = build_backbone(name)
     if weights == RANDOM:
         log.warning("%s has random weights: its features mean nothing beyond local colour", name)
-        return model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            return build_backbone(name)
+    model = build_backbone(name)
     source = weights or str(fetch_hub_file(backbone_file(name), storage_options))
     sd = to_meta_layout(load_checkpoint(source, storage_options), source)
     check_fits(sd, model.state_dict(), name)
@@ -109,8 +113,8 @@ def build_segmenter(
     else:
         raise DinosegError("No model given: pass --model NAME (see `dinoseg models`) or --head URL of a trained head.")
     vit = load_backbone(loaded.backbone, backbone_weights, storage_options)
-    if config is None:
-        config = InferenceConfig(resolution=loaded.resolution)
+    if config is None or config.resolution is None:  # the resolution the head was trained at
+        config = replace(config or InferenceConfig(), resolution=loaded.resolution)
     model_id = model or f"{loaded.backbone}+{head}"
     return Segmenter(vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std, model_id, loaded.checksum)
 

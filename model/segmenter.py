@@ -30,7 +30,7 @@ META_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # Meta's multi-scale test ratios
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    resolution: int = 512  # short side after resizing (Meta's eval: 512 for linear, 640 for ms)
+    resolution: int | None = 512  # short side after resizing (Meta's eval: 512 for linear, 640 for ms); None: the head's
     long_side_ratio: float = 4.0  # long side capped at ratio x resolution (Meta: 2048 for 512)
     mode: str = "whole"  # 'whole' or 'slide'
     crop: int = 512  # sliding window, Meta's 512 / 341
@@ -45,7 +45,7 @@ class InferenceConfig:
     def validate(self) -> "InferenceConfig":
         if self.mode not in ("whole", "slide"):
             raise DinosegError(f"Unknown mode '{self.mode}': use whole or slide.")
-        if self.resolution < 14 or not 14 <= self.stride <= self.crop:
+        if (self.resolution is not None and self.resolution < 14) or not 14 <= self.stride <= self.crop:
             raise DinosegError(
                 f"resolution {self.resolution}, crop {self.crop}, stride {self.stride} are out of range: "
                 "use resolution >= 14 and 14 <= stride <= crop."
@@ -97,7 +97,8 @@ class Segmenter(nn.Module):
         super().__init__()
         self.model_id = model_id  # what produced the masks, for the rows a pipeline writes
         self.head_checksum = head_checksum
-        self.config = (config or InferenceConfig()).validate()
+        config = (config or InferenceConfig()).validate()
+        self.config = config if config.resolution is not None else replace(config, resolution=512)
         self.device = choose_device(device)
         self.precision = choose_precision(self.config.precision, self.device)
         if len(classes) != head.config.num_classes:
