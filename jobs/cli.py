@@ -40,9 +40,12 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 
 
 def _register() -> None:
-    from jobs import segment
+    from jobs import evaluate, segment, synthetic, train
 
     app.command("segment")(segment.command)
+    app.command("train")(train.command)
+    app.command("evaluate")(evaluate.command)
+    app.command("synthetic")(synthetic.command)
 
 
 def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg") -> int:

@@ -1,0 +1,343 @@
+"""`dinoseg train IMAGES MASKS --classes FILE --output URL` / `python -m jobs.train ...`.
+
+Thin: lists and splits the pairs, checks them (and fills the feature cache) in one Ray Data
+pass, then hands the head's training to Ray Train (`pipeline.train_graph`/`train_loop`) and
+writes train.json and a summary. Re-running with --resume continues from OUTPUT/last.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Optional
+
+import typer
+
+from jobs.options import storage_options as parse_storage_options
+from jobs.options import versions
+from model.errors import DinosegError
+
+log = logging.getLogger("dinoseg.train")
+
+# options that must match for --resume to continue a run (the rest may change, e.g. workers)
+RESUME_KEYS = ("backbone", "backbone_weights", "head", "layers", "resolution", "crop", "epochs", "batch_size", "lr",
+               "weight_decay", "warmup", "schedule", "class_weights", "cache", "class_names")
+
+
+class HeadKind(str, Enum):
+    linear = "linear"
+    ms = "ms"
+    conv = "conv"
+
+
+class ScheduleKind(str, Enum):
+    poly = "poly"
+    cosine = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    images: str
+    masks: Optional[str]
+    classes: str
+    output: str
+    val_images: Optional[str] = None
+    val_masks: Optional[str] = None
+    val_fraction: float = 0.1
+    backbone: str = "dinov2_vits14"
+    backbone_weights: Optional[str] = None
+    head: str = "linear"
+    layers: Optional[str] = None  # comma-separated block indices; default: Meta's for the head
+    resolution: int = 512
+    crop: int = 518
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.04
+    schedule: str = "poly"
+    class_weights: Optional[str] = None
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    workers: Optional[int] = None
+    cpus_per_worker: Optional[float] = None
+    precision: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    max_megapixels: float = 100.0
+    storage_options: dict = field(default_factory=dict)
+    address: Optional[str] = None
+
+
+def command(
+    images: str = typer.Argument(..., help="Folder/URL prefix of training images, or a .csv/.parquet manifest with image,mask columns."),
+    masks: Optional[str] = typer.Argument(None, help="Folder/URL prefix of index-mask PNGs, paired with the images by key."),
+    classes: str = typer.Option(..., help="Class map file (YAML/JSON) or a bundled name (voc2012, ade20k)."),
+    output: str = typer.Option(..., help="Folder or URL for head.pt, last.pt, metrics.jsonl, classes.yaml, train.json."),
+    val_images: Optional[str] = typer.Option(None, help="Validation images (else --val-fraction of the training pairs)."),
+    val_masks: Optional[str] = typer.Option(None, help="Validation masks."),
+    val_fraction: float = typer.Option(0.1, help="Share of the pairs kept for validation when no --val-images (0: none)."),
+    backbone: str = typer.Option("dinov2_vits14", help="Frozen backbone (see `dinoseg models`)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="Backbone weights path/URL (default: the released ones); 'random' offline."),
+    head: HeadKind = typer.Option(HeadKind.linear, help="linear (last block), ms (last 4 blocks), conv."),
+    layers: Optional[str] = typer.Option(None, help="Block indices the head reads, e.g. 8,9,10,11 (default: the head's)."),
+    resolution: int = typer.Option(512, help="Short side images are resized to (features are computed at it)."),
+    crop: int = typer.Option(518, help="Training crop in pixels, rounded to whole 14-px patches."),
+    epochs: int = typer.Option(40, help="Passes over the training pairs."),
+    batch_size: int = typer.Option(16, help="Crops per optimizer step, over all workers."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    warmup: float = typer.Option(0.04, help="Linear warm-up, as a fraction of all steps."),
+    schedule: ScheduleKind = typer.Option(ScheduleKind.poly, help="Decay after warm-up."),
+    class_weights: Optional[str] = typer.Option(None, help="Cross-entropy weight per class, comma-separated."),
+    cache: bool = typer.Option(True, help="Cache backbone features once (fast epochs; crop+flip only). --no-cache: full augmentation."),
+    cache_dir: Optional[str] = typer.Option(None, help="Where the feature cache lives (default OUTPUT/cache)."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers (default: one per GPU, else 1)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs reserved per worker."),
+    precision: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16."),
+    resume: bool = typer.Option(False, help="Continue the run in OUTPUT from last.pt."),
+    overwrite: bool = typer.Option(False, help="Start over even if OUTPUT holds a run."),
+    seed: int = typer.Option(0, help="Seed for the head's initialisation and the validation split."),
+    max_megapixels: float = typer.Option(100.0, help="Decompression-bomb limit."),
+    storage_options: str = typer.Option("{}", help="JSON of fsspec storage options (endpoint, credentials...)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
+) -> None:
+    """Train a segmentation head on a frozen DINOv2 backbone (Ray Train); the best head goes to OUTPUT/head.pt."""
+    config = TrainConfig(
+        images, masks, classes, output, val_images, val_masks, val_fraction, backbone, backbone_weights, head.value,
+        layers, resolution, crop, epochs, batch_size, lr, weight_decay, warmup, schedule.value, class_weights, cache,
+        cache_dir, workers, cpus_per_worker, precision, resume, overwrite, seed, max_megapixels,
+        parse_storage_options(storage_options), address,
+    )
+    typer.echo(summary(run(config)))
+
+
+def _check(config: TrainConfig) -> None:
+    bad = [(config.epochs >= 1, f"--epochs {config.epochs} must be at least 1"),
+           (config.batch_size >= 1, f"--batch-size {config.batch_size} must be at least 1"),
+           (config.lr > 0, f"--lr {config.lr} must be positive"),
+           (config.weight_decay >= 0, f"--weight-decay {config.weight_decay} must not be negative"),
+           (0 <= config.warmup < 1, f"--warmup {config.warmup} must be a fraction in [0, 1)"),
+           (config.resolution >= 14 and config.crop >= 14, "--resolution and --crop must be at least 14 pixels"),
+           (config.workers is None or config.workers >= 1, f"--workers {config.workers} must be at least 1"),
+           (not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; pass one")]
+    for ok, message in bad:
+        if not ok:
+            raise DinosegError(message + ".")
+    if (config.val_images is None) != (config.val_masks is None) and config.masks is not None:
+        raise DinosegError("give --val-images and --val-masks together (or neither, to split off --val-fraction).")
+
+
+def _layers(config: TrainConfig, depth: int) -> tuple[int, ...]:
+    from model.heads import default_layers
+
+    if not config.layers:
+        return default_layers(config.head, depth)
+    try:
+        layers = tuple(int(v) for v in config.layers.split(","))
+    except ValueError:
+        raise DinosegError(f"--layers '{config.layers}' is not a list of block indices: pass e.g. 8,9,10,11.") from None
+    if any(not -depth <= i < depth for i in layers) or len(set(i % depth for i in layers)) != len(layers):
+        raise DinosegError(f"--layers {config.layers}: {config.backbone} has blocks 0..{depth - 1}; give distinct indices in range.")
+    return tuple(sorted(i % depth for i in layers))
+
+
+def _class_weights(config: TrainConfig, n: int) -> tuple[float, ...] | None:
+    if not config.class_weights:
+        return None
+    try:
+        weights = tuple(float(v) for v in config.class_weights.split(","))
+    except ValueError:
+        raise DinosegError(f"--class-weights '{config.class_weights}' is not a comma-separated list of numbers.") from None
+    if len(weights) != n or any(w < 0 for w in weights):
+        raise DinosegError(f"--class-weights gives {len(weights)} weights for {n} classes: give one non-negative weight per class.")
+    return weights
+
+
+def settings(config: TrainConfig, layers, classes) -> dict:
+    """The options that define the run, as plain values (stored in last.pt and train.json)."""
+    s = asdict(config) | {"layers": list(layers), "class_names": list(classes.names)}
+    s["storage_options"] = sorted(config.storage_options)  # names only: no secrets in files
+    return json.loads(json.dumps(s))
+
+
+def run(config: TrainConfig) -> dict:
+    """The whole job; returns what train.json holds."""
+    from model.backbone import IMAGENET_MEAN, IMAGENET_STD, backbone_config
+    from model.classes import load_class_map, save_class_map
+    from model.heads import HeadConfig
+    from pipeline import graph
+    from pipeline.pairs import list_pairs, split_pairs
+    from pipeline.train_graph import DataSpec, LoopConfig, datasets, fit, steps_per_epoch, write_text
+    from pipeline.train_loop import read_state
+    from pipeline.training import Schedule
+
+    started = time.time()
+    _check(config)
+    so = config.storage_options or None
+    out = config.output.rstrip("/")
+    classes = load_class_map(config.classes, so)
+    bb = backbone_config(config.backbone)
+    layers = _layers(config, bb.depth)
+    weights = _class_weights(config, len(classes))
+    head = HeadConfig(config.head, layers, bb.embed_dim, len(classes))
+    run_settings = settings(config, layers, classes) | {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    run_id, state = _run_id(config, out, so, run_settings, read_state)
+    if state is not None and state["epoch"] >= config.epochs:
+        log.info("the run in %s finished all %d epochs already", out, config.epochs)
+
+    # the backbone loads on the driver first: a wrong name or weights file fails here, in one sentence
+    from model.hub import load_backbone
+
+    load_backbone(config.backbone, config.backbone_weights, so)
+
+    pairs = list_pairs(config.images, config.masks, so)
+    if config.val_images:
+        train, val = pairs, list_pairs(config.val_images, config.val_masks, so, what="validation")
+        problems = pairs.problems + val.problems
+    else:
+        train, val = split_pairs(pairs, config.val_fraction, config.seed)
+        problems = list(pairs.problems)
+    save_class_map(classes, f"{out}/classes.yaml", so)
+
+    started_ray = graph.start_ray(config.address)
+    try:
+        cluster = graph.cluster_resources()
+        train, val, bad, cache_folder = _check_pass(config, train, val, classes, layers, so, cluster)
+        problems += bad
+        counts = {"train_pairs": len(train), "val_pairs": len(val), "problems": len(problems)}
+        _report_problems(problems, out, so)
+        if not len(train):
+            raise DinosegError(f"no usable training pairs are left ({len(problems)} problems, see {out}/problems.jsonl): fix the data and re-run.")
+        workers = config.workers or max(1, int(cluster.get("GPU", 0)))
+        if len(train) < workers:
+            raise DinosegError(f"{len(train)} training pairs for {workers} workers: use fewer --workers or more data.")
+        per_worker = max(1, config.batch_size // workers)
+        use_gpu = bool(cluster.get("GPU", 0))
+        cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, (cluster.get("CPU", 1) - 1) / workers)))
+        loop = LoopConfig(
+            out, run_id, head.to_dict(), classes.to_dict(), config.backbone, config.backbone_weights, config.resolution,
+            config.cache, config.epochs, per_worker, steps_per_epoch(len(train), workers, per_worker),
+            Schedule(config.lr, config.weight_decay, config.warmup, config.schedule), weights, config.precision,
+            config.seed, run_settings | {"val_pairs": len(val)}, so,
+        )
+        spec = DataSpec(train, val, len(classes), config.resolution, config.crop, cache_folder, so,
+                        max_megapixels=config.max_megapixels)
+        if state is None or state["epoch"] < config.epochs:
+            fit(loop, datasets(spec), workers, use_gpu, cpus)
+    finally:
+        if started_ray:
+            graph.stop_ray()
+    final = read_state(out, so)
+    info = {
+        "run_id": run_id, "arguments": run_settings, "versions": versions(), "counts": counts,
+        "workers": workers, "epochs_done": final["epoch"] if final else 0,
+        "best": final["best"] if final else None, "history": final["history"] if final else [],
+        "wall_seconds": round(time.time() - started, 3), "head": f"{out}/head.pt",
+    }
+    write_text(f"{out}/train.json", json.dumps(info, indent=2, default=str) + "\n", so)
+    return info
+
+
+def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -> tuple[str, dict | None]:
+    """A fresh id, or the id of the run in OUTPUT that --resume continues (its options must match)."""
+    state = read_state(out, so)
+    if state is None:
+        if config.resume:
+            log.warning("nothing to resume in %s (no last.pt): starting a new run", out)
+        return uuid.uuid4().hex[:12], None
+    if config.overwrite:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(f"{out}/last.pt", **(so or {}))
+        fs.rm(path)  # a crash before the new run's first epoch must not resume the old one
+        return uuid.uuid4().hex[:12], None
+    if not config.resume:
+        raise DinosegError(
+            f"{out} already holds a training run (last.pt after epoch {state['epoch']}): pass --resume to continue it, "
+            "--overwrite to start over, or another --output."
+        )
+    before = state.get("settings", {})
+    for key in RESUME_KEYS:
+        if key in before and before[key] != run_settings.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise DinosegError(
+                f"{out}/last.pt was trained with {flag} {before[key]!r}, not {run_settings.get(key)!r}: "
+                f"resume with the same options, or pass --overwrite to start over."
+            )
+    return state["run_id"], state
+
+
+def _check_pass(config, train, val, classes, layers, so, cluster):
+    """Read and check every pair once (and fill the feature cache); bad pairs become problems."""
+    from pipeline import graph
+    from pipeline.features import FeatureConfig, cached_sizes
+    from pipeline.pairs import Pairs, problem
+    from pipeline.train_graph import check_pass, pairs_table
+    from pipeline.trainset import PairConfig
+
+    everything = Pairs(train.keys + val.keys, train.images + val.images, train.masks + val.masks)
+    features = folder = None
+    cached = {}
+    if config.cache:
+        features = FeatureConfig(config.backbone, tuple(layers), config.resolution, config.backbone_weights,
+                                 precision=config.precision, storage_options=so)
+        folder = features.folder(config.cache_dir or f"{config.output.rstrip('/')}/cache")
+        cached = cached_sizes(folder, so)
+    pair = PairConfig(len(classes), config.resolution if config.cache else None, max_megapixels=config.max_megapixels,
+                      keep=config.cache)
+    resources = graph.Resources(decode_cpus=0.25).resolve(cluster)
+    good, problems = set(), []
+    for table in check_pass(pairs_table(everything, cached), pair, so, resources, features, folder):
+        for row in table.to_pylist():
+            if row["error_stage"]:
+                problems.append(problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"]))
+            else:
+                good.add(row["image"])
+    keep = lambda p: p.subset([i for i, url in enumerate(p.images) if url in good])  # noqa: E731
+    return keep(train), keep(val), problems, folder
+
+
+def _report_problems(problems: list[dict], out: str, so) -> None:
+    from pipeline.train_graph import jsonl, write_text
+
+    if not problems:
+        return
+    write_text(f"{out}/problems.jsonl", jsonl(problems), so)
+    log.warning("%d pairs left out (all in %s/problems.jsonl), e.g.:", len(problems), out)
+    for p in problems[:5]:
+        log.warning("  %s: %s", p["key"] or p["image"] or p["mask"], p["message"])
+
+
+def summary(info: dict) -> str:
+    lines = [f"{'epoch':>5}  {'loss':>8}  {'val mIoU':>8}  {'seconds':>8}"]
+    for r in info["history"]:
+        miou = r.get("val_miou")
+        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>8.4f}  {miou if miou is None else f'{miou:.4f}':>8}  {r['seconds']:>8.1f}")
+    c = info["counts"]
+    best = info["best"] or {}
+    lines.append(f"pairs: {c['train_pairs']} train, {c['val_pairs']} validation, {c['problems']} left out")
+    if best.get("miou") is not None:
+        lines.append(f"best validation mIoU {best['miou']:.4f} at epoch {best['epoch']}")
+    lines.append(f"head: {info['head']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.train IMAGES MASKS --classes FILE --output URL [options]`."""
+    from jobs.cli import run_command
+
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(single, argv, prog="python -m jobs.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

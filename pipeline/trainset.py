@@ -1,0 +1,231 @@
+"""Training samples: read and check (image, mask) pairs, resize them, augment them.
+
+Batch steps in the style of `pipeline.sources` (plain callables over numpy-dict batches; a row
+that fails keeps flowing with its error fields set):
+
+    {key, image, mask (URLs)} -> ReadPair -> + image_bytes, mask_bytes
+        -> DecodePair -> + pixels (h, w, 3) uint8, label (h, w) uint8, width, height
+        -> AugmentPairs (training without the feature cache) -> fixed-size crops
+
+Geometry shared with the feature cache and inference: the short side is resized to the
+training resolution (long side capped), then centre-padded to a multiple of 14; the label is
+resized with nearest neighbour and padded with 255, so it lines up with the patch grid.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from model.errors import DinosegError
+from model.geometry import centre_pad, resized_size
+
+from .decode import DecodeConfig, decode_image
+from .schema import ERROR_FIELDS, failed, object_array, set_error, with_error_columns
+from .sources import ReadBytes
+
+IGNORE = 255
+PATCH = 14
+# ImageNet mean as uint8: padding an image with it is padding the normalised image with 0
+MEAN_RGB = (124, 116, 104)
+
+
+class ReadPair:
+    """+ image_bytes, mask_bytes (rows hold `path` = the image URL, `image`, `mask`). A row with
+    `cached` set skips its image: its features are in the cache already."""
+
+    def __init__(self, storage_options: dict | None = None):
+        self.read = ReadBytes(storage_options)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = with_error_columns(batch)
+        n = len(out["path"])
+        cached = np.asarray(out.get("cached", np.zeros(n, bool)), bool)
+        for column, target, skip in (("mask", "mask_bytes", np.zeros(n, bool)), ("image", "image_bytes", cached)):
+            rows = np.flatnonzero(~failed(out) & ~skip)
+            data = object_array([b""] * n)
+            if len(rows):
+                part = self.read({"path": np.asarray(out[column])[rows], **{k: out[k][rows] for k in ERROR_FIELDS}})
+                for k in ERROR_FIELDS:
+                    out[k][rows] = part[k]
+                data[rows] = part["bytes"]
+            out[target] = data
+        return out
+
+
+def decode_label(data: bytes, num_classes: int) -> np.ndarray:
+    """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("RGB", "RGBA"):
+                raise DinosegError("the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG.")
+            mask = np.array(img.convert("L") if img.mode in ("1",) else img)
+    except DinosegError:
+        raise
+    except Exception as e:
+        raise DinosegError(f"the mask is not a readable image ({type(e).__name__}: {e}).") from None
+    if mask.ndim != 2:
+        raise DinosegError(f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG.")
+    bad = (mask >= num_classes) & (mask != IGNORE)
+    if bad.any():
+        raise DinosegError(
+            f"the mask holds class {int(mask[bad].max())} but the class map has {num_classes} classes "
+            f"(0..{num_classes - 1}, {IGNORE} = ignore): pass the class map these masks were made with."
+        )
+    return mask.astype(np.uint8)
+
+
+def resize_pair(pixels: np.ndarray | None, label: np.ndarray, h: int, w: int):
+    """Resize to (h, w): the image bilinearly (antialiased when shrinking), the label nearest."""
+    if label.shape != (h, w):
+        label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
+    if pixels is not None and pixels.shape[:2] != (h, w):
+        pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
+    return pixels, label
+
+
+def pad_label(label: np.ndarray, grid_h: int, grid_w: int, top: int, left: int) -> np.ndarray:
+    out = np.full((grid_h * PATCH, grid_w * PATCH), IGNORE, np.uint8)
+    out[top : top + label.shape[0], left : left + label.shape[1]] = label
+    return out
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    num_classes: int
+    resolution: int | None = None  # short side to resize to; None keeps the original size
+    long_side_ratio: float = 4.0
+    max_megapixels: float = 100.0
+    keep: bool = True  # False: only check the pair (the row keeps its size, not its pixels)
+
+
+class DecodePair:
+    """- image_bytes, mask_bytes; + pixels, label, width, height (the image's original size).
+
+    A cached row (`cached` set) has no image bytes: its mask is checked against the size in
+    `width`/`height` that the cache recorded. Problems -> stage 'decode' (the image) or
+    'mask' (the mask: unreadable, not an index mask, a class out of range, another size)."""
+
+    def __init__(self, config: PairConfig):
+        self.config = config
+        self.decode = DecodeConfig(config.max_megapixels).validate()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = with_error_columns(batch)
+        images, masks = out.pop("image_bytes"), out.pop("mask_bytes")
+        n = len(images)
+        cached = out.get("cached", np.zeros(n, bool))
+        widths = np.asarray(out.get("width", np.zeros(n)), np.int64).copy()
+        heights = np.asarray(out.get("height", np.zeros(n)), np.int64).copy()
+        pixels = [np.zeros((0, 0, 3), np.uint8)] * n
+        labels = [np.zeros((0, 0), np.uint8)] * n
+        bad = failed(out)
+        for i in range(n):
+            if bad[i]:
+                continue
+            try:
+                rgb = None
+                if not cached[i]:
+                    try:
+                        rgb, widths[i], heights[i] = decode_image(images[i], self.decode)
+                    except DinosegError as e:
+                        set_error(out, i, "decode", e)
+                        continue
+                label = decode_label(masks[i], self.config.num_classes)
+                if label.shape != (heights[i], widths[i]):
+                    raise DinosegError(
+                        f"the mask is {label.shape[1]}x{label.shape[0]} but its image is {widths[i]}x{heights[i]}: "
+                        "masks must have their image's size."
+                    )
+            except DinosegError as e:
+                set_error(out, i, "mask", e)
+                continue
+            except Exception as e:  # a codec bug costs one row, not the batch
+                set_error(out, i, "mask", f"could not read the pair ({type(e).__name__}: {e}).", type(e).__name__)
+                continue
+            if self.config.keep:
+                if self.config.resolution and rgb is not None:
+                    r = self.config.resolution
+                    rgb, label = resize_pair(rgb, label, *resized_size(*label.shape, r, self.config.long_side_ratio * r))
+                pixels[i], labels[i] = (rgb if rgb is not None else pixels[i]), label
+        out["width"], out["height"] = widths, heights
+        if self.config.keep:
+            out["pixels"], out["label"] = object_array(pixels), object_array(labels)
+        return out
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """mmseg's recipe: random rescale around the training resolution, random crop, flip,
+    photometric jitter. `crop` is rounded to whole patches."""
+
+    crop: int = 518
+    resolution: int = 512
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    jitter: bool = True
+    seed: int | None = None
+
+    @property
+    def crop_px(self) -> int:
+        return max(1, round(self.crop / PATCH)) * PATCH
+
+
+class AugmentPairs:
+    """{pixels, label} of any size -> fixed (crop, crop) `pixels` and `label`; failed rows dropped."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.flatnonzero(~failed(batch)) if "error_stage" in batch else np.arange(len(batch["label"]))
+        c = self.config.crop_px
+        pixels = np.empty((len(keep), c, c, 3), np.uint8)
+        labels = np.empty((len(keep), c, c), np.uint8)
+        for j, i in enumerate(keep):
+            pixels[j], labels[j] = self.augment(batch["pixels"][i], batch["label"][i])
+        return {"key": np.asarray(batch["key"])[keep], "pixels": pixels, "label": labels}
+
+    def augment(self, rgb: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cfg, rng, c = self.config, self.rng, self.config.crop_px
+        short = cfg.resolution * rng.uniform(*cfg.scale_range)
+        h, w = resized_size(*label.shape, short, 4 * short)
+        rgb, label = resize_pair(rgb, label, h, w)
+        ph, pw = max(c - h, 0), max(c - w, 0)
+        if ph or pw:  # smaller than the crop: pad (mean colour / ignore), as mmseg's Pad does
+            rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)))
+            rgb[h:, :] = MEAN_RGB
+            rgb[:, w:] = MEAN_RGB
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+        y = int(rng.integers(0, label.shape[0] - c + 1))
+        x = int(rng.integers(0, label.shape[1] - c + 1))
+        rgb, label = rgb[y : y + c, x : x + c], label[y : y + c, x : x + c]
+        if cfg.flip and rng.random() < 0.5:
+            rgb, label = rgb[:, ::-1], label[:, ::-1]
+        if cfg.jitter:
+            rgb = photometric(rgb, rng)
+        return rgb, label
+
+
+def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness (+-32), contrast and saturation (x0.5..1.5), each with probability 1/2."""
+    x = rgb.astype(np.float32)
+    if rng.random() < 0.5:
+        x += rng.uniform(-32, 32)
+    if rng.random() < 0.5:
+        x = (x - x.mean()) * rng.uniform(0.5, 1.5) + x.mean()
+    if rng.random() < 0.5:
+        grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+        x = grey[..., None] + (x - grey[..., None]) * rng.uniform(0.5, 1.5)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def padded_geometry(h: int, w: int) -> tuple[int, int, int, int]:
+    """(grid_h, grid_w, top, left) of an image of h x w centre-padded to whole patches."""
+    top, bottom, left, right = centre_pad(h, w, PATCH)
+    return (h + top + bottom) // PATCH, (w + left + right) // PATCH, top, left

@@ -1,0 +1,164 @@
+"""`train` end to end on a real local Ray: Ray Train workers on the synthetic set, cached and
+uncached, resume after a kill, bad pairs, s3 output; the head it writes drives `segment`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.evaluate import EvaluateConfig
+from jobs.evaluate import run as evaluate
+from jobs.segment import SegmentConfig
+from jobs.segment import run as segment
+from jobs.train import TrainConfig, run
+from model.errors import DinosegError
+from pipeline.synthetic import write_synthetic
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+# a random backbone's features carry local colour: a linear head learns the synthetic shapes
+FAST = dict(backbone_weights="random", resolution=112, crop=112, batch_size=8, lr=0.03, cpus_per_worker=0.5)
+REACHED = 0.6  # validation mIoU the 4-epoch, 2-worker run must reach (it reaches about 0.7; chance is ~0.2)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(str(root), train=48, val=16, size=112, seed=0)
+    return root
+
+
+@pytest.fixture
+def small(tmp_path):
+    root = tmp_path / "small"
+    write_synthetic(str(root), train=12, val=4, size=56, seed=1)
+    return root
+
+
+def config(root, out, **changes) -> TrainConfig:
+    kw = dict(FAST, val_images=f"{root}/val/images", val_masks=f"{root}/val/masks") | changes
+    return TrainConfig(f"{root}/train/images", f"{root}/train/masks", f"{root}/classes.yaml", str(out), **kw)
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_workers_train_a_head_that_segment_uses(ray_local, synthetic, tmp_path):
+    out = tmp_path / "run"
+    info = run(config(synthetic, out, epochs=4, workers=2))
+    assert info["workers"] == 2 and info["counts"] == {"train_pairs": 48, "val_pairs": 16, "problems": 0}
+    history = lines(out / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert all(r["train_samples"] == 48 for r in history)  # both shards, every epoch
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(r["val_miou"] for r in history)
+    assert info["best"]["miou"] == pytest.approx(best) and best >= REACHED
+    assert {"head.pt", "last.pt", "metrics.jsonl", "classes.yaml", "train.json"} <= {p.name for p in out.iterdir()}
+    assert list((out / "cache").glob("dinov2_vits14-random-r112-l11/part-*.parquet"))
+
+    # the best head segments the validation images as well as training measured it
+    seg = tmp_path / "seg"
+    counts = segment(SegmentConfig(f"{synthetic}/val/images", str(seg), model=None, head=str(out / "head.pt"),
+                                   backbone_weights="random", decode_cpus=0.25, cpus_per_actor=0.5, actors=1))
+    assert counts["predicted"] == 16
+    result = evaluate(EvaluateConfig(str(seg / "masks"), f"{synthetic}/val/masks", f"{out}/classes.yaml"))
+    assert result["counts"]["pairs"] == 16
+    assert result["miou"] == pytest.approx(info["best"]["miou"], abs=0.03)
+
+
+def test_no_cache_reports_bad_pairs_and_trains_on_the_rest(ray_local, small, tmp_path):
+    images, masks = small / "train" / "images", small / "train" / "masks"
+    (images / "lonely.png").write_bytes((images / "0000.png").read_bytes())  # no mask
+    shutil.copy(images / "0001.png", images / "wrong_size.png")
+    Image.new("P", (10, 10)).save(masks / "wrong_size.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shutil.copy(masks / "0002.png", masks / "corrupt.png")
+    shutil.copy(images / "0003.png", images / "rgb.png")
+    Image.open(images / "0003.png").convert("RGB").save(masks / "rgb.png")
+    shutil.copy(images / "0004.png", images / "class9.png")
+    m = np.array(Image.open(masks / "0004.png"))
+    m[0, 0] = 9
+    Image.fromarray(m).save(masks / "class9.png")
+
+    out = tmp_path / "run"
+    info = run(config(small, out, cache=False, epochs=1, workers=1, resolution=56, crop=56))
+    assert info["counts"] == {"train_pairs": 12, "val_pairs": 4, "problems": 5}
+    problems = {p["key"]: p for p in lines(out / "problems.jsonl")}
+    assert {k: p["stage"] for k, p in problems.items()} == {
+        "lonely": "pair", "wrong_size": "mask", "corrupt": "decode", "rgb": "mask", "class9": "mask"}
+    assert "10x10" in problems["wrong_size"]["message"] and "RGB" in problems["rgb"]["message"]
+    assert "class 9" in problems["class9"]["message"]
+    assert not (out / "cache").exists()  # --no-cache computes no features ahead
+    (record,) = lines(out / "metrics.jsonl")
+    assert record["train_samples"] == 12 and record["val_miou"] is not None
+
+
+def test_a_killed_run_resumes_from_last_pt(small, tmp_path):
+    out = tmp_path / "run"
+    args = [f"{small}/train/images", f"{small}/train/masks", "--val-images", f"{small}/val/images", "--val-masks",
+            f"{small}/val/masks", "--classes", f"{small}/classes.yaml", "--output", str(out), "--backbone-weights",
+            "random", "--resolution", "56", "--crop", "56", "--batch-size", "4", "--epochs", "3", "--workers", "1",
+            "--cpus-per-worker", "0.5"]
+    cmd = [sys.executable, "-m", "jobs.train", *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, the workers: mid-epoch 2 at the latest
+    proc.wait()
+    first = lines(out / "metrics.jsonl")
+    assert 1 <= len(first) < 3
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently over a run
+
+    changed = subprocess.run([*cmd, "--resume", "--lr", "0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "--lr" in changed.stderr
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = lines(out / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[: len(first)] == first  # the epochs done before the kill are kept, not redone
+    info = json.loads((out / "train.json").read_text())
+    assert info["epochs_done"] == 3 and "best validation mIoU" in resumed.stdout
+
+
+def test_s3_output_and_cache(ray_local, small, s3_bucket):
+    bucket, so = s3_bucket
+    out = f"s3://{bucket}/runs/a"
+    info = run(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
+    assert info["epochs_done"] == 1
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **so)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/a")}
+    assert {"head.pt", "last.pt", "metrics.jsonl", "classes.yaml", "train.json", "cache"} <= names
+    assert fs.find(f"{bucket}/runs/a/cache")
+    from model.hub import load_head
+
+    loaded = load_head(f"{out}/head.pt", storage_options=so)
+    assert loaded.backbone == "dinov2_vits14" and len(loaded.classes) == 5 and loaded.resolution == 56
+
+
+def test_option_errors_are_one_sentence(tmp_path, small):
+    with pytest.raises(DinosegError, match="--epochs"):
+        run(config(small, tmp_path / "o", epochs=0))
+    with pytest.raises(DinosegError, match="--layers"):
+        run(config(small, tmp_path / "o", layers="3,99"))
+    with pytest.raises(DinosegError, match="class weights|--class-weights"):
+        run(config(small, tmp_path / "o", class_weights="1,2"))
+    with pytest.raises(DinosegError, match="no masks"):
+        run(TrainConfig(f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"))
+    assert not (tmp_path / "o").exists()  # nothing written for a refused run
