@@ -1,0 +1,80 @@
+"""Per-epoch training time with the feature cache vs recomputing features (--no-cache), same
+synthetic data, same head, same Ray, one run after the other.
+
+    .venv/bin/python benchmarks/bench_train.py [--images 96] [--resolution 448] [--epochs 3]
+
+Prints a table and a JSON line: seconds per epoch (from metrics.jsonl), the feature pass, and
+the ratio of epochs after the first (the aim: cached >= 10x faster per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from machine import core_count, cpu_model  # noqa: E402  (benchmarks/ is the script's folder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--val", type=int, default=16)
+    ap.add_argument("--resolution", type=int, default=448)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--backbone", default="dinov2_vits14")
+    args = ap.parse_args()
+
+    import ray
+
+    from jobs.train import TrainConfig, run
+    from pipeline.synthetic import write_synthetic
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    write_synthetic(str(tmp / "data"), train=args.images, val=args.val, size=args.resolution, seed=0)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = {}
+    try:
+        for mode in ("cache", "no-cache"):
+            out = tmp / mode
+            t0 = time.time()
+            info = run(TrainConfig(
+                f"{tmp}/data/train/images", f"{tmp}/data/train/masks", f"{tmp}/data/classes.yaml", str(out),
+                val_images=f"{tmp}/data/val/images", val_masks=f"{tmp}/data/val/masks",
+                backbone=args.backbone, backbone_weights="random", resolution=args.resolution, crop=args.resolution,
+                epochs=args.epochs, batch_size=8, lr=0.03, cache=mode == "cache", workers=args.workers,
+            ))
+            wall = time.time() - t0
+            epochs = [r["seconds"] for r in info["history"]]
+            train_part = [r["train_seconds"] for r in info["history"]]
+            results[mode] = {"wall": round(wall, 1), "epochs": epochs, "train_part": train_part,
+                             "before_training": round(wall - sum(epochs), 1),
+                             "best_miou": info["best"]["miou"]}
+    finally:
+        ray.shutdown()
+    later = {m: sum(r["epochs"][1:]) / max(1, len(r["epochs"]) - 1) for m, r in results.items()}
+    later_train = {m: sum(r["train_part"][1:]) / max(1, len(r["train_part"]) - 1) for m, r in results.items()}
+    print(f"{cpu_model()}, {core_count()} cores")
+    print(f"{args.images} images, resolution {args.resolution}, {args.backbone} (random), {args.workers} worker(s)")
+    print(f"{'mode':<9} {'wall s':>7} {'before epochs s':>15} {'epoch s (each)':>28} {'val mIoU':>8}")
+    for m, r in results.items():
+        print(f"{m:<9} {r['wall']:>7} {r['before_training']:>15} {str(r['epochs']):>28} {r['best_miou']:>8.3f}")
+    ratio = later["no-cache"] / later["cache"]
+    ratio_train = later_train["no-cache"] / later_train["cache"]
+    print(f"epochs after the first: cache {later['cache']:.1f} s, no-cache {later['no-cache']:.1f} s -> {ratio:.1f}x "
+          f"(training part only, without validation: {ratio_train:.1f}x)")
+    print(json.dumps({"args": vars(args), "results": results, "ratio_after_first": ratio,
+                      "ratio_train_part": ratio_train}))
+
+
+if __name__ == "__main__":
+    main()
