@@ -130,3 +130,22 @@ def test_readme_python_example_runs(env):
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["mask"].shape == (480, 640) and namespace["confidence"].shape == (480, 640)
     assert namespace["meta_eval"].config.mode == "slide" and namespace["tta"].config.flip
+
+
+def test_random_backbone_is_seeded_and_leaves_the_global_rng_alone():
+    """The same random weights in every process (a head trained on them works at segment time),
+    whatever the caller's RNG state, which the call does not disturb."""
+    from model.hub import load_backbone
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = load_backbone("dinov2_vits14", RANDOM).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)  # another global seed, as in another process
+    expected_draw = torch.rand(3)
+    torch.manual_seed(456)
+    second = load_backbone("dinov2_vits14", RANDOM).state_dict()
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's random stream goes on as if untouched
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first["blocks.0.attn.qkv.weight"].std() > 0  # random, not zeros
