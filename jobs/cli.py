@@ -60,6 +60,16 @@ def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg")
     return 0
 
 
+def run_job(command, argv: list[str] | None, prog: str, verbose: bool = True) -> int:
+    """`python -m jobs.NAME`: one job's typer command as a program of its own (what `ray job
+    submit` runs), with the same options and errors as `dinoseg NAME`."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(single, argv, prog=prog)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(app, argv)
 

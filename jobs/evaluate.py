@@ -231,12 +231,9 @@ def _stray(mask: np.ndarray, n: int, ignore_index: int | None) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.evaluate PRED GT --classes FILE [options]`: the same as `dinoseg evaluate`."""
-    from jobs.cli import run_command
+    from jobs.cli import run_job
 
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(single, argv, prog="python -m jobs.evaluate")
+    return run_job(command, argv, "python -m jobs.evaluate")
 
 
 if __name__ == "__main__":

@@ -219,12 +219,9 @@ def shrink_for(inference) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.segment INPUT OUTPUT [options]`: the same options as `dinoseg segment`."""
-    from jobs.cli import run_command
+    from jobs.cli import run_job
 
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(single, argv, prog="python -m jobs.segment")
+    return run_job(command, argv, "python -m jobs.segment")
 
 
 if __name__ == "__main__":

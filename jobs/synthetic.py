@@ -45,11 +45,9 @@ def describe(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.synthetic OUTPUT [options]`: the same options as `dinoseg synthetic`."""
-    from jobs.cli import run_command
+    from jobs.cli import run_job
 
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    return run_command(single, argv, prog="python -m jobs.synthetic")
+    return run_job(command, argv, "python -m jobs.synthetic", verbose=False)
 
 
 if __name__ == "__main__":

@@ -331,12 +331,9 @@ def summary(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.train IMAGES MASKS --classes FILE --output URL [options]`."""
-    from jobs.cli import run_command
+    from jobs.cli import run_job
 
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(single, argv, prog="python -m jobs.train")
+    return run_job(command, argv, "python -m jobs.train")
 
 
 if __name__ == "__main__":

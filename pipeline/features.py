@@ -67,16 +67,11 @@ def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, 
     """image URL -> (width, height) for every image in the complete parts under `folder`."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
-    if not fs.exists(root):
-        return {}
     out = {}
-    for path in sorted(fs.find(root)):
-        name = path.rsplit("/", 1)[-1]
-        if name.endswith(".parquet") and not name.startswith("."):
-            with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=["image", "width", "height"])
-            out.update(zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist())))
+    for url in part_files(folder, storage_options):
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            t = pq.read_table(f, columns=["image", "width", "height"])
+        out.update(zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist())))
     return out
 
 
@@ -84,6 +79,8 @@ def part_files(folder: str, storage_options: dict | None = None) -> list[str]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    if not fs.exists(root):
+        return []
     paths = [p for p in sorted(fs.find(root)) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
     return [fs.unstrip_protocol(p) if "://" in folder else p for p in paths]
 

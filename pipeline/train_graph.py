@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -191,7 +190,6 @@ def fit(loop: LoopConfig, data: dict, workers: int, use_gpu: bool, cpus_per_work
 
 
 def _data_config():
-    from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
     # train is split evenly between workers (DDP needs equal steps); every worker reads the
@@ -221,7 +219,3 @@ def write_text(url: str, text: str, storage_options: dict | None) -> None:
 
 def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def now() -> float:
-    return time.time()
