@@ -105,23 +105,33 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
         raise DinosegError(f"the manifest '{url}' needs 'image' and 'mask' columns, it has {table.column_names}: rename them.")
     folder = posixpath.dirname(path)
     out, seen = Pairs(), set()
-    for image, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist()):
-        image, mask = (_resolve(str(v or ""), fs, folder) for v in (image, mask))
-        key = posixpath.splitext(split_protocol(image)[1].lstrip("/"))[0] if image else ""
+    for entry, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist()):
+        entry = str(entry or "")
+        key = _manifest_key(entry)
+        image, mask = (_resolve(str(v or ""), fs, folder) for v in (entry, mask))
         if not image or not mask:
             out.problems.append(problem(key, image, mask, "pair", "a manifest row is missing its image or mask entry."))
         elif key in seen:
-            out.problems.append(problem(key, image, mask, "list", f"'{image}' is listed twice: keep one row per image."))
+            out.problems.append(problem(key, image, mask, "list", f"'{image}' has the key '{key}' of an earlier row (listed twice, or differs only by extension): keep one row per image."))
         else:
             seen.add(key)
             out.add(key, image, mask)
     return out
 
 
+def _manifest_key(entry: str) -> str:
+    """The image entry as written, without scheme, leading '/' and extension: the key does not
+    depend on where the manifest lives, so moving a dataset keeps its train/val split."""
+    if not entry:
+        return ""
+    path = split_protocol(entry)[1].replace("\\", "/")
+    return posixpath.splitext(posixpath.normpath(path).lstrip("/"))[0]
+
+
 def _resolve(entry: str, fs, folder: str) -> str:
     if not entry or split_protocol(entry)[0] or entry.startswith("/"):
         return entry
-    return row_url(fs, posixpath.join(folder, entry))
+    return row_url(fs, posixpath.normpath(posixpath.join(folder, entry)))
 
 
 def split_pairs(pairs: Pairs, val_fraction: float, seed: int = 0) -> tuple[Pairs, Pairs]:

@@ -94,14 +94,14 @@ def train_loop(config: dict) -> None:
                                            local_shuffle_buffer_size=max(64, 4 * loop.batch_size))
         stats = train_epoch(model, source, batches, optimizer, scheduler, device, weight, head_precision)
         t_train = time.time() - t0
-        loss = torch.tensor([stats["train_loss"] * stats["train_samples"], stats["train_samples"]], dtype=torch.float64, device=device)
+        loss = epoch_loss(stats, device)
         plain = model.module if hasattr(model, "module") else model
         if distributed:
             dist.all_reduce(loss)
             for b in plain.buffers():  # every worker validates (and rank 0 saves) rank 0's BN statistics
                 dist.broadcast(b, 0)
-        record = {"epoch": epoch + 1, "epochs": loop.epochs, "train_loss": float(loss[0] / max(loss[1], 1)),
-                  "train_samples": int(loss[1]), "lr": float(scheduler.get_last_lr()[0])}
+        record = {"epoch": epoch + 1, "epochs": loop.epochs, "train_loss": mean_loss(loss),
+                  "train_samples": int(loss[2]), "lr": float(scheduler.get_last_lr()[0])}
         if val_shard is not None:
             conf = validate(plain, source, val_shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy"),
                             device, head_config.num_classes, head_precision, take=lambda i: i % world == rank)
@@ -121,6 +121,17 @@ def train_loop(config: dict) -> None:
             _save(loop, plain, head_config, classes, optimizer, scheduler, epoch + 1, best, history, improved)
             log.info(describe(record))
         ray.train.report({k: v for k, v in record.items() if k != "val_iou"})
+
+
+def epoch_loss(stats: dict, device) -> torch.Tensor:
+    """(loss sum, samples with a loss, samples) of this worker, to all-reduce with SUM: a worker
+    with no batches adds zeros, not its NaN mean."""
+    return torch.tensor([stats["loss_sum"], stats["loss_samples"], stats["train_samples"]], dtype=torch.float64, device=device)
+
+
+def mean_loss(reduced: torch.Tensor) -> float:
+    """The epoch's train loss over every worker; NaN when no batch had a labelled pixel."""
+    return float(reduced[0] / reduced[1]) if reduced[1] > 0 else float("nan")
 
 
 def _has_val(loop: LoopConfig) -> bool:

@@ -129,10 +129,18 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
 
 def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer, scheduler, device,
                 weight=None, precision="fp32", on_step=None) -> dict:
+    """One pass over `batches`. A batch with no labelled pixel (all 255) has no loss: it is left
+    out of the epoch's loss, and it still takes its place in the schedule (the scheduler steps
+    once per batch, so the lr follows the planned steps) and in DDP's gradient all-reduce (a
+    zero loss keeps the graph). The optimizer steps only when some gradient is non-zero; under
+    DDP the gradients are already averaged, so every worker takes the same decision.
+
+    Returns train_loss (mean per sample over the batches with a loss; NaN when none),
+    train_samples (all samples), and loss_sum / loss_samples for an all-reduce across workers."""
     from model.device import autocast
 
     head.train()
-    total, count = 0.0, 0
+    total, count, samples = 0.0, 0, 0
     for batch in batches:
         if not len(batch["label"]):  # a block of the other split's rows
             continue
@@ -140,16 +148,26 @@ def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer,
         maps = source(kind, x)
         with autocast(device, precision):
             logits = head(maps)
-        loss = loss_fn(logits.float(), label, weight)
+        labelled = bool((label != IGNORE).any())
+        loss = loss_fn(logits.float(), label, weight) if labelled else logits.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if not labelled and not _any_gradient(optimizer):
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient: no decay, no momentum
         optimizer.step()
         scheduler.step()
-        total += float(loss.detach()) * len(label)
-        count += len(label)
+        samples += len(label)
+        if labelled:
+            total += float(loss.detach()) * len(label)
+            count += len(label)
         if on_step:
             on_step()
-    return {"train_loss": total / count if count else float("nan"), "train_samples": count}
+    return {"train_loss": total / count if count else float("nan"), "train_samples": samples,
+            "loss_sum": total, "loss_samples": count}
+
+
+def _any_gradient(optimizer) -> bool:
+    return any(bool(p.grad.any()) for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
 
 
 @torch.no_grad()

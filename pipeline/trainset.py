@@ -57,23 +57,36 @@ class ReadPair:
 
 
 def decode_label(data: bytes, num_classes: int) -> np.ndarray:
-    """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it."""
+    """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it.
+
+    Training labels are 8-bit: classes 0..254 and 255 = ignore, so a class map has at most 255
+    classes. A 16-bit ('I;16') mask is taken when every value is a class or 255 (ignore, as in
+    8-bit masks; with <= 255 classes 255 cannot be a class id) and refused otherwise, never
+    truncated. A 1-bit mask ('1') is 0/1: background and class 1."""
+    if num_classes > IGNORE:
+        raise DinosegError(
+            f"training supports at most {IGNORE} classes (labels are 8-bit: 0..{IGNORE - 1}, {IGNORE} = ignore) "
+            f"and the class map has {num_classes}: pass a class map with at most {IGNORE} classes."
+        )
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode in ("RGB", "RGBA"):
                 raise DinosegError("the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG.")
-            mask = np.array(img.convert("L") if img.mode in ("1",) else img)
+            mask = np.array(img)  # '1' -> bool (0/1), 'P'/'L' -> uint8, 'I;16' -> uint16, 'I' -> int32
     except DinosegError:
         raise
     except Exception as e:
         raise DinosegError(f"the mask is not a readable image ({type(e).__name__}: {e}).") from None
     if mask.ndim != 2:
         raise DinosegError(f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG.")
-    bad = (mask >= num_classes) & (mask != IGNORE)
+    if mask.dtype.kind not in "uib":
+        raise DinosegError(f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG.")
+    bad = ((mask >= num_classes) & (mask != IGNORE)) | (mask < 0)
     if bad.any():
+        value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
         raise DinosegError(
-            f"the mask holds class {int(mask[bad].max())} but the class map has {num_classes} classes "
+            f"the mask holds class {value} but the class map has {num_classes} classes "
             f"(0..{num_classes - 1}, {IGNORE} = ignore): pass the class map these masks were made with."
         )
     return mask.astype(np.uint8)

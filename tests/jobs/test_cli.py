@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from jobs.cli import main
 from model.backbone import BACKBONES
 from model.weights import SEGMENTATION_MODELS, describe_models

@@ -127,13 +127,16 @@ def test_csv_manifest_resolves_relative_entries_against_its_folder(tmp_path, mon
     assert pairs.problems == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a manifest key is the whole resolved path (e.g. 'tmp/.../imgs/x'), "
-                   "not the entry without its extension as pairs.py's docstring says; the split moves with the folder")
 def test_manifest_key_is_the_entry_without_extension(tmp_path):
-    write(tmp_path, "imgs/x.jpg", jpg())
-    write(tmp_path, "lbl/x.png", png("L"))
-    (tmp_path / "pairs.csv").write_text("image,mask\nimgs/x.jpg,lbl/x.png\n")
-    assert list_pairs(str(tmp_path / "pairs.csv")).keys == ["imgs/x"]
+    # the key must not depend on where the dataset lives, or moving it reshuffles the val split
+    elsewhere = write(tmp_path / "other", "y.jpg", jpg())
+    for root in (tmp_path / "a", tmp_path / "moved" / "b"):
+        write(root, "imgs/x.jpg", jpg())
+        write(root, "lbl/x.png", png("L"))
+        (root / "pairs.csv").write_text(f"image,mask\n./imgs/x.jpg,lbl/x.png\n{elsewhere},lbl/x.png\n")
+        pairs = list_pairs(str(root / "pairs.csv"))
+        assert pairs.keys == ["imgs/x", str(elsewhere.with_suffix("")).lstrip("/")]
+        assert pairs.images[0] == str(root / "imgs/x.jpg")
 
 
 def test_parquet_manifest_with_problem_rows(tmp_path):

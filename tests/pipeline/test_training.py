@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.errors import WeightsError
 from model.heads import HeadConfig, build_head
@@ -267,8 +266,6 @@ def test_state_round_trips_through_weights_only_load():
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a batch whose labels are all 255 has a NaN loss (CE mean over 0 pixels) "
-                   "and train_epoch adds it to the epoch's train_loss, so the epoch reports NaN")
 def test_an_all_ignore_batch_does_not_make_the_epoch_loss_nan():
     rng = np.random.default_rng(0)
     good = toy_batch(rng)
@@ -279,6 +276,47 @@ def test_an_all_ignore_batch_does_not_make_the_epoch_loss_nan():
     stats = train_epoch(head, FeatureSource((11,), EMBED), [good, blank], opt, sched, CPU)
     assert all(torch.isfinite(p).all() for p in head.parameters())
     assert math.isfinite(stats["train_loss"])
+    # the blank batch is left out of the loss, but not out of the schedule or the sample count
+    assert stats["train_samples"] == 5 and stats["loss_samples"] == 4
+    assert stats["loss_sum"] == pytest.approx(4 * stats["train_loss"])
+    assert sched.last_epoch == 2
+
+
+def test_an_all_ignore_batch_does_not_move_the_head():
+    """No loss, so no optimizer step: AdamW's momentum and weight decay would move it anyway."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    blank = toy_batch(rng, n=2)
+    blank["label"][:] = IGNORE
+    head = build_head(HeadConfig("linear", (11,), EMBED, CLASSES))
+    opt, sched = make_optimizer(head, Schedule(warmup=0.0), 3)
+    source = FeatureSource((11,), EMBED)
+    train_epoch(head, source, [toy_batch(rng)], opt, sched, CPU)  # momentum to carry
+    weights = {k: v.clone() for k, v in head.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's 'lr_scheduler.step() before optimizer.step()'
+        stats = train_epoch(head, source, [blank, blank], opt, sched, CPU)
+    assert math.isnan(stats["train_loss"]) and stats["loss_samples"] == 0 and stats["train_samples"] == 4
+    for k, v in head.named_parameters():
+        assert torch.equal(v, weights[k]), k
+    assert sched.last_epoch == 3 and sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    fresh = build_head(HeadConfig("linear", (11,), EMBED, CLASSES))
+    opt, sched = make_optimizer(fresh, Schedule(warmup=0.0), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_epoch(fresh, source, [blank, toy_batch(rng)], opt, sched, CPU)  # a blank first batch, too
+    assert sched.last_epoch == 2
+
+
+def test_epoch_loss_all_reduces_sums_so_an_empty_worker_adds_nothing():
+    from pipeline.train_loop import epoch_loss, mean_loss
+
+    busy = {"train_loss": 0.5, "train_samples": 6, "loss_sum": 2.0, "loss_samples": 4}
+    empty = {"train_loss": float("nan"), "train_samples": 0, "loss_sum": 0.0, "loss_samples": 0}
+    reduced = epoch_loss(busy, CPU) + epoch_loss(empty, CPU)  # what all_reduce(SUM) does
+    assert mean_loss(reduced) == pytest.approx(0.5) and int(reduced[2]) == 6
+    assert math.isnan(mean_loss(epoch_loss(empty, CPU)))
 
 
 def test_parse_state_refuses_other_files():

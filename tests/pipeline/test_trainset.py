@@ -23,6 +23,10 @@ def png(array: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".") and ". " not in message.rstrip(".")
+
+
 def palette_png(mask: np.ndarray) -> bytes:
     img = Image.fromarray(mask.astype(np.uint8), "L").convert("P")
     img.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
@@ -146,31 +150,42 @@ def test_decode_label_reports_what_is_wrong():
         decode_label(png(np.full((4, 4), 9, np.uint8), "L"), 3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_label converts a 1-bit mask ('1') to 'L': its 1 pixels become "
-                   "255 (ignore), so a binary mask's foreground is silently never trained")
-def test_one_bit_mask_keeps_class_one_or_is_refused():
+def test_one_bit_mask_keeps_class_one():
     one_bit = io.BytesIO()
-    Image.fromarray(np.eye(4, dtype=bool)).save(one_bit, "PNG")  # mode '1': sample values 0 and 1
-    try:
-        label = decode_label(one_bit.getvalue(), 2)
-    except DinosegError:
-        return
-    assert np.array_equal(label, np.eye(4, dtype=np.uint8))
+    Image.fromarray(np.eye(4, dtype=bool)).save(one_bit, "PNG")
+    assert Image.open(io.BytesIO(one_bit.getvalue())).mode == "1"  # sample values 0 and 1
+    label = decode_label(one_bit.getvalue(), 2)
+    assert label.dtype == np.uint8 and np.array_equal(label, np.eye(4, dtype=np.uint8))  # not 255 = ignore
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_label casts 16-bit masks (>256 classes, the project's own "
-                   "I;16 mask format) to uint8: class 280 silently becomes 24")
-def test_sixteen_bit_mask_is_kept_or_refused():
+def sixteen_bit(values) -> bytes:
+    data = png(np.array(values, "<u2"))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    return data
+
+
+def test_sixteen_bit_mask_that_fits_is_converted():
+    label = decode_label(sixteen_bit([[0, 1], [2, IGNORE]]), 3)
+    assert label.dtype == np.uint8 and label.tolist() == [[0, 1], [2, IGNORE]]
+
+
+def test_sixteen_bit_mask_that_does_not_fit_is_refused_not_truncated():
+    with pytest.raises(DinosegError, match="class 280") as e:  # uint8 would make it 24, a valid class
+        decode_label(sixteen_bit([[280, 1], [2, 3]]), 30)
+    assert one_sentence(str(e.value))
+    with pytest.raises(DinosegError, match="class 511"):  # 511 % 256 == 255 would become 'ignore'
+        decode_label(sixteen_bit([[511, 1], [2, 3]]), 30)
+
+
+def test_more_than_255_classes_is_refused_in_one_sentence():
     from model.classes import ClassMap
     from pipeline.sinks import encode_mask_png
 
     classes = ClassMap(tuple(f"c{i}" for i in range(300)), tuple((i % 256, 0, 0) for i in range(300)))
-    data = encode_mask_png(np.array([[280, 1], [2, 3]], np.uint16), classes)
-    try:
-        label = decode_label(data, 300)
-    except DinosegError:
-        return  # refusing the mask in one sentence is fine too
-    assert int(label[0, 0]) == 280
+    data = encode_mask_png(np.array([[280, 1], [2, 3]], np.uint16), classes)  # the project's own I;16 format
+    with pytest.raises(DinosegError, match="at most 255 classes") as e:
+        decode_label(data, 300)
+    assert "300" in str(e.value) and one_sentence(str(e.value))
 
 
 def test_cached_row_does_not_read_its_image_and_checks_the_recorded_size(tmp_path):
