@@ -5,6 +5,11 @@ PRED or GT, without extension). Thin: lists both sides, reads and decodes each p
 pool, sums one confusion matrix (`pipeline.metrics`), and writes the scores, the counts of what
 was skipped and why, and the arguments to a JSON report (default PRED/evaluation.json).
 A pair that cannot be compared is counted and skipped, never fatal, unless none is left.
+
+A prediction pixel equal to the ignore index (a pseudo-label's 'unsure' 255) is a miss: a false
+negative of the ground truth's class, a false positive of none; the report's
+`unlabeled_fraction` is the share of scored pixels predicted so. Pixels whose ground truth is
+the ignore index are not scored at all.
 """
 
 from __future__ import annotations
@@ -109,11 +114,12 @@ def run(config: EvaluateConfig) -> dict:
         )
 
     n = len(classes)
-    confusion = np.zeros((n, n), dtype=np.int64)
+    unlabeled = classes.ignore_index if classes.ignore_index >= n else None  # an ignore index that is a class id stays a class
+    confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
     reader = ReadBytes(so)
 
     def compare(key: str):
-        return _compare(key, pred_paths[key], gt_paths[key], reader, n, classes.ignore_index)
+        return _compare(key, pred_paths[key], gt_paths[key], reader, n, classes.ignore_index, unlabeled)
 
     for done, outcome in enumerate(_bounded_map(compare, common, max(1, config.threads)), 1):
         if isinstance(outcome, np.ndarray):
@@ -180,7 +186,7 @@ def _bounded_map(fn, items: list, threads: int):
             yield pending.popleft().result()
 
 
-def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int):
+def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None):
     """The pair's confusion matrix, or (reason, example) when it is skipped."""
     from pipeline.metrics import confusion_matrix
     from pipeline.schema import object_array
@@ -200,10 +206,11 @@ def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_inde
     stray = _stray(gt, n, ignore_index)
     if stray:
         return "out_of_range", f"{key}: the ground truth has values {stray} that are not classes 0..{n - 1} or the ignore index {ignore_index}."
-    stray = _stray(pred, n, None)
+    stray = _stray(pred, n, unlabeled)
     if stray:
-        return "out_of_range", f"{key}: the prediction has values {stray} that are not classes 0..{n - 1}."
-    return confusion_matrix(pred, gt, n, ignore_index)
+        also = f" or the unsure value {unlabeled}" if unlabeled is not None else ""
+        return "out_of_range", f"{key}: the prediction has values {stray} that are not classes 0..{n - 1}{also}."
+    return confusion_matrix(pred, gt, n, ignore_index, unlabeled)
 
 
 def _decode(path: str, data: bytes) -> np.ndarray | str:

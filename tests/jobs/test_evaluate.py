@@ -65,6 +65,7 @@ def test_known_scores_and_report(dirs):
     assert result["miou"] == pytest.approx(4 / 9)
     assert result["iou"] == pytest.approx(IOU)
     assert result["pixel_accuracy"] == pytest.approx(3 / 5) and result["pixels"] == 5
+    assert result["unlabeled_fraction"] == 0.0
     assert result["names"] == ["bg", "cat", "dog"]
     assert result["counts"] == {"pairs": 2, "only_pred": 0, "only_gt": 0, "size_mismatch": 0, "unreadable": 0, "out_of_range": 0}
     report = json.loads((pred / "evaluation.json").read_text())
@@ -81,7 +82,7 @@ def test_skips_are_counted_and_never_fatal(dirs):
         "only/in_pred": png([[0]]),
         "small": png([[0, 1], [1, 0]]),
         "rgb": png([[0, 1, 2]], "RGB"),
-        "wide_pred": png([[0, 255, 1]]),  # 255 is not a class in a prediction
+        "wide_pred": png([[0, 7, 1]]),  # 7 is neither a class nor 'unsure' (255) in a prediction
         "bad_gt": png([[0, 1, 2]]),
     })
     write(gt, {
@@ -104,7 +105,28 @@ def test_skips_are_counted_and_never_fatal(dirs):
     assert "rgb.png' is an RGB image, not an index mask" in unreadable
     assert "corrupt.png' cannot be decoded" in unreadable
     assert any(e.startswith("bad_gt: the ground truth has values [7]") for e in ex["out_of_range"])
-    assert any(e.startswith("wide_pred: the prediction has values [255]") for e in ex["out_of_range"])
+    assert any(e.startswith("wide_pred: the prediction has values [7]") for e in ex["out_of_range"])
+
+
+def test_unsure_prediction_pixels_are_misses_not_a_skipped_pair(dirs):
+    """A pseudo-label's 255 ('unsure') where the ground truth has a class is a false negative of
+    that class and nobody's false positive; where the ground truth is 255 it is not scored.
+    The two known pairs plus 'u':
+        gt   [[0, 1, 255], [2, 2, 1]]    (0, unsure) (1, unsure) (255, unsure: ignored)
+        pred [[255, 255, 255], [255, 2, 1]]  (2, unsure) (2, 2) (1, 1)
+    class 0: TP 1, GT 3, pred 1 -> IoU 1/3
+    class 1: TP 2, GT 4, pred 3 -> IoU 2/5
+    class 2: TP 2, GT 3, pred 3 -> IoU 2/4"""
+    pred, gt, classes = dirs
+    write(pred, {"u": png([[255, 255, 255], [255, 2, 1]])})
+    write(gt, {"u": png([[0, 1, 255], [2, 2, 1]], "L")})
+    result = run(EvaluateConfig(str(pred), str(gt), str(classes)))
+    assert result["counts"]["pairs"] == 3 and result["counts"]["out_of_range"] == 0
+    assert result["iou"] == pytest.approx([1 / 3, 2 / 5, 1 / 2])
+    assert result["miou"] == pytest.approx(37 / 90)
+    assert result["pixels"] == 10 and result["pixel_accuracy"] == pytest.approx(5 / 10)
+    assert result["unlabeled_pixels"] == 3 and result["unlabeled_fraction"] == pytest.approx(3 / 10)
+    assert result["gt_pixels"] == [3, 4, 3] and result["pred_pixels"] == [1, 3, 3]
 
 
 def test_examples_are_capped(dirs):

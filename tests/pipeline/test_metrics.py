@@ -88,12 +88,62 @@ def test_torch_and_numpy_agree():
         if t != 255:
             brute[t, p] += 1
     assert expected.tolist() == brute.tolist()
+    # with unsure predictions: column 5, filled only where the target is not ignored
+    pred[rng.random(pred.shape) < 0.2] = 255
+    expected = confusion_matrix(pred, target, 5, 255, unlabeled_index=255)
+    got = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 5, 255, unlabeled_index=255)
+    assert got.numpy().tolist() == expected.tolist() and scores(got) == scores(expected)
+    brute = np.zeros((5, 6), dtype=np.int64)
+    for t, p in zip(target.ravel(), pred.ravel()):
+        if t != 255:
+            brute[t, min(int(p), 5)] += 1
+    assert expected.tolist() == brute.tolist() and brute[:, 5].sum() > 0
+
+
+# Unsure predictions (255 = unlabeled, a pseudo-label's 'unsure'): the pixels of TARGET/PRED plus
+#   (gt 0, unsure) (gt 1, unsure): misses of classes 0 and 1; (gt 255, unsure): ignored
+#   class 0: TP 1, GT 3, pred 1 -> IoU 1/3, Dice 2/4
+#   class 1: TP 1, GT 3, pred 2 -> IoU 1/4, Dice 2/5
+#   class 2: TP 1, GT 1, pred 2 -> IoU 1/2, Dice 2/3   (unsure is nobody's false positive)
+UNSURE_TARGET = np.array([[0, 0, 1, 0], [1, 2, 255, 1], [255, 255, 255, 255]], dtype=np.uint8)
+UNSURE_PRED = np.array([[0, 1, 1, 255], [2, 2, 0, 255], [255, 0, 1, 2]], dtype=np.uint8)
+UNSURE_CM = [[1, 1, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_unsure_predictions_are_misses_in_an_extra_column(as_tensor):
+    conv = torch.from_numpy if as_tensor else np.asarray
+    cm = confusion_matrix(conv(UNSURE_PRED), conv(UNSURE_TARGET), 3, 255, unlabeled_index=255)
+    assert isinstance(cm, torch.Tensor) == as_tensor
+    assert tuple(cm.shape) == (3, 4) and cm.tolist() == UNSURE_CM
+    r = scores(cm, names=["bg", "cat", "dog"])
+    assert r["iou"] == pytest.approx([1 / 3, 1 / 4, 1 / 2])
+    assert r["dice"] == pytest.approx([1 / 2, 2 / 5, 2 / 3])
+    assert r["miou"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 2) / 3)
+    assert r["pixel_accuracy"] == pytest.approx(3 / 7) and r["pixels"] == 7
+    assert r["unlabeled_pixels"] == 2 and r["unlabeled_fraction"] == pytest.approx(2 / 7)
+    assert r["gt_pixels"] == [3, 3, 1] and r["pred_pixels"] == [1, 2, 2]
+    assert "28.57% predicted unlabeled" in format_table(r).splitlines()[-1]
+    # without an unsure pixel, the extra column changes nothing
+    plain = confusion_matrix(conv(PRED), conv(TARGET), 3, 255, unlabeled_index=255)
+    assert plain.tolist() == [row + [0] for row in CM]
+    assert {k: v for k, v in scores(plain).items()} == scores(np.array(CM))
+    assert scores(np.array(CM))["unlabeled_fraction"] == 0.0
+
+
+def test_unlabeled_index_must_not_be_a_class():
+    with pytest.raises(ValueError, match="unlabeled_index 2"):
+        confusion_matrix(PRED, TARGET, 3, 255, unlabeled_index=2)
+    with pytest.raises(ValueError, match=r"pred has values \[254\].*unlabeled index 255"):
+        confusion_matrix(np.array([0, 254]), np.array([0, 1]), 3, 255, unlabeled_index=255)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_on_cuda_stays_on_cuda():
     got = confusion_matrix(torch.from_numpy(PRED).cuda(), torch.from_numpy(TARGET).cuda(), 3)
     assert got.device.type == "cuda" and got.cpu().tolist() == CM
+    got = confusion_matrix(torch.from_numpy(UNSURE_PRED).cuda(), torch.from_numpy(UNSURE_TARGET).cuda(), 3, 255, 255)
+    assert got.device.type == "cuda" and got.cpu().tolist() == UNSURE_CM
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -122,8 +172,10 @@ def test_shape_dtype_and_type_errors():
         confusion_matrix(torch.zeros(3, dtype=torch.long), np.zeros(3, int), 3)
     with pytest.raises(ValueError):
         confusion_matrix(np.zeros(3, int), np.zeros(3, int), 0)
-    with pytest.raises(ValueError, match="square"):
-        scores(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"\(C, C\) or \(C, C\+1\)"):
+        scores(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"\(C, C\) or \(C, C\+1\)"):
+        scores(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="2 class names"):
         scores(np.eye(3, dtype=np.int64), names=["a", "b"])
 
