@@ -62,6 +62,7 @@ class SegmentConfig:
     masks: str = "png"
     rle: bool = False
     overlays: bool = False
+    confidence: int = 0  # bits of the confidence/<key>.png maps (8 or 16); 0: none
     overwrite: bool = False
     max_megapixels: float = 100.0
     storage_options: dict = field(default_factory=dict)
@@ -90,20 +91,27 @@ def command(
     masks: MaskFormat = typer.Option(MaskFormat.png, help="png files, rows in Parquet, or both."),
     rle: bool = typer.Option(False, help="Add per-class COCO RLE to the prediction rows."),
     overlays: bool = typer.Option(False, help="Write overlays/<key>.jpg to look at."),
+    confidence: bool = typer.Option(False, help="Write confidence/<key>.png: the winning class's probability, 0-255."),
     overwrite: bool = typer.Option(False, help="Redo keys that an earlier run finished."),
     max_megapixels: float = typer.Option(100.0, help="Decompression-bomb limit."),
     storage_options: str = typer.Option("{}", help="JSON of fsspec storage options (endpoint, credentials...)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
 ) -> None:
     """Segment every image under INPUT; masks and rows go under OUTPUT. Re-running resumes."""
-    options = parse_storage_options(storage_options)
-    config = SegmentConfig(
-        input, output, None if head else model, backbone, head, backbone_weights, resolution, mode.value, crop,
-        stride, tta, precision.value, batch_size, device, actors, gpus_per_actor, cpus_per_actor, decode_cpus,
-        masks.value, rle, overlays, overwrite, max_megapixels, options, address,
-    )
+    config = segment_config(**locals())
     counts = run(config)
     typer.echo(summary(counts))
+
+
+def segment_config(**options) -> SegmentConfig:
+    """The config of the command's options (also what `pseudo-label`, which shares them, builds)."""
+    options = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
+    options["storage_options"] = parse_storage_options(options.get("storage_options") or "{}")
+    if options.get("head"):
+        options["model"] = None  # a head names its own backbone and classes
+    if "confidence" in options:
+        options["confidence"] = 8 if options["confidence"] is True else int(options["confidence"] or 0)
+    return SegmentConfig(**options)
 
 
 def summary(counts: dict) -> str:
@@ -126,6 +134,7 @@ def run(config: SegmentConfig) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from model.classes import save_class_map
     from pipeline import graph
     from pipeline.decode import Decode, DecodeConfig
     from pipeline.predict import Predict, PredictConfig
@@ -146,8 +155,9 @@ def run(config: SegmentConfig) -> dict:
     segmenter = replace(predict_config, device="cpu").build()
     classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
     inference = segmenter.config  # with the resolution resolved
-    predict_config = replace(predict_config, inference=inference)
+    predict_config = replace(predict_config, inference=inference, keep_confidence=bool(config.confidence))
     del segmenter
+    save_class_map(classes, f"{out}/classes.yaml", so)  # what export, train and evaluate read
 
     schema = PREDICTION_SCHEMA
     if config.masks in ("parquet", "both"):
@@ -183,7 +193,8 @@ def run(config: SegmentConfig) -> dict:
             resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor,
                                         config.decode_cpus, config.batch_size).resolve(graph.cluster_resources())
             log.info("resources: %s", resources)
-            write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so))
+            write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so,
+                                           confidence_bits=config.confidence))
             ds = graph.build(rows, ReadBytes(so), Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
                              Predict, predict_config, write, resources)
             for table in graph.iter_results(ds):

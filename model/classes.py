@@ -107,5 +107,8 @@ def save_class_map(classes: ClassMap, url: str, storage_options: dict | None = N
     import yaml
 
     text = json.dumps(classes.to_dict(), indent=1) if url.endswith(".json") else yaml.safe_dump(classes.to_dict(), sort_keys=False)
-    with fsspec.open(url, "wt", **(storage_options or {})) as f:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fsspec.utils.get_protocol(url) in ("file", "local"):
+        fs.makedirs(fs._parent(path), exist_ok=True)  # object stores have no folders to make
+    with fs.open(path, "wt") as f:
         f.write(text)

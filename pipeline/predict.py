@@ -26,6 +26,7 @@ class PredictConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     device: str | None = None  # None/'auto': CUDA when present
     keep_image: bool = False  # pass the decoded image on (overlays need it)
+    keep_confidence: bool = False  # pass the confidence map on, as uint16 (see quantize_confidence)
     threads: int | None = None  # torch threads for CPU inference (default: every core of the node)
     storage_options: dict | None = None
 
@@ -41,6 +42,15 @@ class PredictConfig:
             device=self.device,
             storage_options=self.storage_options,
         )
+
+
+CONFIDENCE_SCALE = 65535  # a stored confidence q means q / 65535
+
+
+def quantize_confidence(confidence: np.ndarray) -> np.ndarray:
+    """A [0, 1] confidence map as uint16 (q = round(c * 65535), error <= 7.6e-6): half the bytes
+    of float32 through the object store, and a 16-bit PNG holds it without further loss."""
+    return np.rint(np.clip(confidence, 0.0, 1.0) * CONFIDENCE_SCALE).astype(np.uint16)
 
 
 class Predict:
@@ -68,6 +78,7 @@ class Predict:
         masks: list = [np.zeros((0, 0), np.uint8)] * n
         counts: list = [np.zeros(0, np.int64)] * n
         confidence = np.zeros(n, np.float32)
+        maps: list = [np.zeros((0, 0), np.uint16)] * n
         for i, pred in self._predict(batch, todo):
             if isinstance(pred, BaseException):
                 set_error(batch, i, "predict", pred)
@@ -75,8 +86,12 @@ class Predict:
             masks[i] = pred.mask
             counts[i] = np.bincount(pred.mask.ravel(), minlength=self.segmenter.num_classes).astype(np.int64)
             confidence[i] = float(pred.confidence.mean())
+            if self.config.keep_confidence:
+                maps[i] = quantize_confidence(pred.confidence)
         out = {k: v for k, v in batch.items() if k != "image" or self.config.keep_image}
         out.update(mask=object_array(masks), class_counts=object_array(counts), mean_confidence=confidence)
+        if self.config.keep_confidence:
+            out["confidence"] = object_array(maps)
         return out
 
     def _predict(self, batch, todo: list[int]):

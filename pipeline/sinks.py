@@ -1,8 +1,8 @@
 """The end of the segment graph: encode masks, write them (atomically, under stable keys),
 optional overlays, and the rows for predictions/ and errors/.
 
-Layout under OUTPUT: masks/<key>.png, overlays/<key>.jpg, run.json. A mask is the marker that
-an input is done: it is written last for its row, complete or not at all, and `existing_keys`
+Layout under OUTPUT: masks/<key>.png, overlays/<key>.jpg, confidence/<key>.png, run.json. A
+mask is the marker that an input is done: it is written last for its row, complete or not at all, and `existing_keys`
 lists the masks for resume.
 """
 
@@ -101,6 +101,25 @@ def mask_url(output: str, key: str) -> str:
     return _join(output, "masks", check_key(key) + ".png")
 
 
+def confidence_url(output: str, key: str) -> str:
+    return _join(output, "confidence", check_key(key) + ".png")
+
+
+def encode_confidence_png(quantized: np.ndarray, bits: int) -> bytes:
+    """PNG of a uint16 confidence map (q / 65535): 16-bit grayscale as it is, or 8-bit
+    (round(c * 255)) for people who want a map to look at or to weight a loss with."""
+    q = np.asarray(quantized)
+    if q.dtype != np.uint16 or q.ndim != 2:
+        raise DinosegError(f"a confidence map must be a 2-D uint16 array, got {q.dtype} {q.shape}.")
+    if bits == 8:
+        image = Image.fromarray(((q.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
+    else:
+        image = Image.fromarray(np.ascontiguousarray(q, dtype="<u2"))  # mode I;16
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
 def overlay_url(output: str, key: str) -> str:
     return _join(output, "overlays", check_key(key) + ".jpg")
 
@@ -197,8 +216,11 @@ class WriteConfig:
     head_checksum: str = ""
     storage_options: dict | None = None
     io_threads: int = 8  # rows of a batch written concurrently (object-store PUTs wait on the network)
+    confidence_bits: int = 0  # write confidence/<key>.png: 8 or 16 bits (needs the `confidence` column); 0: none
 
     def __post_init__(self):
+        if self.confidence_bits not in (0, 8, 16):
+            raise DinosegError(f"confidence maps are 8 or 16 bits, not {self.confidence_bits}.")
         if self.masks not in MASK_MODES:
             raise DinosegError(f"unknown masks option '{self.masks}': use one of {', '.join(MASK_MODES)}.")
         self.output = absolute_output(self.output)
@@ -298,6 +320,9 @@ class WriteMasks:
             if cfg.overlays:  # before the mask: an existing mask means the row is done
                 jpg = self._overlay(np.asarray(batch["image"][i]), mask)
                 write_bytes_atomic(overlay_url(cfg.output, key), jpg, cfg.storage_options)
+            if cfg.confidence_bits:  # before the mask too
+                png16 = encode_confidence_png(np.asarray(batch["confidence"][i]), cfg.confidence_bits)
+                write_bytes_atomic(confidence_url(cfg.output, key), png16, cfg.storage_options)
             if cfg.masks in ("png", "both"):
                 out["mask"] = mask_url(cfg.output, key)
                 write_bytes_atomic(out["mask"], png, cfg.storage_options)

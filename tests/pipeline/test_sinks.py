@@ -431,3 +431,23 @@ def test_rle_of_labels_equals_per_class_encoding():
     assert rle_encode_labels(mask, [42]) == {42: rle_encode(np.zeros_like(mask))["counts"]}
     wide = blobs(20, 30, 300, seed=4)
     assert all(s == rle_encode(wide == c)["counts"] for c, s in rle_encode_labels(wide).items())
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bits):
+    from pipeline.predict import quantize_confidence
+    from pipeline.sinks import confidence_url, decode_mask_png
+
+    mask = blobs(20, 30, 21)
+    conf = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
+    batch = make_batch([mask, mask], ["c/k", "bad"])
+    batch["confidence"] = object_array([quantize_confidence(conf), np.zeros((20, 30), np.float32)])  # float: refused
+    cfg = WriteConfig(str(tmp_path / "out"), VOC, confidence_bits=bits)
+    got = rows(WriteMasks(cfg)(batch))
+    written = decode_mask_png(open(confidence_url(cfg.output, "c/k"), "rb").read())
+    expected = quantize_confidence(conf) if bits == 16 else np.rint(conf * 255).astype(np.uint8)
+    assert written.dtype == expected.dtype and np.abs(written.astype(int) - expected).max() <= (0 if bits == 16 else 1)
+    assert got["c/k"]["ok"] and not got["bad"]["ok"] and got["bad"]["stage"] == "write"
+    assert existing_keys(cfg.output) == {"c/k"}  # no mask without its confidence map
+    with pytest.raises(DinosegError, match="8 or 16"):
+        WriteConfig("out", VOC, confidence_bits=4)
