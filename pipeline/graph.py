@@ -65,6 +65,15 @@ def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, reso
     return ds.map_batches(write, **decode_args)
 
 
+def map_rows(rows: pa.Table, step, batch_size: int, num_cpus: float):
+    """The lazy Dataset of one CPU task stage (`step(batch)`, a picklable callable) over
+    driver-built rows, in small blocks so the work spreads over tasks at once."""
+    import ray.data
+
+    blocks = [rows.slice(i, 4 * batch_size) for i in range(0, max(len(rows), 1), 4 * batch_size)]
+    return ray.data.from_arrow(blocks).map_batches(step, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)
+
+
 def iter_results(ds, batch_size: int = 256) -> Iterator[pa.Table]:
     """Result rows as Arrow tables, in a stream (the write step declares their schema)."""
     yield from ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")

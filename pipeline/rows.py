@@ -69,15 +69,32 @@ class RollingParquetWriter:
     close = flush
 
 
-def done_keys(folder: str, storage_options: dict | None = None) -> set[str]:
-    """Keys of the rows in the complete part files under `folder` (none if it does not exist)."""
+def read_parts(folder: str, columns: list[str], storage_options: dict | None = None) -> pa.Table | None:
+    """The given columns of every complete part file under `folder`; None if there is none."""
     fs, root = _fs(folder.rstrip("/"), storage_options)
     if not fs.exists(root):
-        return set()
-    keys: set[str] = set()
+        return None
+    tables = []
     for path in sorted(fs.find(root)):
         name = path.rsplit("/", 1)[-1]
         if name.endswith(".parquet") and not name.startswith("."):
             with fs.open(path, "rb") as f:
-                keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
-    return keys
+                tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+def remove_parts(folder: str, storage_options: dict | None = None) -> int:
+    """Delete the part files under `folder` (results of a run being redone); returns how many."""
+    fs, root = _fs(folder.rstrip("/"), storage_options)
+    if not fs.exists(root):
+        return 0
+    parts = [p for p in fs.find(root) if p.endswith(".parquet")]
+    for path in parts:
+        fs.rm(path)
+    return len(parts)
+
+
+def done_keys(folder: str, storage_options: dict | None = None) -> set[str]:
+    """Keys of the rows in the complete part files under `folder` (none if it does not exist)."""
+    table = read_parts(folder, ["key"], storage_options)
+    return set() if table is None else set(table.column("key").to_pylist())

@@ -1,0 +1,148 @@
+"""`pseudo-label` end to end on a real local Ray: layout, rules, resume, and that `train` takes it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import pseudo_label
+from jobs.segment import SegmentConfig
+from model.checkpoint import HeadCheckpoint, save_head_checkpoint
+from model.heads import HeadConfig, LinearHead
+from pipeline.pseudo import IGNORE, threshold_cutoff
+from pipeline.sinks import decode_mask_png
+from pipeline.synthetic import SYNTHETIC_CLASSES, write_synthetic
+
+pytestmark = pytest.mark.slow
+SMALL = dict(backbone_weights="random", decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory):
+    torch.manual_seed(0)
+    head = LinearHead(HeadConfig("linear", (11,), 384, len(SYNTHETIC_CLASSES)))
+    for p in head.parameters():
+        p.data.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("head") / "head.pt"
+    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, SYNTHETIC_CLASSES, head.state_dict(), resolution=56), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic(str(root), train=8, val=0, size=56)
+    (root / "train" / "images" / "broken.png").write_bytes(b"not a png")
+    return root / "train" / "images"
+
+
+def config(images, out, head, **rule):
+    return pseudo_label.PseudoLabelConfig(SegmentConfig(str(images), str(out), model=None, head=head, **SMALL), **rule)
+
+
+def parts(folder: Path):
+    return sorted(folder.glob("*.parquet"))
+
+
+def rows(folder: Path):
+    files = parts(folder)
+    return {r["key"]: r for r in pq.read_table(files).to_pylist()} if files else {}
+
+
+def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_file):
+    out = tmp_path / "out"
+    result = pseudo_label.run(config(images, out, head_file, threshold=0.6))
+    assert result["model"] == {"inputs": 9, "predicted": 8, "skipped": 0, "failed": 1}
+    assert result["counts"] == {"images": 8, "pairs": 8, "below_coverage": 0, "failed": 0}
+    for name in ("classes.yaml", "thresholds.json", "selection.json", "run.json", "pairs.csv"):
+        assert (out / name).exists(), name
+    assert len(rows(out / "raw" / "errors")) == 1 and "broken" in rows(out / "raw" / "errors")
+    labels = rows(out / "labels")
+    assert set(labels) == {f"{i:04d}" for i in range(8)}
+    cutoff = threshold_cutoff(0.6)
+    saw_unsure = False
+    for key, row in labels.items():
+        raw = decode_mask_png((out / "raw" / "masks" / f"{key}.png").read_bytes())
+        q = decode_mask_png((out / "raw" / "confidence" / f"{key}.png").read_bytes())
+        mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
+        assert np.array_equal(mask, np.where(q >= cutoff, raw, IGNORE))
+        assert row["coverage"] == pytest.approx((mask != IGNORE).mean())
+        assert sum(row["labeled_counts"]) == (mask != IGNORE).sum()
+        saw_unsure |= bool((mask == IGNORE).any())
+    assert saw_unsure  # the rule did something on this model
+    pairs = pacsv.read_csv(out / "pairs.csv").to_pylist()
+    assert {p["mask"] for p in pairs} == {f"masks/{k}.png" for k in labels}
+    assert all(Path(p["image"]).exists() for p in pairs)
+
+    # the same command again: nothing to predict, nothing to select
+    before = parts(out / "labels")
+    again = pseudo_label.run(config(images, out, head_file, threshold=0.6))
+    assert again["model"]["skipped"] == 8 and again["model"]["predicted"] == 0
+    assert parts(out / "labels") == before and again["counts"] == result["counts"]
+
+    # another rule: selected again from raw/ without the model; pairs below coverage leave
+    third = pseudo_label.run(config(images, out, head_file, class_balanced=0.5, min_coverage=0.5, confidence=True))
+    assert third["model"]["predicted"] == 0
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    raw = [(decode_mask_png(p.read_bytes()), decode_mask_png((out / "raw" / "confidence" / p.name).read_bytes()))
+           for p in (out / "raw" / "masks").glob("*.png")]
+    for c in thresholds["classes"]:  # the highest threshold that keeps at least half of the class
+        q = np.concatenate([conf[mask == c["id"]] for mask, conf in raw])
+        assert c["predicted_pixels"] == q.size
+        if q.size:
+            t = round(c["threshold"] * 65535)
+            assert (q >= t).sum() == c["kept_pixels"] >= q.size / 2 > (q > t).sum(), c
+    labels = rows(out / "labels")
+    assert len(labels) == 8 and parts(out / "labels") != before
+    selected = {k for k, r in labels.items() if r["selected"]}
+    assert all(labels[k]["coverage"] >= 0.5 for k in selected)
+    assert third["counts"]["pairs"] == len(selected) and third["counts"]["below_coverage"] == 8 - len(selected)
+    assert 0 < len(selected) < 8
+    assert {p.stem for p in (out / "masks").glob("*.png")} == selected
+    assert {p.stem for p in (out / "confidence").glob("*.png")} == selected
+    assert len(pacsv.read_csv(out / "pairs.csv")) == len(selected)
+
+
+def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images, head_file):
+    from jobs import train
+
+    subset = tmp_path / "some.txt"
+    subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(5)))
+    out = tmp_path / "out"
+    first = pseudo_label.run(config(subset, out, head_file))  # the default rule: threshold 0.9
+    assert first["rule"] == {"rule": "threshold", "threshold": 0.9} and first["counts"]["images"] == 5
+    before = parts(out / "labels")
+    subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(8)))
+    second = pseudo_label.run(config(subset, out, head_file))
+    assert second["model"]["predicted"] == 3 and second["model"]["skipped"] == 5
+    new = [p for p in parts(out / "labels") if p not in before]
+    assert before == [p for p in parts(out / "labels") if p in before] and len(new) == 1
+    assert len(pq.read_table(new[0])) == 3  # only the new keys were selected
+    assert second["counts"]["images"] == 8
+
+    info = train.run(train.TrainConfig(
+        str(out / "pairs.csv"), None, str(out / "classes.yaml"), str(tmp_path / "train"), val_fraction=0.3,
+        backbone_weights="random", resolution=56, crop=56, epochs=1, batch_size=4, workers=1, cpus_per_worker=0.5))
+    assert info["counts"]["train_pairs"] + info["counts"]["val_pairs"] == second["counts"]["pairs"]
+    assert info["epochs_done"] == 1 and (tmp_path / "train" / "head.pt").exists()
+
+
+def test_bad_rules_fail_before_any_work(tmp_path, images, head_file):
+    from model.errors import DinosegError
+
+    with pytest.raises(DinosegError, match="not both"):
+        pseudo_label.run(config(images, tmp_path / "o", head_file, threshold=0.9, class_balanced=0.5))
+    with pytest.raises(DinosegError, match="min-coverage"):
+        pseudo_label.run(config(images, tmp_path / "o", head_file, min_coverage=2.0))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_and_python_m_share_the_options(tmp_path):
+    from jobs.cli import main
+
+    assert main(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
+    assert pseudo_label.main([str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
