@@ -146,3 +146,21 @@ def test_cli_and_python_m_share_the_options(tmp_path):
 
     assert main(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
     assert pseudo_label.main([str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
+
+
+def test_export_reads_a_pseudo_label_output_as_it_is(ray_local, tmp_path, images, head_file):
+    from pycocotools import mask as mask_utils
+
+    from jobs import export
+
+    out = tmp_path / "out"
+    pseudo_label.run(config(images, out, head_file, threshold=0.6))
+    assert export.main([str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    by_id = {im["id"]: im for im in coco["images"]}
+    assert {Path(im["file_name"]).stem for im in coco["images"]} == {p.stem for p in (out / "masks").glob("*.png")}
+    category = {c["id"]: c["dinoseg_class"] for c in coco["categories"]}
+    for ann in coco["annotations"]:
+        key = Path(by_id[ann["image_id"]]["file_name"]).stem
+        mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
+        assert np.array_equal(mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8))
