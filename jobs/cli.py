@@ -40,11 +40,14 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 
 
 def _register() -> None:
-    from jobs import evaluate, segment, synthetic, train
+    from jobs import evaluate, export, pseudo_label, segment, self_train, synthetic, train
 
     app.command("segment")(segment.command)
+    app.command("pseudo-label")(pseudo_label.command)
     app.command("train")(train.command)
+    app.command("self-train")(self_train.command)
     app.command("evaluate")(evaluate.command)
+    app.command("export")(export.command)
     app.command("synthetic")(synthetic.command)
 
 

@@ -109,13 +109,14 @@ def command(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
 ) -> None:
     """Train a segmentation head on a frozen DINOv2 backbone (Ray Train); the best head goes to OUTPUT/head.pt."""
-    config = TrainConfig(
-        images, masks, classes, output, val_images, val_masks, val_fraction, backbone, backbone_weights, head.value,
-        layers, resolution, crop, epochs, batch_size, lr, weight_decay, warmup, schedule.value, class_weights, cache,
-        cache_dir, workers, cpus_per_worker, precision, resume, overwrite, seed, max_megapixels,
-        parse_storage_options(storage_options), address,
-    )
-    typer.echo(summary(run(config)))
+    typer.echo(summary(run(train_config(**locals()))))
+
+
+def train_config(**options) -> TrainConfig:
+    """The config of the command's options (also what `self-train`, which shares them, builds)."""
+    options = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
+    options["storage_options"] = parse_storage_options(options.get("storage_options") or "{}")
+    return TrainConfig(**options)
 
 
 def _check(config: TrainConfig) -> None:
@@ -183,6 +184,8 @@ def run(config: TrainConfig) -> dict:
     so = config.storage_options or None
     out = config.output.rstrip("/")
     classes = load_class_map(config.classes, so)
+    if len(classes) > 255:  # labels are 8-bit in training (255 = ignore); fail here, not per pair
+        raise DinosegError(f"{config.classes} has {len(classes)} classes; training supports at most 255: merge classes or split the map.")
     bb = backbone_config(config.backbone)
     layers = _layers(config, bb.depth)
     weights = _class_weights(config, len(classes))

@@ -69,3 +69,18 @@ def test_models_columns_line_up(capsys):
 def test_unknown_command_is_a_usage_error(capsys):
     assert main(["no-such-command"]) == 2
     assert "no-such-command" in capsys.readouterr().err
+
+
+def test_segment_options_become_one_config_that_pseudo_label_and_self_train_share():
+    import inspect
+
+    from jobs import pseudo_label, segment, self_train, train
+
+    config = segment.segment_config(input="in", output="out", head="h.pt", mode=segment.Mode.slide, confidence=True,
+                                    storage_options='{"anon": true}')
+    assert (config.model, config.mode, config.confidence, config.storage_options) == (None, "slide", 8, {"anon": True})
+    shared = set(inspect.signature(segment.command).parameters) - {"masks", "rle", "overlays"}
+    assert shared <= set(inspect.signature(pseudo_label.command).parameters)
+    options = set(inspect.signature(self_train.command).parameters)
+    assert set(inspect.signature(train.command).parameters) - {"resume", "overwrite"} <= options
+    assert {"unlabeled", "rounds", "threshold", "class_balanced", "actors"} <= options

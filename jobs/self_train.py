@@ -1,0 +1,205 @@
+"""`dinoseg self-train IMAGES MASKS --unlabeled U --classes F --output OUT` / `python -m jobs.self_train`.
+
+Round 0 trains a head on the labeled pairs. Each later round pseudo-labels the unlabeled images
+with the best head so far, trains a new head on labeled + pseudo-labeled pairs, and scores it
+on the same validation set (the training job's validation mIoU). It stops when a round does
+not improve on the best, or after --rounds rounds; OUT/head.pt is the best head.
+
+Layout: OUT/round-<r>/{pseudo/ (a pseudo-label run), pairs.csv (what round r trains on),
+train/ (a train run)}, OUT/cache/ (features, shared by every round), OUT/val.csv and
+OUT/labeled.csv (when the validation set is split off the labeled pairs), OUT/rounds.jsonl,
+OUT/self_train.json, OUT/head.pt. Every step resumes, so re-running the command continues.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import time
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import typer
+
+from jobs import pseudo_label, segment, train
+from model.errors import DinosegError
+
+log = logging.getLogger("dinoseg.self_train")
+
+_FROM_TRAIN_NOT = ("resume", "overwrite")  # every round resumes; start over with a new OUT
+_FROM_SEGMENT = ("actors", "cpus_per_actor", "decode_cpus")  # how the pseudo-label pass is spread
+_FROM_PSEUDO = ("threshold", "class_balanced", "min_coverage")
+_OWN = {
+    "unlabeled": (str, typer.Option(..., help="Folder/URL prefix, glob or manifest of the images to pseudo-label.")),
+    "rounds": (int, typer.Option(3, help="Pseudo-label + retrain rounds after round 0 (stops early when one does not improve).")),
+}
+
+
+@dataclass
+class SelfTrainConfig:
+    train: train.TrainConfig  # round 0's run; later rounds change images/masks/output
+    unlabeled: str
+    rounds: int = 3
+    threshold: Optional[float] = None
+    class_balanced: Optional[float] = None
+    min_coverage: float = 0.0
+    scale: dict = field(default_factory=dict)  # actors, cpus_per_actor, decode_cpus of the pseudo-label pass
+
+
+def command(**options) -> None:
+    """Self-training: pseudo-label the unlabeled images with the best head, retrain on labeled +
+    pseudo-labeled pairs, keep the best head; a table of rounds at the end."""
+    own = {k: options.pop(k) for k in (*_OWN, *_FROM_PSEUDO)}
+    scale = {k: options.pop(k) for k in _FROM_SEGMENT}
+    config = SelfTrainConfig(train.train_config(**options), scale=scale, **own)
+    typer.echo(table(run(config)))
+
+
+def _signature():
+    params = []
+    for module, keep in ((train, lambda n: n not in _FROM_TRAIN_NOT), (segment, lambda n: n in _FROM_SEGMENT),
+                         (pseudo_label, lambda n: n in _FROM_PSEUDO)):
+        hints = typing.get_type_hints(module.command)
+        params += [p.replace(annotation=hints[p.name]) for p in inspect.signature(module.command).parameters.values()
+                   if keep(p.name)]
+    own = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=t) for n, (t, d) in _OWN.items()]
+    params = params[:2] + own + params[2:]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+
+
+_signature()
+
+
+def run(config: SelfTrainConfig) -> dict:
+    """All rounds; returns OUT/self_train.json's content."""
+    from pipeline import graph
+    from pipeline.pairs import list_pairs, split_pairs
+    from pipeline.sinks import absolute_output, write_bytes_atomic
+
+    if config.rounds < 0:
+        raise DinosegError(f"--rounds {config.rounds} must be 0 or more.")
+    base = config.train
+    so = base.storage_options or None
+    out = absolute_output(base.output).rstrip("/")
+    rule = pseudo_label.PseudoLabelConfig(segment.SegmentConfig("", ""), config.threshold, config.class_balanced,
+                                          config.min_coverage).validate()  # a bad rule fails before round 0
+    started_ray = graph.start_ray(base.address)
+    rounds: list[dict] = []
+    try:
+        labeled = list_pairs(base.images, base.masks, so)
+        if labeled.problems:
+            log.warning("%d labeled keys have a problem (e.g. %s) and are left out", len(labeled.problems), labeled.problems[0]["message"])
+        if base.val_images:
+            val_images, val_masks = base.val_images, base.val_masks
+        else:  # split once, so every round scores on the same images and no pseudo-label lands in validation
+            labeled, val = split_pairs(labeled, base.val_fraction, base.seed)
+            if not len(val):
+                raise DinosegError("self-training needs a validation set: pass --val-images/--val-masks or a larger --val-fraction.")
+            val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
+            _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
+        base = replace(base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True)
+        best = None
+        for r in range(config.rounds + 1):
+            started = time.time()
+            folder = f"{out}/round-{r}"
+            record: dict = {"round": r, "labeled_pairs": len(labeled), "pseudo_pairs": 0}
+            sources = [labeled]
+            if r > 0:
+                pseudo = _pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
+                pairs = list_pairs(pseudo["pairs_csv"], None, so)
+                sources.append(pairs)
+                record.update(pseudo_pairs=len(pairs), rule=pseudo["rule"], thresholds=pseudo["thresholds"],
+                              mean_coverage=pseudo["mean_coverage"], below_coverage=pseudo["counts"]["below_coverage"])
+            manifest = _manifest(f"{folder}/pairs.csv", sources, so)
+            info = train.run(replace(base, images=manifest, masks=None, output=f"{folder}/train"))
+            miou = (info.get("best") or {}).get("miou")
+            record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
+            improved = miou is not None and (best is None or miou > best["val_miou"])
+            record["best"] = improved
+            rounds.append(record)
+            if improved:
+                best = record
+            _write_jsonl(f"{out}/rounds.jsonl", rounds, so)
+            if r > 0 and not improved:
+                log.info("round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"])
+                break
+    finally:
+        if started_ray:
+            graph.stop_ray()
+    if best is None:
+        raise DinosegError("no round produced a validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
+    result = {"rounds": rounds, "best_round": best["round"], "best_val_miou": best["val_miou"], "head": f"{out}/head.pt"}
+    _copy(best["head"], result["head"], so)
+    write_bytes_atomic(f"{out}/self_train.json", (json.dumps(result, indent=1) + "\n").encode(), so)
+    return result
+
+
+def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
+    seg = segment.SegmentConfig(
+        config.unlabeled, output, model=None, head=head, backbone_weights=base.backbone_weights,
+        max_megapixels=base.max_megapixels, storage_options=base.storage_options, address=base.address,
+        **{k: v for k, v in config.scale.items() if v is not None},
+    )
+    return pseudo_label.run(replace(rule, segment=seg))
+
+
+def _manifest(url: str, sources, so) -> str:
+    """Write an image,mask CSV of the pairs (absolute URLs) and return its URL."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from pipeline.sinks import write_bytes_atomic
+
+    images, masks = [], []
+    for pairs in sources:
+        images += pairs.images
+        masks += pairs.masks
+    buf = pa.BufferOutputStream()
+    pacsv.write_csv(pa.table({"image": pa.array(images, pa.string()), "mask": pa.array(masks, pa.string())}), buf)
+    write_bytes_atomic(url, buf.getvalue().to_pybytes(), so)
+    return url
+
+
+def _write_jsonl(url: str, rows: list[dict], so) -> None:
+    from pipeline.sinks import write_bytes_atomic
+
+    write_bytes_atomic(url, "".join(json.dumps(r) + "\n" for r in rows).encode(), so)
+
+
+def _copy(src: str, dst: str, so) -> None:
+    import fsspec
+
+    from pipeline.sinks import write_bytes_atomic
+
+    with fsspec.open(src, "rb", **(so or {})) as f:
+        write_bytes_atomic(dst, f.read(), so)
+
+
+def table(result: dict) -> str:
+    """The per-round table: pairs, the rule's thresholds, coverage, validation mIoU."""
+    lines = [f"{'round':>5}  {'labeled':>7}  {'pseudo':>6}  {'coverage':>8}  {'thresholds':<28}  {'val mIoU':>8}"]
+    for r in result["rounds"]:
+        th = r.get("thresholds") or {}
+        values = [v for v in th.values() if v is not None]
+        shown = "-" if not th else (f"{min(values):.3f}..{max(values):.3f}" if values else "none")
+        cov = "-" if r.get("mean_coverage") is None else f"{r['mean_coverage']:.1%}"
+        miou = "-" if r["val_miou"] is None else f"{r['val_miou']:.4f}"
+        lines.append(f"{r['round']:>5}  {r['labeled_pairs']:>7,}  {r['pseudo_pairs']:>6,}  {cov:>8}  {shown:<28}  {miou:>8}"
+                     + ("  *" if r["best"] else ""))
+    lines.append(f"best: round {result['best_round']} (val mIoU {result['best_val_miou']:.4f}); head: {result['head']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.self_train IMAGES MASKS --unlabeled U ...`: the same options as `dinoseg self-train`."""
+    from jobs.cli import run_job
+
+    return run_job(command, argv, "python -m jobs.self_train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
