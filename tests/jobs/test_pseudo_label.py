@@ -164,3 +164,23 @@ def test_export_reads_a_pseudo_label_output_as_it_is(ray_local, tmp_path, images
         key = Path(by_id[ann["image_id"]]["file_name"]).stem
         mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
         assert np.array_equal(mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8))
+
+
+def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_file, s3_bucket):
+    import fsspec
+
+    from pipeline.pairs import list_pairs
+
+    bucket, so = s3_bucket
+    out = f"s3://{bucket}/pl"
+    seg = SegmentConfig(str(images), out, model=None, head=head_file, storage_options=so, **SMALL)
+    first = pseudo_label.run(pseudo_label.PseudoLabelConfig(seg, threshold=0.6))
+    assert first["counts"]["pairs"] == 8
+    second = pseudo_label.run(pseudo_label.PseudoLabelConfig(seg, class_balanced=0.5, min_coverage=0.5))
+    fs = fsspec.filesystem("s3", **so)
+    fs.invalidate_cache()
+    masks = {p.rsplit("/", 1)[-1][:-4] for p in fs.find(f"{bucket}/pl/masks")}
+    assert len(masks) == second["counts"]["pairs"] < 8  # masks that are no longer pairs were removed
+    pairs = list_pairs(f"{out}/pairs.csv", None, so)
+    assert len(pairs) == len(masks) and all(m.startswith(f"s3://{bucket}/pl/masks/") for m in pairs.masks)
+    assert {m.rsplit("/", 1)[-1][:-4] for m in pairs.masks} == masks
