@@ -17,6 +17,7 @@ import typer
 
 from jobs.options import storage_options as parse_storage_options
 from jobs.options import versions
+from model.errors import DinosegError
 
 log = logging.getLogger("dinoseg.segment")
 
@@ -67,6 +68,8 @@ class SegmentConfig:
     max_megapixels: float = 100.0
     storage_options: dict = field(default_factory=dict)
     address: Optional[str] = None
+    max_classes: Optional[int] = None  # for callers whose outputs hold fewer classes (pseudo-labels: 255)
+    max_classes_reason: str = ""
 
 
 def command(
@@ -138,7 +141,7 @@ def run(config: SegmentConfig) -> dict:
     from pipeline import graph
     from pipeline.decode import Decode, DecodeConfig
     from pipeline.predict import Predict, PredictConfig
-    from pipeline.rows import RollingParquetWriter, done_keys
+    from pipeline.rows import RollingParquetWriter
     from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
     from pipeline.sinks import WriteConfig, WriteMasks, write_run_json
     from pipeline.sources import ReadBytes, list_inputs
@@ -157,6 +160,14 @@ def run(config: SegmentConfig) -> dict:
     inference = segmenter.config  # with the resolution resolved
     predict_config = replace(predict_config, inference=inference, keep_confidence=bool(config.confidence))
     del segmenter
+    if config.max_classes and len(classes) > config.max_classes:
+        raise DinosegError(f"{model_id} has {len(classes)} classes; {config.max_classes_reason}")
+    if config.overwrite:  # the rows describe this run only: the earlier run's are dropped (its masks get redone)
+        from pipeline.rows import remove_parts
+
+        remove_parts(f"{out}/predictions", so)
+        remove_parts(f"{out}/errors", so)
+    done = set() if config.overwrite else _done_with_this_model(out, model_id, checksum, so)
     save_class_map(classes, f"{out}/classes.yaml", so)  # what export, train and evaluate read
 
     schema = PREDICTION_SCHEMA
@@ -167,7 +178,6 @@ def run(config: SegmentConfig) -> dict:
     predictions = RollingParquetWriter(f"{out}/predictions", schema, so)
     errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000)
 
-    done = set() if config.overwrite else done_keys(f"{out}/predictions", so)
     counts = {"inputs": 0, "predicted": 0, "skipped": 0, "failed": 0}
     paths, keys, listing_errors = [], [], []
     for row in list_inputs(config.input, so):
@@ -221,6 +231,24 @@ def run(config: SegmentConfig) -> dict:
     if counts["inputs"] != counts["predicted"] + counts["skipped"] + counts["failed"]:
         raise RuntimeError(f"lost inputs: {counts}")  # must never happen; say so loudly
     return counts
+
+
+def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str]:
+    """Keys an earlier run finished (resume). Masks of another model are not resumed into: a mix
+    of two models' masks would pass for one run."""
+    from pipeline.rows import read_parts
+
+    table = read_parts(f"{out}/predictions", ["key", "model", "head_checksum"], so)
+    if table is None:
+        return set()
+    seen = set(zip(table["model"].to_pylist(), table["head_checksum"].to_pylist()))
+    other = sorted(m for m in seen if m != (model_id, checksum))
+    if other:
+        raise DinosegError(
+            f"{out} holds masks of another model ({other[0][0]}, head {other[0][1][:12]}) than this run's "
+            f"({model_id}, head {checksum[:12]}): pass --overwrite to redo them, or give another OUTPUT."
+        )
+    return set(table["key"].to_pylist())
 
 
 def shrink_for(inference) -> int:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from jobs.segment import SegmentConfig, run
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
+from model.errors import DinosegError
 from model.classes import ClassMap
 from model.heads import HeadConfig, LinearHead
 
@@ -108,6 +109,21 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written files
     redo = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL))
     assert redo["predicted"] == 5 and redo["skipped"] == 0
+    assert sorted(r["key"] for r in read_rows(out / "predictions")) == sorted(GOOD)  # still once each
+    assert len(read_rows(out / "errors")) == 3
+
+
+def test_another_model_does_not_resume_into_an_output(ray_local, tmp_path, head_file):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    run(SegmentConfig(str(tmp_path / "in" / "a.jpg"), str(out), model=None, head=head_file, **SMALL))
+    other = tmp_path / "other.pt"
+    head = LinearHead(HeadConfig("linear", (11,), 384, 4))  # another head: default initialisation
+    classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(other))
+    with pytest.raises(DinosegError, match="another model.*--overwrite"):
+        run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=str(other), **SMALL))
+    assert len(read_rows(out / "predictions")) == 1  # nothing changed
 
 
 def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_path):
