@@ -34,6 +34,7 @@ log = logging.getLogger("dinoseg.pseudo_label")
 
 DEFAULT_THRESHOLD = 0.9
 SELECT_BATCH = 16
+HISTOGRAM_BATCH = 256
 
 
 @dataclass
@@ -122,7 +123,9 @@ def run(config: PseudoLabelConfig) -> dict:
     rule = config.rule()
     started_ray = graph.start_ray(seg.address)
     try:
-        model_counts = segment.run(replace(seg, output=raw, confidence=16, masks="png", rle=False, overlays=False))
+        model_counts = segment.run(replace(
+            seg, output=raw, confidence=16, masks="png", rle=False, overlays=False, max_classes=pseudo.IGNORE,
+            max_classes_reason=f"pseudo-labels are 8-bit masks with {pseudo.IGNORE} = unsure: use a model with at most {pseudo.IGNORE} classes."))
         classes = load_class_map(f"{raw}/classes.yaml", so)
         save_class_map(classes, f"{out}/classes.yaml", so)
         rows = _raw_rows(raw, so)
@@ -147,8 +150,8 @@ def run(config: PseudoLabelConfig) -> dict:
             write_bytes_atomic(f"{out}/selection.json", (json.dumps(record, indent=1) + "\n").encode(), so)
         remove_parts(f"{out}/errors", so)  # the keys that failed are not done: they are tried again
         done = read_parts(f"{out}/labels", ["key"], so)
-        done = set() if done is None else set(done.column("key").to_pylist())
-        todo = rows.filter(pc.invert(pc.is_in(rows["key"], pa.array(sorted(done), pa.string()))))
+        todo = rows if done is None else rows.filter(pc.invert(pc.is_in(rows["key"], done["key"].combine_chunks())))
+        del done
         masks_now = existing_keys(out, so) if len(todo) else set()
         todo = todo.append_column("was_selected", pa.array([k in masks_now for k in todo["key"].to_pylist()]))
 
@@ -197,10 +200,11 @@ def _histogram(rows, select, num_classes: int, cpus: float):
 
     histogram = np.zeros((num_classes, pseudo.LEVELS), dtype=np.int64)
     if len(rows):
-        ds = graph.map_rows(rows, pseudo.ConfidenceHistogram(select), SELECT_BATCH, cpus)
-        for table in graph.iter_results(ds):
-            for index, count in zip(table["index"].to_pylist(), table["count"].to_pylist()):
-                pseudo.add_histogram(histogram, index, count)
+        # big batches: a batch's histogram is summed in its task, so fewer, denser ones travel
+        ds = graph.map_rows(rows, pseudo.ConfidenceHistogram(select), HISTOGRAM_BATCH, cpus)
+        for table in graph.iter_results(ds, batch_size=1):
+            index, count = table["index"].combine_chunks(), table["count"].combine_chunks()
+            pseudo.add_histogram(histogram, index.values.to_numpy(), count.values.to_numpy())
     return histogram
 
 

@@ -98,9 +98,13 @@ def balanced_cutoffs(histogram: np.ndarray, fraction: float) -> np.ndarray:
 
 def select_pixels(mask: np.ndarray, quantized: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
     """The pseudo-label: the predicted class where q >= that class's cutoff, else 255."""
-    limit = np.append(np.asarray(cutoffs, dtype=np.int64), NEVER)  # values past the map: never kept
-    index = np.minimum(mask.astype(np.int64), len(limit) - 1)
-    return np.where(quantized.astype(np.int64) >= limit[index], mask, IGNORE).astype(mask.dtype)
+    if mask.dtype not in (np.uint8, np.uint16):
+        raise DinosegError(f"a predicted mask must be uint8 or uint16, not {mask.dtype}.")
+    # a lookup table over every value the mask's dtype can hold (values past the map: never kept),
+    # so the per-pixel work is one gather and one compare, in 4-byte temporaries
+    limit = np.full(np.iinfo(mask.dtype).max + 1, NEVER, dtype=np.int32)
+    limit[: len(cutoffs)] = np.asarray(cutoffs, dtype=np.int32)[: len(limit)]
+    return np.where(quantized >= limit[mask], mask, np.asarray(IGNORE, mask.dtype))
 
 
 def summarise_cutoffs(cutoffs, histogram: np.ndarray | None, classes: ClassMap) -> list[dict]:
@@ -234,13 +238,16 @@ class ConfidenceHistogram:
                 log.warning("histogram: %s left out (%s)", batch["key"][i], e)
                 return None
 
-        for pair in _parallel(one, list(range(len(batch["key"]))), cfg.io_threads):
-            if pair is None:
-                continue
-            mask, quantized = pair
-            for k in np.unique(mask):
-                counts = np.bincount(quantized[mask == k], minlength=LEVELS)
-                total[int(k)] = total[int(k)] + counts if int(k) in total else counts
+        rows = list(range(len(batch["key"])))
+        step = max(1, cfg.io_threads)
+        for start in range(0, len(rows), step):  # a few images in memory at a time, whatever the batch
+            for pair in _parallel(one, rows[start : start + step], cfg.io_threads):
+                if pair is None:
+                    continue
+                mask, quantized = pair
+                for k in np.unique(mask):
+                    counts = np.bincount(quantized[mask == k], minlength=LEVELS)
+                    total[int(k)] = total[int(k)] + counts if int(k) in total else counts
         index, count = [], []
         for k, counts in sorted(total.items()):
             q = np.flatnonzero(counts)

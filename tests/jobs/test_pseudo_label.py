@@ -77,6 +77,7 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
     pairs = pacsv.read_csv(out / "pairs.csv").to_pylist()
     assert {p["mask"] for p in pairs} == {f"masks/{k}.png" for k in labels}
     assert all(Path(p["image"]).exists() for p in pairs)
+    _export_round_trips(out, tmp_path)
 
     # the same command again: nothing to predict, nothing to select
     before = parts(out / "labels")
@@ -108,7 +109,8 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
 
 
 def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images, head_file):
-    from jobs import train
+    from pipeline.pairs import list_pairs
+    from pipeline.trainset import decode_label
 
     subset = tmp_path / "some.txt"
     subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(5)))
@@ -124,11 +126,13 @@ def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images
     assert len(pq.read_table(new[0])) == 3  # only the new keys were selected
     assert second["counts"]["images"] == 8
 
-    info = train.run(train.TrainConfig(
-        str(out / "pairs.csv"), None, str(out / "classes.yaml"), str(tmp_path / "train"), val_fraction=0.3,
-        backbone_weights="random", resolution=56, crop=56, epochs=1, batch_size=4, workers=1, cpus_per_worker=0.5))
-    assert info["counts"]["train_pairs"] + info["counts"]["val_pairs"] == second["counts"]["pairs"]
-    assert info["epochs_done"] == 1 and (tmp_path / "train" / "head.pt").exists()
+    # what `train` reads: the manifest's pairs, and each mask passes its label checks (self-train's
+    # test runs the training job itself on pseudo-label pairs)
+    pairs = list_pairs(str(out / "pairs.csv"), None)
+    assert len(pairs) == second["counts"]["pairs"] and not pairs.problems
+    for mask in pairs.masks:
+        label = decode_label(Path(mask).read_bytes(), len(SYNTHETIC_CLASSES))
+        assert label.dtype == np.uint8 and ((label < len(SYNTHETIC_CLASSES)) | (label == IGNORE)).all()
 
 
 def test_bad_rules_fail_before_any_work(tmp_path, images, head_file):
@@ -141,29 +145,13 @@ def test_bad_rules_fail_before_any_work(tmp_path, images, head_file):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_and_python_m_share_the_options(tmp_path):
+def test_cli_and_python_m_share_the_options(tmp_path, capsys):
     from jobs.cli import main
 
     assert main(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
+    assert "not both" in capsys.readouterr().err
     assert pseudo_label.main([str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
-
-
-def test_export_reads_a_pseudo_label_output_as_it_is(ray_local, tmp_path, images, head_file):
-    from pycocotools import mask as mask_utils
-
-    from jobs import export
-
-    out = tmp_path / "out"
-    pseudo_label.run(config(images, out, head_file, threshold=0.6))
-    assert export.main([str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
-    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
-    by_id = {im["id"]: im for im in coco["images"]}
-    assert {Path(im["file_name"]).stem for im in coco["images"]} == {p.stem for p in (out / "masks").glob("*.png")}
-    category = {c["id"]: c["dinoseg_class"] for c in coco["categories"]}
-    for ann in coco["annotations"]:
-        key = Path(by_id[ann["image_id"]]["file_name"]).stem
-        mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
-        assert np.array_equal(mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8))
+    assert "--class-balanced 1.5 must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_file, s3_bucket):
@@ -184,3 +172,20 @@ def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_f
     pairs = list_pairs(f"{out}/pairs.csv", None, so)
     assert len(pairs) == len(masks) and all(m.startswith(f"s3://{bucket}/pl/masks/") for m in pairs.masks)
     assert {m.rsplit("/", 1)[-1][:-4] for m in pairs.masks} == masks
+
+
+def _export_round_trips(out, tmp_path):
+    """`export --format coco` reads a pseudo-label output as it is; pycocotools decodes the masks."""
+    from pycocotools import mask as mask_utils
+
+    from jobs import export
+
+    assert export.main([str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    by_id = {im["id"]: im for im in coco["images"]}
+    assert {Path(im["file_name"]).stem for im in coco["images"]} == {p.stem for p in (out / "masks").glob("*.png")}
+    category = {c["id"]: c["dinoseg_class"] for c in coco["categories"]}
+    for ann in coco["annotations"]:
+        key = Path(by_id[ann["image_id"]]["file_name"]).stem
+        mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
+        assert np.array_equal(mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8))
