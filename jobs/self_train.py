@@ -13,6 +13,7 @@ OUT/self_train.json, OUT/head.pt. Every step resumes, so re-running the command 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -101,6 +102,7 @@ def run(config: SelfTrainConfig) -> dict:
                 raise DinosegError("self-training needs a validation set: pass --val-images/--val-masks or a larger --val-fraction.")
             val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
             _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
+        val_set = set(list_pairs(val_images, val_masks, so, what="validation").images)
         base = replace(base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True)
         best = None
         for r in range(config.rounds + 1):
@@ -111,11 +113,26 @@ def run(config: SelfTrainConfig) -> dict:
             if r > 0:
                 pseudo = _pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
                 pairs = list_pairs(pseudo["pairs_csv"], None, so)
+                scored = [i for i, image in enumerate(pairs.images) if image in val_set]
+                if scored:  # an image that is also scored on must not train on its own pseudo-label
+                    log.warning("%d unlabeled images are validation images too: left out of round %d's pairs", len(scored), r)
+                    pairs = pairs.subset(sorted(set(range(len(pairs))) - set(scored)))
                 sources.append(pairs)
-                record.update(pseudo_pairs=len(pairs), rule=pseudo["rule"], thresholds=pseudo["thresholds"],
+                record.update(pseudo_head=pseudo["head_checksum"], pseudo_pairs=len(pairs), rule=pseudo["rule"], thresholds=pseudo["thresholds"],
                               mean_coverage=pseudo["mean_coverage"], below_coverage=pseudo["counts"]["below_coverage"])
-            manifest = _manifest(f"{folder}/pairs.csv", sources, so)
-            info = train.run(replace(base, images=manifest, masks=None, output=f"{folder}/train"))
+            manifest, digest = _manifest(f"{folder}/pairs.csv", sources, so, digest=True)
+            # a round re-run on other pairs (new labels, rule or images, or pseudo-labels of a retrained
+            # earlier round) trains again from scratch; on the same inputs it resumes, or returns the
+            # finished run. The inputs are recorded before training, so a kill cannot hide a change.
+            inputs = {"pairs_sha256": digest, "pseudo_head": record.get("pseudo_head")}
+            changed = pseudo_label._read_json(f"{folder}/inputs.json", so) != inputs
+            if changed:
+                write_bytes_atomic(f"{folder}/inputs.json", (json.dumps(inputs) + "\n").encode(), so)
+            run_config = replace(base, images=manifest, masks=None, output=f"{folder}/train", resume=not changed, overwrite=changed)
+            try:
+                info = train.run(run_config)
+            except DinosegError as e:
+                raise DinosegError(f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)") from None
             miou = (info.get("best") or {}).get("miou")
             record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
             improved = miou is not None and (best is None or miou > best["val_miou"])
@@ -123,6 +140,8 @@ def run(config: SelfTrainConfig) -> dict:
             rounds.append(record)
             if improved:
                 best = record
+            if best is None:
+                raise DinosegError("round 0 produced no validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
             _write_jsonl(f"{out}/rounds.jsonl", rounds, so)
             if r > 0 and not improved:
                 log.info("round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"])
@@ -139,16 +158,25 @@ def run(config: SelfTrainConfig) -> dict:
 
 
 def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
+    from model.hub import load_head
+
+    from pipeline.rows import read_parts
+
+    # the round's earlier labels came from another head (an earlier round was retrained): redo them
+    checksum = load_head(head, storage_options=base.storage_options or None).checksum
+    earlier = read_parts(f"{output}/raw/predictions", ["head_checksum"], base.storage_options or None)
+    overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {checksum}
     seg = segment.SegmentConfig(
         config.unlabeled, output, model=None, head=head, backbone_weights=base.backbone_weights,
-        max_megapixels=base.max_megapixels, storage_options=base.storage_options, address=base.address,
+        max_megapixels=base.max_megapixels, storage_options=base.storage_options, address=base.address, overwrite=overwrite,
         **{k: v for k, v in config.scale.items() if v is not None},
     )
-    return pseudo_label.run(replace(rule, segment=seg))
+    return pseudo_label.run(replace(rule, segment=seg)) | {"head_checksum": checksum}
 
 
-def _manifest(url: str, sources, so) -> str:
-    """Write an image,mask CSV of the pairs (absolute URLs) and return its URL."""
+def _manifest(url: str, sources, so, digest: bool = False):
+    """Write an image,mask CSV of the pairs (absolute URLs) and return its URL (and, with
+    `digest`, the SHA-256 of what was written)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -160,8 +188,9 @@ def _manifest(url: str, sources, so) -> str:
         masks += pairs.masks
     buf = pa.BufferOutputStream()
     pacsv.write_csv(pa.table({"image": pa.array(images, pa.string()), "mask": pa.array(masks, pa.string())}), buf)
-    write_bytes_atomic(url, buf.getvalue().to_pybytes(), so)
-    return url
+    data = buf.getvalue().to_pybytes()
+    write_bytes_atomic(url, data, so)
+    return (url, hashlib.sha256(data).hexdigest()) if digest else url
 
 
 def _write_jsonl(url: str, rows: list[dict], so) -> None:

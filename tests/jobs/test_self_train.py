@@ -20,14 +20,14 @@ def test_two_rounds_report_both_and_keep_the_best_head(ray_local, tmp_path, caps
     unlabeled = tmp_path / "unlabeled.txt"
     unlabeled.write_text("".join(f"{p}\n" for p in train_images[6:]))
     out = tmp_path / "out"
-    code = self_train.main([
+    args = [
         str(labeled), "--unlabeled", str(unlabeled), "--classes", str(data / "classes.yaml"), "--output", str(out),
         "--val-images", str(data / "val" / "images"), "--val-masks", str(data / "val" / "masks"),
-        "--rounds", "1", "--class-balanced", "0.5", "--backbone-weights", "random", "--resolution", "56", "--crop", "56",
+        "--rounds", "1", "--backbone-weights", "random", "--resolution", "56", "--crop", "56",
         "--epochs", "2", "--batch-size", "4", "--lr", "0.03", "--workers", "1", "--cpus-per-worker", "0.5",
         "--actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.25",
-    ])
-    assert code == 0
+    ]
+    assert self_train.main(args + ["--class-balanced", "0.5"]) == 0
     result = json.loads((out / "self_train.json").read_text())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in result["rounds"]] == [0, 1] and rounds == result["rounds"]
@@ -46,3 +46,15 @@ def test_two_rounds_report_both_and_keep_the_best_head(ray_local, tmp_path, caps
     assert (out / "head.pt").read_bytes() == (out / f"round-{best['round']}" / "train" / "head.pt").read_bytes()
     table = capsys.readouterr().out
     assert "round" in table and "val mIoU" in table and f"best: round {best['round']}" in table
+
+    # re-run with another rule: round 0 is finished and kept as it is; round 1's pairs changed, so it
+    # is pseudo-labeled again from raw/ and trained again from scratch
+    last0 = (out / "round-0" / "train" / "last.pt").stat().st_mtime_ns
+    last1 = (out / "round-1" / "train" / "last.pt").stat().st_mtime_ns
+    assert self_train.main(args + ["--class-balanced", "0.2", "--min-coverage", "0.05"]) == 0
+    again = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert again[0]["val_miou"] == r0["val_miou"] and again[0]["head"] == r0["head"]
+    assert (out / "round-0" / "train" / "last.pt").stat().st_mtime_ns == last0
+    assert (out / "round-1" / "train" / "last.pt").stat().st_mtime_ns != last1
+    assert again[1]["rule"] == {"rule": "class-balanced", "fraction": 0.2}
+    assert json.loads((out / "round-1" / "inputs.json").read_text())["pairs_sha256"] != ""
