@@ -218,11 +218,12 @@ def run(config: TrainConfig) -> dict:
         _report_problems(problems, out, so)
         if not len(train):
             raise DinosegError(f"no usable training pairs are left ({len(problems)} problems, see {out}/problems.jsonl): fix the data and re-run.")
+        # GPU workers an autoscaler has not started yet count: Ray Train asks for them
+        use_gpu = bool(cluster.get("GPU", 0) or cluster.get(graph.GPU_CEILING, 0))
         workers = config.workers or max(1, int(cluster.get("GPU", 0)))
         if len(train) < workers:
             raise DinosegError(f"{len(train)} training pairs for {workers} workers: use fewer --workers or more data.")
         per_worker = max(1, config.batch_size // workers)
-        use_gpu = bool(cluster.get("GPU", 0))
         cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, (cluster.get("CPU", 1) - 1) / workers)))
         loop = LoopConfig(
             out, run_id, head.to_dict(), classes.to_dict(), config.backbone, config.backbone_weights, config.resolution,

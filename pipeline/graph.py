@@ -14,6 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 
 log = logging.getLogger(__name__)
+GPU_CEILING = "dinoseg:autoscaler_gpus"  # key in cluster_resources(): GPUs the autoscaler may add
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,17 @@ class Resources:
     decode_cpus: float = 0.5  # CPUs per read/decode/write task
     batch_size: int = 8  # images per predictor call
     read_batch_size: int = 16  # images per read/decode task call
+    min_actors: int | None = None  # the pool starts with this many and grows to `actors`
 
     def resolve(self, cluster: dict) -> "Resources":
         gpus, cpus = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
-        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus else 0)
-        actors = self.actors or (max(1, int(gpus // gpa)) if gpa else 1)
+        # An autoscaling cluster whose GPU workers start at zero has no GPU yet: plan for the GPUs
+        # it can add, and start as soon as the first one is up (a fixed pool of the maximum would
+        # wait for every node, and forever when the cloud has fewer to give).
+        addable = int(cluster.get(GPU_CEILING, 0)) if not gpus else 0
+        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus or addable else 0)
+        actors = self.actors or (max(1, int((gpus or addable) // gpa)) if gpa else 1)
+        min_actors = self.min_actors or (1 if addable and not self.actors else actors)
         # On the CPU an actor reserves what decoding leaves (its torch threads use every core anyway);
         # a request of all CPUs would starve the decode tasks and hang the job.
         cpa = self.cpus_per_actor or (1.0 if gpa else max(0.25, (cpus - self.decode_cpus) / actors))
@@ -40,7 +47,7 @@ class Resources:
             # decoding would then run inside the predictor, one batch after the other.
             decode = cpa / 2
             log.info("decode tasks request %.2f CPUs (not %.2f) so they are not fused into the predictor", decode, cpa)
-        return Resources(actors, gpa, cpa, decode, self.batch_size, self.read_batch_size)
+        return Resources(actors, gpa, cpa, decode, self.batch_size, self.read_batch_size, min(min_actors, actors))
 
 
 def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, resources: Resources):
@@ -56,7 +63,7 @@ def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, reso
     ds = ds.map_batches(
         predict_cls,
         fn_constructor_kwargs={"config": predict_config},
-        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors or resources.actors, max_size=resources.actors),
         batch_size=resources.batch_size,
         batch_format="numpy",
         num_cpus=resources.cpus_per_actor,
@@ -93,9 +100,21 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 def cluster_resources() -> dict:
+    """The cluster's resources now, plus `GPU_CEILING`: the GPUs its autoscaler may add (a GPU
+    worker group with min_workers 0 shows no GPU until a job asks for one)."""
     import ray
 
-    return ray.cluster_resources()
+    now = dict(ray.cluster_resources())
+    try:  # Ray Train and Ray Data read the autoscaler's limits the same way; it is not public API
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception as e:  # noqa: BLE001 - without the limits, plan with what is there
+        log.debug("no autoscaler limits: %s", e)
+        most = {}
+    if most.get("GPU", 0) > now.get("GPU", 0):
+        now[GPU_CEILING] = float(most["GPU"])
+    return now
 
 
 def stop_ray() -> None:

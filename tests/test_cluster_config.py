@@ -1,0 +1,55 @@
+"""cluster.yaml is a config `ray up` accepts: checked against the schema the installed Ray ships,
+before and after Ray fills in its AWS defaults, and pinned to the Ray that pyproject.toml pins."""
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return json.loads(Path(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json").read_text())
+
+
+def test_cluster_yaml_matches_rays_schema(cluster, schema):
+    jsonschema.validate(cluster, schema)
+    # the schema is strict enough to catch a typo or a float resource: the test can fail
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(cluster | {"max_worker": 2}, schema)
+    bad = copy.deepcopy(cluster)
+    bad["available_node_types"]["gpu"]["resources"] = {"GPU": 0.5}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_ray_fills_its_aws_defaults_and_accepts_the_result(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster))  # what `ray up` does before launching anything
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    assert prepared["available_node_types"]["gpu"]["min_workers"] == 0  # GPUs only while a job needs them
+    assert prepared["available_node_types"]["head"]["node_config"]["InstanceType"].startswith("m")  # a CPU head
+
+
+def test_image_and_setup_follow_the_project(cluster):
+    pinned = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert pinned == ray.__version__
+    assert cluster["docker"]["image"] == f"rayproject/ray:{pinned}-py311-gpu"
+    assert cluster["file_mounts"] == {"/home/ray/dinoseg": "."}
+    assert ".gitignore" in cluster["rsync_filter"]  # .venv and weights never travel
+    assert any("pip install" in c and "/home/ray/dinoseg" in c for c in cluster["setup_commands"])
