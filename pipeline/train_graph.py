@@ -104,14 +104,19 @@ def datasets(spec: DataSpec) -> dict:
         files = part_files(spec.cache_folder, so)
         fs = arrow_filesystem(spec.cache_folder, so)
         cells = max(1, round(spec.crop / 14))
+        cache = ray.data.read_parquet([_strip(f) if fs else f for f in files], filesystem=fs, ray_remote_args={"num_cpus": cpus})
+        # Reading the cache again every epoch is most of an epoch's time on a small set (a Ray
+        # Data read per epoch and worker); a cache that fits easily in the object store is read
+        # once and the epochs take their crops from memory. A large one streams every epoch.
+        held = fits_in_memory(files, so, ray.cluster_resources().get("object_store_memory", 0))
+        if held:
+            cache = cache.materialize()
         for name, pairs, crop in (("train", spec.train, cells), ("val", spec.val, None)):
             if not len(pairs):
                 continue
-            ds = ray.data.read_parquet([_strip(f) if fs else f for f in files], filesystem=fs, ray_remote_args={"num_cpus": cpus})
-            if crop:
-                ds = ds.randomize_block_order()
             cfg = SampleConfig(dict(zip(pairs.images, pairs.masks)), spec.num_classes, crop, storage_options=so)
-            out[name] = ds.map_batches(CachedSamples(cfg), **args)
+            ds = (cache.randomize_block_order() if crop else cache).map_batches(CachedSamples(cfg), **args)
+            out[name] = ds.materialize() if held and not crop else ds  # validation is the same every epoch
         return _quiet(out)
     pair = PairConfig(spec.num_classes, None, max_megapixels=spec.max_megapixels)
     for name, pairs in (("train", spec.train), ("val", spec.val)):
@@ -128,6 +133,23 @@ def datasets(spec: DataSpec) -> dict:
             ds = ds.map_batches(fn, **args)
         out[name] = ds
     return _quiet(out)
+
+
+MEMORY_SHARE = 0.25  # of the cluster's object store that a cache may hold for a whole run
+
+
+def fits_in_memory(files: list[str], storage_options: dict | None, object_store_bytes: float) -> bool:
+    """Whether the cache parts `files` may be held in the object store for the whole run."""
+    import fsspec
+
+    if not files:
+        return False
+    fs, _ = fsspec.core.url_to_fs(files[0], **(storage_options or {}))
+    stored = sum(fs.size(f) for f in files)
+    # features are fp16 Parquet with little to compress: in memory about their size on disk
+    budget = MEMORY_SHARE * object_store_bytes
+    log.info("feature cache: %.1f MB on disk, %s", stored / 1e6, "held in memory" if stored <= budget else "read every epoch")
+    return stored <= budget
 
 
 def _quiet(named: dict) -> dict:

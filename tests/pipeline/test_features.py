@@ -316,3 +316,15 @@ def test_a_mask_that_went_bad_is_ignored_with_a_warning(tmp_path, caplog, proble
     assert row["image"] in caplog.text
     if problem != "class":  # the other row of the batch is unaffected
         assert out["label"][1][0, 1] == 0 and out["label"][1][0, 14 + 1] == 1
+
+
+def test_a_small_cache_is_held_in_memory_a_large_one_streams(tmp_path):
+    from pipeline.train_graph import MEMORY_SHARE, fits_in_memory
+
+    parts = []
+    for i, size in enumerate((3000, 1000)):
+        parts.append(str(tmp_path / f"part-{i}.parquet"))
+        (tmp_path / f"part-{i}.parquet").write_bytes(b"x" * size)
+    assert fits_in_memory(parts, None, 4000 / MEMORY_SHARE)  # exactly the share: held
+    assert not fits_in_memory(parts, None, 3999 / MEMORY_SHARE)
+    assert not fits_in_memory([], None, 1e12)  # nothing cached: nothing to hold
