@@ -140,6 +140,7 @@ def run(config: SegmentConfig) -> dict:
     from model.classes import save_class_map
     from pipeline import graph
     from pipeline.decode import Decode, DecodeConfig
+    from model.weights import weights_env
     from pipeline.predict import Predict, PredictConfig
     from pipeline.rows import RollingParquetWriter
     from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
@@ -151,7 +152,8 @@ def run(config: SegmentConfig) -> dict:
     out = config.output.rstrip("/")
     inference = inference_config(config)
     predict_config = PredictConfig(config.model, config.backbone, config.head, config.backbone_weights, inference,
-                                   config.device, keep_image=config.overlays, storage_options=so)
+                                   config.device, keep_image=config.overlays, storage_options=so,
+                                   weights_env=weights_env())
     # Load the model once on the driver first: a wrong name, path or weights file fails here in one
     # sentence, before any cluster work, and the classes are known for writing masks.
     # On the CPU: the driver (a cluster's head node) may have no GPU even when the actors do.

@@ -197,6 +197,7 @@ def run(config: TrainConfig) -> dict:
 
     # the backbone loads on the driver first: a wrong name or weights file fails here, in one sentence
     from model.hub import load_backbone
+    from model.weights import weights_env
 
     load_backbone(config.backbone, config.backbone_weights, so)
 
@@ -229,7 +230,7 @@ def run(config: TrainConfig) -> dict:
             out, run_id, head.to_dict(), classes.to_dict(), config.backbone, config.backbone_weights, config.resolution,
             config.cache, config.epochs, per_worker, steps_per_epoch(len(train), workers, per_worker),
             Schedule(config.lr, config.weight_decay, config.warmup, config.schedule), weights, config.precision,
-            config.seed, run_settings | {"val_pairs": len(val)}, so,
+            config.seed, run_settings | {"val_pairs": len(val)}, so, weights_env=weights_env(),
         )
         spec = DataSpec(train, val, len(classes), config.resolution, config.crop, cache_folder, so,
                         max_megapixels=config.max_megapixels)
@@ -281,6 +282,7 @@ def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -
 def _check_pass(config, train, val, classes, layers, so, cluster):
     """Read and check every pair once (and fill the feature cache); bad pairs become problems."""
     from pipeline import graph
+    from model.weights import weights_env
     from pipeline.features import FeatureConfig, cached_sizes
     from pipeline.pairs import Pairs, problem
     from pipeline.train_graph import check_pass, pairs_table
@@ -291,7 +293,7 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
     cached = {}
     if config.cache:
         features = FeatureConfig(config.backbone, tuple(layers), config.resolution, config.backbone_weights,
-                                 precision=config.precision, storage_options=so)
+                                 precision=config.precision, storage_options=so, weights_env=weights_env())
         folder = features.folder(config.cache_dir or f"{config.output.rstrip('/')}/cache")
         cached = cached_sizes(folder, so)
     pair = PairConfig(len(classes), config.resolution if config.cache else None, max_megapixels=config.max_megapixels,

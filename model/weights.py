@@ -82,6 +82,21 @@ def hub_url() -> str:
     return os.environ.get("DINOSEG_HUB", DEFAULT_HUB).rstrip("/")
 
 
+WEIGHTS_ENV = ("DINOSEG_HUB", "DINOSEG_CACHE")
+
+
+def weights_env() -> dict[str, str]:
+    """Where weights come from, as this process's environment says. A job's driver hands it to
+    the actors that load weights: workers of a cluster the driver joined do not share its
+    environment, and the driver is where the user set it."""
+    return {k: os.environ[k] for k in WEIGHTS_ENV if k in os.environ}
+
+
+def use_weights_env(env: dict[str, str] | None) -> None:
+    """In a worker process: take the driver's weights settings (see weights_env)."""
+    os.environ.update({k: v for k, v in (env or {}).items() if k in WEIGHTS_ENV})
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DINOSEG_CACHE", "~/.cache/dinoseg")).expanduser()
 

@@ -18,7 +18,7 @@ import io
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,7 @@ class FeatureConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     storage_options: dict | None = None
+    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
 
     def folder(self, cache: str) -> str:
         """Where these features live: everything that changes them is in the name."""
@@ -94,6 +95,9 @@ class ComputeFeatures:
 
         from model.device import choose_device, choose_precision
         from model.hub import load_backbone
+        from model.weights import use_weights_env
+
+        use_weights_env(config.weights_env)
 
         self.config = config
         self.device = choose_device(config.device)

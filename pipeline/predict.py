@@ -29,9 +29,13 @@ class PredictConfig:
     keep_confidence: bool = False  # pass the confidence map on, as uint16 (see quantize_confidence)
     threads: int | None = None  # torch threads for CPU inference (default: every core of the node)
     storage_options: dict | None = None
+    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
 
     def build(self):
         from model.hub import build_segmenter
+        from model.weights import use_weights_env
+
+        use_weights_env(self.weights_env)
 
         return build_segmenter(
             None if self.head else self.model,

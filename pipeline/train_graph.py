@@ -186,6 +186,7 @@ class LoopConfig:
     seed: int = 0
     settings: dict = field(default_factory=dict)  # the job's options, stored with the state
     storage_options: dict | None = None
+    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
 
 
 def fit(loop: LoopConfig, data: dict, workers: int, use_gpu: bool, cpus_per_worker: float | None,

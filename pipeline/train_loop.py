@@ -78,6 +78,9 @@ def train_loop(config: dict) -> None:
     source = FeatureSource(head_config.layers, head_config.embed_dim, precision=precision)
     if not loop.cached:
         from model.hub import load_backbone
+        from model.weights import use_weights_env
+
+        use_weights_env(loop.weights_env)
 
         backbone = load_backbone(loop.backbone, loop.backbone_weights, loop.storage_options)
         backbone.requires_grad_(False).eval().to(device)

@@ -19,7 +19,7 @@ from model.backbone import BACKBONES, DinoVisionTransformer, backbone_config, bu
 from model.convert import to_meta_layout
 from model.errors import DinosegError, UnknownModelError, WeightsError
 from model.hub import build_segmenter, load_backbone
-from model.weights import SEGMENTATION_MODELS, backbone_file, fetch_hub_file, load_checkpoint, segmentation_model
+from model.weights import SEGMENTATION_MODELS, backbone_file, fetch_hub_file, hub_url, load_checkpoint, segmentation_model
 
 HUB_FILE = "dinov2_vits14/dinov2_vits14_pretrain.pth"
 
@@ -386,3 +386,15 @@ def test_layouts_load_from_files(tmp_path, vits14_state_dict, layout):
     path = tmp_path / f"{layout}.pth"
     torch.save(_layout(vits14_state_dict, layout), path)
     assert_same_weights(load_backbone("dinov2_vits14", weights=str(path)), vits14_state_dict)
+
+
+def test_the_drivers_weights_settings_travel_to_workers(monkeypatch, tmp_path):
+    from model.weights import use_weights_env, weights_env
+
+    monkeypatch.setenv("DINOSEG_HUB", str(tmp_path / "hub"))
+    monkeypatch.delenv("DINOSEG_CACHE", raising=False)
+    sent = weights_env()
+    assert sent == {"DINOSEG_HUB": str(tmp_path / "hub")}  # what is unset stays unset (the worker's default)
+    monkeypatch.setenv("DINOSEG_HUB", "elsewhere")  # a worker started with another environment
+    use_weights_env(sent | {"PATH": "/nowhere"})  # only the weights settings are taken
+    assert hub_url() == str(tmp_path / "hub") and os.environ["PATH"] != "/nowhere"
