@@ -144,14 +144,16 @@ def run(config: SegmentConfig) -> dict:
     from pipeline.predict import Predict, PredictConfig
     from pipeline.rows import RollingParquetWriter
     from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
-    from pipeline.sinks import WriteConfig, WriteMasks, write_run_json
+    from pipeline.sinks import WriteConfig, WriteMasks, absolute_input, write_run_json
     from pipeline.sources import ReadBytes, list_inputs
 
     started = time.time()
     so = config.storage_options or None
     out = config.output.rstrip("/")
     inference = inference_config(config)
-    predict_config = PredictConfig(config.model, config.backbone, config.head, config.backbone_weights, inference,
+    # local files as absolute paths: the actors do not run in this process's folder
+    predict_config = PredictConfig(config.model, config.backbone, absolute_input(config.head),
+                                   absolute_input(config.backbone_weights), inference,
                                    config.device, keep_image=config.overlays, storage_options=so,
                                    weights_env=weights_env())
     # Load the model once on the driver first: a wrong name, path or weights file fails here in one

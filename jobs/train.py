@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Optional
 
@@ -175,12 +175,17 @@ def run(config: TrainConfig) -> dict:
     from model.heads import HeadConfig
     from pipeline import graph
     from pipeline.pairs import list_pairs, split_pairs
+    from pipeline.sinks import absolute_input, absolute_output
     from pipeline.train_graph import DataSpec, LoopConfig, datasets, fit, steps_per_epoch, write_text
     from pipeline.train_loop import read_state
     from pipeline.training import Schedule
 
     started = time.time()
     _check(config)
+    # local paths as absolute ones: Ray's workers (a joined cluster's, or a Ray started in another
+    # folder) do not run in this process's folder
+    config = replace(config, output=absolute_output(config.output), backbone_weights=absolute_input(config.backbone_weights),
+                     cache_dir=absolute_output(config.cache_dir) if config.cache_dir else None)
     so = config.storage_options or None
     out = config.output.rstrip("/")
     classes = load_class_map(config.classes, so)

@@ -137,6 +137,14 @@ def absolute_output(output: str) -> str:
     return output
 
 
+def absolute_input(url: str | None) -> str | None:
+    """A local file the workers will read (a head, weights) as an absolute path; URLs, None and
+    the word 'random' unchanged."""
+    if not url or url == "random" or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 

@@ -451,3 +451,12 @@ def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bit
     assert existing_keys(cfg.output) == {"c/k"}  # no mask without its confidence map
     with pytest.raises(DinosegError, match="8 or 16"):
         WriteConfig("out", VOC, confidence_bits=4)
+
+
+def test_local_inputs_the_workers_read_become_absolute(tmp_path, monkeypatch):
+    from pipeline.sinks import absolute_input
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_input("./run/head.pt") == str(tmp_path / "run" / "head.pt")
+    for unchanged in (None, "random", "s3://b/head.pt", "file:///x/head.pt", "/abs/head.pt"):
+        assert absolute_input(unchanged) == unchanged
