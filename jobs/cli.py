@@ -40,7 +40,7 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 
 
 def _register() -> None:
-    from jobs import evaluate, export, pseudo_label, segment, self_train, synthetic, train
+    from jobs import demo, evaluate, export, pseudo_label, segment, self_train, synthetic, train
 
     app.command("segment")(segment.command)
     app.command("pseudo-label")(pseudo_label.command)
@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("evaluate")(evaluate.command)
     app.command("export")(export.command)
     app.command("synthetic")(synthetic.command)
+    app.command("demo")(demo.command)
 
 
 def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg") -> int:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.backbone import build_backbone
+from hubs import write_hub
+
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.classes import ClassMap, bundled
 from model.errors import DinosegError, UnknownModelError
@@ -18,34 +19,12 @@ from model.segmenter import InferenceConfig
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def mmseg_head(num_classes: int, channels: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "meta": {"CLASSES": ["x"] * num_classes, "mmcv_version": "1.5.0"},
-        "state_dict": {
-            "decode_head.conv_seg.weight": torch.randn(num_classes, channels, 1, 1, generator=g) * 0.5,
-            "decode_head.conv_seg.bias": torch.randn(num_classes, generator=g),
-            "decode_head.bn.weight": torch.rand(channels, generator=g) + 0.5,
-            "decode_head.bn.bias": torch.randn(channels, generator=g) * 0.1,
-            "decode_head.bn.running_mean": torch.randn(channels, generator=g) * 0.1,
-            "decode_head.bn.running_var": torch.rand(channels, generator=g) + 0.5,
-            "decode_head.bn.num_batches_tracked": torch.tensor(40000),
-        },
-    }
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A hub folder in Meta's layout with a random ViT-S/14 and its four VOC/ADE heads."""
     root = tmp_path_factory.mktemp("hub")
-    (root / "dinov2_vits14").mkdir()
-    torch.manual_seed(0)
-    sd = build_backbone("dinov2_vits14").state_dict()
-    torch.save(sd, root / "dinov2_vits14" / "dinov2_vits14_pretrain.pth")
-    for seed, (dataset, n) in enumerate([("voc2012", 21), ("ade20k", 150)]):
-        for kind, channels in [("linear", 384), ("ms", 4 * 384)]:
-            path = root / "dinov2_vits14" / f"dinov2_vits14_{dataset}_{kind}_head.pth"
-            torch.save(mmseg_head(n, channels, seed), path)
+    names = [f"dinov2_vits14_{dataset}_{kind}" for dataset in ("voc2012", "ade20k") for kind in ("linear", "ms")]
+    sd = write_hub(root, names)["dinov2_vits14"]
     return root, sd
 
 
