@@ -43,9 +43,11 @@ def commands(text: str | None = None) -> list[list[str]]:
 
 
 def command(prefix: str) -> list[str]:
-    """The README command that starts with `prefix` (as written, spaces normalised). Several
-    identical ones count as one; two different ones are an error: make the prefix longer."""
+    """The README command that starts with `prefix` (as written, spaces normalised), or is it.
+    Several identical ones count as one; two different ones are an error: make the prefix longer."""
     matches = {tuple(c) for c in commands() if shlex.join(c).startswith(prefix)}
+    exact = {m for m in matches if shlex.join(m) == prefix}
+    matches = exact or matches  # a whole command is itself, not the start of a longer one
     if len(matches) != 1:
         raise LookupError(f"{len(matches)} README commands start with {prefix!r}: {sorted(matches)}")
     return list(matches.pop())

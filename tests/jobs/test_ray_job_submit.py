@@ -1,0 +1,168 @@
+"""`ray job submit` end to end: a real Ray head (`ray start --head` on loopback, in a temp dir),
+the README's submit commands as written, a loopback S3 endpoint for the bucket, random weights
+in a local hub. The head is this test's own and is stopped at the end."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from hubs import write_hub
+from PIL import Image
+from readme import ROOT, command
+
+from pipeline.synthetic import write_synthetic
+
+pytestmark = pytest.mark.slow
+BUCKET = "my-bucket"  # the README's bucket
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, seconds: float, process: subprocess.Popen, log: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Ray head exited ({process.returncode}): {Path(log).read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing answered at {url} within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def cluster_env(tmp_path_factory, s3_server):
+    """The environment of the head and of the `ray` client: the venv first on PATH (the job's
+    `python`), a private HOME for Ray's auth token, the weights hub, S3 credentials + endpoint
+    (on a cluster, an instance profile and the region)."""
+    hub = tmp_path_factory.mktemp("hub")
+    write_hub(hub, ["dinov2_vitl14_ade20k_ms", "dinov2_vitb14"])
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "DINOSEG_"))}
+    env |= {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "HOME": str(home),
+        # token auth, with a token of this test's (a private HOME has no ~/.ray/auth_token): the
+        # head requires it and the job CLI sends it only with RAY_AUTH_MODE=token
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "DINOSEG_HUB": str(hub), "DINOSEG_CACHE": str(home / "cache"),
+        "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(cluster_env):
+    """`ray start --head --block` in its own process group and temp dir; yields the dashboard URL."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = free_port()
+    log = open(f"{temp}.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 120, head, f"{temp}.log")
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # what has not exited by now (Ray's own shutdown takes ~30 s) is killed
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        os.remove(f"{temp}.log")
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=BUCKET)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server})
+
+
+def submit(argv: list[str], address: str, env: dict) -> str:
+    """Run a README `ray job submit` command from the checkout; returns the job's log after
+    checking that the job SUCCEEDED."""
+    assert argv[:2] == ["ray", "job"]
+    env = env | {"RAY_ADDRESS": address}
+    done = subprocess.run([str(BIN / "ray"), *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    output = done.stdout + done.stderr
+    job = re.search(r"Job '(raysubmit_\w+)'", output)
+    assert done.returncode == 0 and job, output[-3000:]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", job[1]], env=env, capture_output=True, text=True)
+    assert f"Job '{job[1]}' succeeded" in status.stdout + status.stderr, output[-3000:]  # SUCCEEDED, asked anew
+    return output
+
+
+def jpeg(seed: int, w: int = 72, h: int = 56) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_submit_segment_to_a_local_head(ray_head, cluster_env, bucket):
+    bucket.pipe({f"{BUCKET}/photos/a.jpg": jpeg(0), f"{BUCKET}/photos/sub/b.jpg": jpeg(1, 40, 64),
+                 f"{BUCKET}/photos/broken.jpg": b"not an image"})
+    argv = command("ray job submit --working-dir . -- python -m jobs.segment")
+    output = submit(argv, ray_head, cluster_env)
+    assert "dinov2_vitl14_ade20k_ms" in output
+    out = argv[argv.index("jobs.segment") + 2].removeprefix("s3://").rstrip("/")
+    with bucket.open(f"{out}/masks/sub/b.png") as f:
+        assert Image.open(f).size == (40, 64)  # the input's size
+    assert bucket.exists(f"{out}/masks/a.png") and not bucket.exists(f"{out}/masks/broken.png")
+    errors = pq.read_table(bucket.open(bucket.glob(f"{out}/errors/*.parquet")[0])).to_pylist()
+    assert [(e["key"], e["stage"]) for e in errors] == [("broken", "decode")]
+    assert bucket.exists(f"{out}/run.json")
+
+
+def test_submit_train_to_a_local_head(ray_head, cluster_env, bucket, tmp_path):
+    argv = command("ray job submit --working-dir . -- python -m jobs.train")
+    images, masks = (argv[argv.index("jobs.train") + i].removeprefix("s3://").rstrip("/") for i in (1, 2))
+    classes = argv[argv.index("--classes") + 1].removeprefix("s3://")
+    output_url = argv[argv.index("--output") + 1].removeprefix("s3://")
+    write_synthetic(str(tmp_path), train=10, val=0, size=56, seed=2)
+    files = {f"{images}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "images").iterdir()}
+    files |= {f"{masks}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "masks").iterdir()}
+    bucket.pipe(files | {classes: (tmp_path / "classes.yaml").read_bytes()})
+    output = submit(argv, ray_head, cluster_env)
+    assert "best" in output.lower()
+    assert {"head.pt", "last.pt", "metrics.jsonl", "train.json"} <= {p.rsplit("/", 1)[-1] for p in bucket.ls(output_url)}
