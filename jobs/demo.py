@@ -24,14 +24,14 @@ RANDOM_BACKBONE_NOTE = (
 class DemoConfig:
     output: str = "dinoseg-demo"
     workers: int = 2
-    epochs: int = 4
+    epochs: int = 8
     address: Optional[str] = None
 
 
 def command(
     output: str = typer.Argument("dinoseg-demo", help="Folder for the demo's data, head, masks and overlays."),
     workers: int = typer.Option(2, help="Ray Train workers."),
-    epochs: int = typer.Option(4, help="Training epochs."),
+    epochs: int = typer.Option(8, help="Training epochs."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default RAY_ADDRESS, else local Ray)."),
 ) -> None:
     """Offline demo on the CPU: synthetic data, train a head (random backbone), segment, evaluate."""

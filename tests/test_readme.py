@@ -153,10 +153,11 @@ def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys)
         return capsys.readouterr().out
 
     run(command("./dinoseg synthetic ./syn"))
-    run(command("./dinoseg train ./syn/train/images"))
+    train = command("./dinoseg train ./syn/train/images")
+    run(train)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best = max(r["val_miou"] for r in history)
-    assert len(history) == 4 and best >= 0.6  # "about 0.7" in the README
+    assert len(history) == int(train[train.index("--epochs") + 1]) and best >= 0.65  # "about 0.75" in the README
     run(command("./dinoseg segment ./syn/val/images ./seg"))
     printed = run(command("./dinoseg evaluate ./seg/masks"))
     evaluation = json.loads((tmp_path / "seg" / "masks" / "evaluation.json").read_text())
