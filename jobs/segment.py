@@ -204,8 +204,8 @@ def run(config: SegmentConfig) -> dict:
     try:
         if len(rows):  # nothing left to do (a finished run re-run) needs no Ray at all
             started_ray = graph.start_ray(config.address)
-            resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor,
-                                        config.decode_cpus, config.batch_size).resolve(graph.cluster_resources())
+            resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
+                                        config.batch_size).resolve(graph.cluster_resources(joined=not started_ray))
             log.info("resources: %s", resources)
             write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so,
                                            confidence_bits=config.confidence))

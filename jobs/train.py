@@ -217,7 +217,7 @@ def run(config: TrainConfig) -> dict:
 
     started_ray = graph.start_ray(config.address)
     try:
-        cluster = graph.cluster_resources()
+        cluster = graph.cluster_resources(joined=not started_ray)
         train, val, bad, cache_folder = _check_pass(config, train, val, classes, layers, so, cluster)
         problems += bad
         counts = {"train_pairs": len(train), "val_pairs": len(val), "problems": len(problems)}

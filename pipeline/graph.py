@@ -14,7 +14,10 @@ from typing import Iterator
 import pyarrow as pa
 
 log = logging.getLogger(__name__)
-GPU_CEILING = "dinoseg:autoscaler_gpus"  # key in cluster_resources(): GPUs the autoscaler may add
+GPU_CEILING = "dinoseg:autoscaler_gpus"  # key in cluster_resources(): GPUs the cluster may grow to
+# `ray up` writes the cluster config, with each node type's resources filled in, here on the head
+# node, where `ray job submit` runs the job's driver
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,13 @@ class Resources:
 
     def resolve(self, cluster: dict) -> "Resources":
         gpus, cpus = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
-        # An autoscaling cluster whose GPU workers start at zero has no GPU yet: plan for the GPUs
-        # it can add, and start as soon as the first one is up (a fixed pool of the maximum would
-        # wait for every node, and forever when the cloud has fewer to give).
-        addable = int(cluster.get(GPU_CEILING, 0)) if not gpus else 0
-        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus or addable else 0)
-        actors = self.actors or (max(1, int((gpus or addable) // gpa)) if gpa else 1)
-        min_actors = self.min_actors or (1 if addable and not self.actors else actors)
+        # An autoscaling cluster (GPU workers from zero) has fewer GPUs now than it may have: plan
+        # for the most, and start with those that are up, or with one as soon as one is (a fixed
+        # pool of the maximum would wait for every node, and forever when the cloud has fewer).
+        most = max(gpus, int(cluster.get(GPU_CEILING, 0)))
+        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if most else 0)
+        actors = self.actors or (max(1, int(most // gpa)) if gpa else 1)
+        min_actors = self.min_actors or (max(1, int(gpus // gpa)) if gpa and not self.actors else actors)
         # On the CPU an actor reserves what decoding leaves (its torch threads use every core anyway);
         # a request of all CPUs would starve the decode tasks and hang the job.
         cpa = self.cpus_per_actor or (1.0 if gpa else max(0.25, (cpus - self.decode_cpus) / actors))
@@ -99,22 +102,61 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def cluster_resources() -> dict:
-    """The cluster's resources now, plus `GPU_CEILING`: the GPUs its autoscaler may add (a GPU
-    worker group with min_workers 0 shows no GPU until a job asks for one)."""
+def cluster_resources(joined: bool = True) -> dict:
+    """The cluster's resources now, plus `GPU_CEILING` when the cluster may grow to more GPUs
+    than it has (a GPU worker group with min_workers 0 shows no GPU until a job asks for one).
+    `joined`: this process joined a cluster (an embedded Ray never grows)."""
     import ray
 
     now = dict(ray.cluster_resources())
-    try:  # Ray Train and Ray Data read the autoscaler's limits the same way; it is not public API
+    most = _autoscaler_gpus() if joined else 0.0
+    if most > now.get("GPU", 0):
+        now[GPU_CEILING] = most
+    return now
+
+
+def _autoscaler_gpus() -> float:
+    """The most GPUs the autoscaler may bring up: from the limits an autoscaler reports to the GCS
+    (what Ray Train and Ray Data read; not public API, and Ray 2.60's VM autoscaler reports none),
+    else from the `ray up` config on this node."""
+    try:
         from ray._private.state import state
 
-        most = state.get_max_resources_from_cluster_config() or {}
+        reported = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+        if reported:
+            return float(reported)
     except Exception as e:  # noqa: BLE001 - without the limits, plan with what is there
-        log.debug("no autoscaler limits: %s", e)
-        most = {}
-    if most.get("GPU", 0) > now.get("GPU", 0):
-        now[GPU_CEILING] = float(most["GPU"])
-    return now
+        log.debug("no autoscaler limits in the GCS: %s", e)
+    path = os.path.expanduser(LAUNCHER_CONFIG)
+    if not os.path.exists(path):
+        return 0.0
+    try:
+        import yaml
+
+        with open(path) as f:
+            return launcher_gpus(yaml.safe_load(f) or {})
+    except Exception as e:  # noqa: BLE001 - an unreadable config: plan with what is there
+        log.warning("could not read the cluster's limits from %s (%s): planning with the GPUs that are up", path, e)
+        return 0.0
+
+
+def launcher_gpus(config: dict) -> float:
+    """The most GPUs a cluster launcher config allows: the head's, plus each worker type's GPUs x
+    its max_workers, within the cluster's max_workers."""
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    cap = config.get("max_workers")
+    head_gpus, workers, largest = 0.0, 0.0, 0.0
+    for name, node_type in types.items():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0))
+        if name == head:
+            head_gpus = gpus
+            continue
+        workers += gpus * int(node_type.get("max_workers", cap or 0))
+        largest = max(largest, gpus)
+    if cap is not None:
+        workers = min(workers, largest * int(cap))
+    return head_gpus + workers
 
 
 def stop_ray() -> None:

@@ -38,3 +38,47 @@ def test_an_autoscaling_cluster_plans_for_the_gpus_it_can_add():
     assert (fixed.actors, fixed.min_actors) == (3, 3)
     # a CPU-only cluster stays on the CPU
     assert Resources().resolve({"CPU": 4.0}).gpus_per_actor == 0
+
+
+def test_a_cluster_with_some_gpus_up_still_plans_for_the_rest():
+    from pipeline.graph import GPU_CEILING
+
+    # one GPU worker left from an earlier job, up to 8: start with it, grow to 8
+    r = Resources().resolve({"CPU": 8.0, "GPU": 1.0, GPU_CEILING: 8.0})
+    assert (r.gpus_per_actor, r.actors, r.min_actors) == (1, 8, 1)
+
+
+def test_the_gpus_a_ray_up_config_allows():
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.graph import launcher_gpus
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "cluster.yaml").read_text())
+    assert launcher_gpus(config) == 0  # as written: `ray up` fills in the resources of each instance type
+    config["available_node_types"]["gpu"]["resources"] = {"CPU": 8, "GPU": 1}  # what it fills in for g5.2xlarge
+    assert launcher_gpus(config) == 8
+    config["available_node_types"]["gpu"]["max_workers"] = 3
+    assert launcher_gpus(config) == 3
+    # two GPU types of 8 each, but the cluster's max_workers allows 4 nodes of the larger at most
+    config["available_node_types"]["p4d"] = {"resources": {"GPU": 8}, "max_workers": 8, "node_config": {}}
+    config["max_workers"] = 4
+    assert launcher_gpus(config) == 32
+
+
+def test_cluster_resources_reads_the_launcher_config_only_when_joined(ray_local, tmp_path, monkeypatch):
+    import json
+
+    from pipeline import graph
+
+    config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 8}}}
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(config))  # `ray up` writes JSON there
+    monkeypatch.setattr(graph, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
+    assert graph.cluster_resources(joined=True)[graph.GPU_CEILING] == 8
+    assert graph.GPU_CEILING not in graph.cluster_resources(joined=False)  # an embedded Ray never grows
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("{not yaml: [")
+    assert graph.GPU_CEILING not in graph.cluster_resources(joined=True)  # unreadable: plan with what is up
+    monkeypatch.setattr(graph, "LAUNCHER_CONFIG", str(tmp_path / "absent.yaml"))
+    assert graph.GPU_CEILING not in graph.cluster_resources(joined=True)
