@@ -329,8 +329,8 @@ def _report_problems(problems: list[dict], out: str, so) -> None:
 def summary(info: dict) -> str:
     lines = [f"{'epoch':>5}  {'loss':>8}  {'val mIoU':>8}  {'seconds':>8}"]
     for r in info["history"]:
-        miou = r.get("val_miou")
-        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>8.4f}  {miou if miou is None else f'{miou:.4f}':>8}  {r['seconds']:>8.1f}")
+        miou = "-" if r.get("val_miou") is None else f"{r['val_miou']:.4f}"  # no validation pairs: no mIoU
+        lines.append(f"{r['epoch']:>5}  {r['train_loss']:>8.4f}  {miou:>8}  {r['seconds']:>8.1f}")
     c = info["counts"]
     best = info["best"] or {}
     lines.append(f"pairs: {c['train_pairs']} train, {c['val_pairs']} validation, {c['problems']} left out")

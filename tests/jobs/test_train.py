@@ -3,6 +3,7 @@ Two workers on the synthetic set, and the head driving `segment`, are in test_de
 README's training commands (tests/test_readme.py)."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -101,11 +102,16 @@ def test_a_killed_run_resumes_from_last_pt(small, tmp_path):
     assert info["epochs_done"] == 3 and "best validation mIoU" in resumed.stdout
 
 
-def test_s3_output_and_cache(ray_local, small, s3_bucket):
+def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, monkeypatch, caplog):
+    from pipeline import train_graph
+
     bucket, so = s3_bucket
     out = f"s3://{bucket}/runs/a"
-    info = run(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
-    assert info["epochs_done"] == 1
+    monkeypatch.setattr(train_graph, "MEMORY_SHARE", 0.0)  # as a cache too large to hold: streamed from S3
+    with caplog.at_level(logging.INFO, logger=train_graph.log.name):
+        info = run(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
+    assert "read every epoch" in caplog.text and "held in memory" not in caplog.text
+    assert info["epochs_done"] == 1 and info["history"][0]["train_samples"] == info["counts"]["train_pairs"]
     import fsspec
 
     fs = fsspec.filesystem("s3", **so)
@@ -128,3 +134,14 @@ def test_option_errors_are_one_sentence(tmp_path, small):
     with pytest.raises(DinosegError, match="no masks"):
         run(TrainConfig(f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"))
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
+
+
+def test_the_summary_of_a_run_without_validation_pairs():
+    from jobs.train import summary
+
+    # a small pair set can leave --val-fraction's hash split empty: epochs then have no mIoU
+    info = {"history": [{"epoch": 1, "train_loss": 1.5, "seconds": 2.0}, {"epoch": 2, "train_loss": 0.5, "val_miou": None, "seconds": 1.0}],
+            "counts": {"train_pairs": 22, "val_pairs": 0, "problems": 0}, "best": {"miou": None, "epoch": 2}, "head": "run/head.pt"}
+    lines = summary(info).splitlines()
+    assert lines[1].split() == ["1", "1.5000", "-", "2.0"] and lines[2].split()[2] == "-"
+    assert "0 validation" in lines[3] and not any("best validation" in line for line in lines)
