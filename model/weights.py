@@ -88,8 +88,10 @@ WEIGHTS_ENV = ("DINOSEG_HUB", "DINOSEG_CACHE")
 def weights_env() -> dict[str, str]:
     """Where weights come from, as this process's environment says. A job's driver hands it to
     the actors that load weights: workers of a cluster the driver joined do not share its
-    environment, and the driver is where the user set it."""
-    return {k: os.environ[k] for k in WEIGHTS_ENV if k in os.environ}
+    environment, and the driver is where the user set it. A local folder is made absolute: the
+    workers run in another directory."""
+    env = {k: os.environ[k] for k in WEIGHTS_ENV if os.environ.get(k)}
+    return {k: v if "://" in v else os.path.abspath(os.path.expanduser(v)) for k, v in env.items()}
 
 
 def use_weights_env(env: dict[str, str] | None) -> None:

@@ -398,3 +398,12 @@ def test_the_drivers_weights_settings_travel_to_workers(monkeypatch, tmp_path):
     monkeypatch.setenv("DINOSEG_HUB", "elsewhere")  # a worker started with another environment
     use_weights_env(sent | {"PATH": "/nowhere"})  # only the weights settings are taken
     assert hub_url() == str(tmp_path / "hub") and os.environ["PATH"] != "/nowhere"
+
+
+def test_relative_weights_folders_are_sent_as_absolute_paths(monkeypatch, tmp_path):
+    from model.weights import weights_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DINOSEG_CACHE", "./cache")  # relative to the user's folder, not the worker's
+    monkeypatch.setenv("DINOSEG_HUB", "s3://my-bucket/weights")
+    assert weights_env() == {"DINOSEG_CACHE": str(tmp_path / "cache"), "DINOSEG_HUB": "s3://my-bucket/weights"}
