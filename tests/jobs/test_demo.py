@@ -36,4 +36,3 @@ def test_the_demo_trains_segments_evaluates_and_says_the_backbone_is_random(ray_
     assert f"{evaluation['miou']:.3f}" in printed
     assert len(list((out / "segment" / "overlays").glob("*.jpg"))) == 16
     assert str(out / "segment" / "overlays") in printed
-

@@ -5,6 +5,7 @@ in a local hub. The head is this test's own and is stopped at the end."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import secrets
@@ -72,6 +73,7 @@ def cluster_env(tmp_path_factory, s3_server):
         "DINOSEG_HUB": str(hub), "DINOSEG_CACHE": str(home / "cache"),
         "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # epochs of a few images: see graph.start_ray
     }
     return env
 
@@ -85,6 +87,9 @@ def ray_head(cluster_env):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+         # not the default 52365, which this session's own Ray agent already holds: a head whose
+         # agent cannot bind it takes no jobs ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -94,15 +99,12 @@ def ray_head(cluster_env):
     finally:
         if head.poll() is None:
             stop_jobs(f"http://127.0.0.1:{dashboard}", cluster_env)
-        os.killpg(head.pid, signal.SIGTERM)
+        signal_group(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        try:  # what has not exited by now (Ray's own shutdown takes ~30 s) is killed
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_group(head.pid, signal.SIGKILL)  # what has not exited by now (Ray's shutdown takes ~30 s)
         head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
@@ -118,7 +120,16 @@ def stop_jobs(address: str, env: dict) -> None:
               "[c.stop_job(j) for j in live]\n"
               "end = time.time() + 30\n"
               "while live and time.time() < end and not all(c.get_job_status(j).is_terminal() for j in live): time.sleep(1)\n")
-    subprocess.run([sys.executable, "-c", script, address], env=env, capture_output=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-c", script, address], env=env, capture_output=True, text=True, timeout=60)
+    if done.returncode:  # the teardown goes on; what may be left running is said
+        sys.stderr.write(f"could not stop the head's jobs; a job's driver may still run: {done.stderr[-2000:]}\n")
+
+
+def signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the group has exited already
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +148,12 @@ def submit(argv: list[str], address: str, env: dict) -> str:
     checking that the job SUCCEEDED."""
     assert argv[:2] == ["ray", "job"]
     env = env | {"RAY_ADDRESS": address}
-    deadline = time.time() + 120
+    deadline = time.time() + 60
     while True:
         done = subprocess.run([str(BIN / "ray"), *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=480)
         output = plain(done.stdout + done.stderr)
-        # the dashboard answers before the head's job agent has registered; the job was not
+        # the dashboard can answer before the head's job agent has registered; the job was not
         # created then, so submitting again is what the message asks for
         if "No available agent to submit job" not in output or time.time() > deadline:
             break
@@ -170,15 +181,15 @@ def test_submit_segment_to_a_local_head(ray_head, cluster_env, bucket):
     bucket.pipe({f"{BUCKET}/photos/a.jpg": jpeg(0), f"{BUCKET}/photos/sub/b.jpg": jpeg(1, 40, 64),
                  f"{BUCKET}/photos/broken.jpg": b"not an image"})
     argv = command("ray job submit --working-dir . -- python -m jobs.segment")
-    output = submit(argv, ray_head, cluster_env)
-    assert "dinov2_vitl14_ade20k_ms" in output
+    submit(argv, ray_head, cluster_env)
     out = argv[argv.index("jobs.segment") + 2].removeprefix("s3://").rstrip("/")
+    # the README's model, its weights from the hub the job was given (DINOSEG_HUB reached the actors)
+    assert json.loads(bucket.cat(f"{out}/run.json"))["model"] == argv[argv.index("--model") + 1]
     with bucket.open(f"{out}/masks/sub/b.png") as f:
         assert Image.open(f).size == (40, 64)  # the input's size
     assert bucket.exists(f"{out}/masks/a.png") and not bucket.exists(f"{out}/masks/broken.png")
     errors = pq.read_table(bucket.open(bucket.glob(f"{out}/errors/*.parquet")[0])).to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("broken", "decode")]
-    assert bucket.exists(f"{out}/run.json")
 
 
 def test_submit_train_to_a_local_head(ray_head, cluster_env, bucket, tmp_path):
@@ -190,6 +201,8 @@ def test_submit_train_to_a_local_head(ray_head, cluster_env, bucket, tmp_path):
     files = {f"{images}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "images").iterdir()}
     files |= {f"{masks}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "masks").iterdir()}
     bucket.pipe(files | {classes: (tmp_path / "classes.yaml").read_bytes()})
-    output = submit(argv, ray_head, cluster_env)
-    assert "best" in output.lower()
+    submit(argv, ray_head, cluster_env)
     assert {"head.pt", "last.pt", "metrics.jsonl", "train.json"} <= {p.rsplit("/", 1)[-1] for p in bucket.ls(output_url)}
+    info = json.loads(bucket.cat(f"{output_url}/train.json"))
+    assert info["workers"] == int(argv[argv.index("--workers") + 1])
+    assert info["epochs_done"] == int(argv[argv.index("--epochs") + 1]) and info["best"] is not None
