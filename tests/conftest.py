@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.graph import TRAIN_POLL_ENV, TRAIN_POLL_LOCAL
+
+# what an embedded Ray gets from `graph.start_ray`, for the session's Ray and the jobs tests start
+os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_LOCAL)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_weights_env(tmp_path_factory, monkeypatch):
