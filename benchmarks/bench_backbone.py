@@ -28,7 +28,6 @@ Exit status 1 when ours and HF disagree (max abs diff of the logits at 518 > --t
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys

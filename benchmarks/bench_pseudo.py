@@ -39,7 +39,7 @@ def main() -> None:
     from jobs.segment import SegmentConfig
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
     from model.heads import HeadConfig, LinearHead
-    from pipeline.synthetic import SYNTHETIC_CLASSES, write_synthetic
+    from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pseudo-"))
     write_synthetic(str(tmp / "data"), train=args.images, val=0, size=args.size, seed=0)

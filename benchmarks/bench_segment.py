@@ -61,9 +61,9 @@ from machine import cpu_model, core_count  # noqa: E402  (benchmarks/ is the scr
 
 def decode_module():
     """Where decode_image and DecodeConfig live."""
-    import pipeline.decode
+    import pipeline.data.decode
 
-    return pipeline.decode
+    return pipeline.data.decode
 
 
 
@@ -300,7 +300,8 @@ def bench_bare(segmenter, decode_config, files: list[Path], batch: int, gpu: int
 
 
 def bench_plain(segmenter, decode_config, files: list[Path], output: Path) -> dict:
-    from pipeline.sinks import encode_mask_png, mask_url, write_bytes_atomic
+    from pipeline.io.masks import encode_mask_png, mask_url
+    from pipeline.io.files import write_bytes_atomic
 
     dec = decode_module()
     shutil.rmtree(output, ignore_errors=True)
@@ -349,7 +350,7 @@ class _ThreadProbe:
     def __init__(self, config):
         import torch
 
-        from pipeline.predict import Predict
+        from pipeline.segment.predict import Predict
 
         self.before = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
         Predict(config)
@@ -364,23 +365,23 @@ def probe_threads(config) -> dict:
     import ray.data
 
     from jobs.segment import inference_config
-    from pipeline import graph
-    from pipeline.predict import PredictConfig
+    from pipeline import runtime
+    from pipeline.segment.predict import PredictConfig
 
-    started = graph.start_ray(config.address)
+    started = runtime.start_ray(config.address)
     try:
-        res = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
-                              config.batch_size).resolve(graph.cluster_resources())
+        res = runtime.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
+                              config.batch_size).resolve(runtime.cluster_resources())
         pc = PredictConfig(None, None, config.head, config.backbone_weights, inference_config(config), config.device)
         # from_items: no read task, whose CPU request could starve beside the actor
         ds = ray.data.from_items([{"row": 0}]).map_batches(
             _ThreadProbe, fn_constructor_kwargs={"config": pc}, compute=ray.data.ActorPoolStrategy(size=1),
             batch_size=1, batch_format="numpy", num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
         info = json.loads(ds.take(1)[0]["info"])
-        return {"resources": str(res), "cluster": graph.cluster_resources(), **info}
+        return {"resources": str(res), "cluster": runtime.cluster_resources(), **info}
     finally:
         if started:
-            graph.stop_ray()
+            runtime.stop_ray()
 
 
 def _kill_tree(pid: int) -> None:

@@ -42,8 +42,8 @@ def main() -> None:
     import ray
 
     from jobs.train import TrainConfig, run
-    from pipeline import train_graph
-    from pipeline.synthetic import write_synthetic
+    import pipeline.train.data as train_graph
+    from pipeline.data.synthetic import write_synthetic
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_synthetic(str(tmp / "data"), train=args.images, val=args.val, size=args.resolution, seed=0)

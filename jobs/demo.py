@@ -46,16 +46,16 @@ def run(config: DemoConfig, echo=print) -> dict:
     from jobs.segment import run as segment
     from jobs.train import TrainConfig
     from jobs.train import run as train
-    from pipeline import graph
-    from pipeline.sinks import absolute_output
-    from pipeline.synthetic import write_synthetic
+    from pipeline import runtime
+    from pipeline.io.files import absolute_output
+    from pipeline.data.synthetic import write_synthetic
 
     out = absolute_output(config.output).rstrip("/")
     data, run_dir, seg = f"{out}/data", f"{out}/run", f"{out}/segment"
     echo(f"dinoseg demo -> {out}\n{RANDOM_BACKBONE_NOTE}\n")
     echo("1/4 synthetic labeled set (coloured shapes): 48 training, 16 held-out images")
     write_synthetic(data, train=48, val=16, size=112, seed=0)
-    started = graph.start_ray(config.address)  # one Ray for the three jobs
+    started = runtime.start_ray(config.address)  # one Ray for the three jobs
     try:
         echo(f"2/4 training a linear head, Ray Train, {config.workers} workers, {config.epochs} epochs")
         trained = train(TrainConfig(
@@ -71,7 +71,7 @@ def run(config: DemoConfig, echo=print) -> dict:
         ))
     finally:
         if started:
-            graph.stop_ray()
+            runtime.stop_ray()
     echo("4/4 evaluating the masks against the held-out ground truth")
     result = evaluate(EvaluateConfig(f"{seg}/masks", f"{data}/val/masks", f"{data}/classes.yaml",
                                      output=f"{out}/evaluation.json"))

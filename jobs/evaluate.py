@@ -2,7 +2,7 @@
 
 Scores predicted index masks against ground-truth masks with the same keys (path relative to
 PRED or GT, without extension). Thin: lists both sides, reads and decodes each pair in a thread
-pool, sums one confusion matrix (`pipeline.metrics`), and writes the scores, the counts of what
+pool, sums one confusion matrix (`pipeline.data.metrics`), and writes the scores, the counts of what
 was skipped and why, and the arguments to a JSON report (default PRED/evaluation.json).
 A pair that cannot be compared is counted and skipped, never fatal, unless none is left.
 
@@ -60,7 +60,7 @@ def command(
 ) -> None:
     """Score the masks under PRED against the masks under GT with the same keys: IoU, Dice, accuracy."""
     result = run(EvaluateConfig(pred, gt, classes, output, parse_storage_options(storage_options)))
-    from pipeline.metrics import format_table
+    from pipeline.data.metrics import format_table
 
     typer.echo(format_table(result))
     typer.echo(counts_summary(result))
@@ -80,9 +80,9 @@ def counts_summary(result: dict) -> str:
 def run(config: EvaluateConfig) -> dict:
     """The whole job; returns the report also written as JSON: `scores()` + counts, examples, arguments."""
     from model.classes import load_class_map
-    from pipeline.metrics import scores
-    from pipeline.sinks import absolute_output, write_bytes_atomic
-    from pipeline.sources import ReadBytes
+    from pipeline.data.metrics import scores
+    from pipeline.io.files import absolute_output, write_bytes_atomic
+    from pipeline.data.sources import ReadBytes
 
     so = config.storage_options or None
     classes = load_class_map(config.classes, so)
@@ -150,7 +150,7 @@ def run(config: EvaluateConfig) -> dict:
 
 def _list(root: str, side: str, storage_options: dict | None) -> tuple[dict[str, str], list[str]]:
     """{key: path} of the masks under `root`, and the messages of the files that cannot be keyed."""
-    from pipeline.sources import list_inputs
+    from pipeline.data.sources import list_inputs
 
     paths, errors = {}, []
     try:
@@ -188,8 +188,8 @@ def _bounded_map(fn, items: list, threads: int):
 
 def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None):
     """The pair's confusion matrix, or (reason, example) when it is skipped."""
-    from pipeline.metrics import confusion_matrix
-    from pipeline.schema import object_array
+    from pipeline.data.metrics import confusion_matrix
+    from pipeline.data.schema import object_array
 
     batch = reader({"path": object_array([pred_path, gt_path]), "key": object_array([key, key])})
     masks = []
@@ -217,7 +217,7 @@ def _decode(path: str, data: bytes) -> np.ndarray | str:
     """The mask, or why it is not one."""
     from PIL import Image
 
-    from pipeline.sinks import decode_mask_png
+    from pipeline.io.masks import decode_mask_png
 
     try:
         with Image.open(io.BytesIO(data)) as image:

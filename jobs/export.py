@@ -1,7 +1,7 @@
 """`dinoseg export LABELS OUTPUT --format coco|cvat|labelstudio` / `python -m jobs.export ...`.
 
 Turns a mask folder (the OUTPUT of `segment` or `pseudo-label`) into what labeling tools import
-(`pipeline.export` has the formats). Thin: finds the masks, the class map and each image's
+(`pipeline.label.exporters` has the formats). Thin: finds the masks, the class map and each image's
 reference, reads and decodes masks in a thread pool, and feeds them to the exporter in listing
 order. A mask that cannot be read or holds values outside the class map is counted, reported and
 skipped, never fatal, unless none is left.
@@ -76,8 +76,8 @@ def summary(result: dict) -> str:
 
 def run(config: ExportConfig) -> dict:
     """The whole job; returns {counts: {masks, exported, failed}, examples, unnamed, files, arguments}."""
-    from pipeline.export import make_exporter
-    from pipeline.sinks import absolute_output
+    from pipeline.label.exporters import make_exporter
+    from pipeline.io.files import absolute_output
 
     so = config.storage_options or None
     labels = absolute_output(config.labels).rstrip("/")
@@ -95,8 +95,8 @@ def run(config: ExportConfig) -> dict:
 
 
 def _export(config: ExportConfig, exporter, mask_root: str, labels: str, classes) -> dict:
-    from pipeline.export import ExportItem, stray_values
-    from pipeline.sources import ReadBytes
+    from pipeline.label.exporters import ExportItem, stray_values
+    from pipeline.data.sources import ReadBytes
 
     so = config.storage_options or None
     masks, failures = _list_masks(mask_root, so)
@@ -176,7 +176,7 @@ def _classes(classes: Optional[str], labels: str, storage_options: dict | None):
 
 def _list_masks(mask_root: str, storage_options: dict | None) -> tuple[list[tuple[str, str]], list[str]]:
     """[(key, path)] of the mask PNGs, and the messages of the files that cannot be keyed."""
-    from pipeline.sources import list_inputs
+    from pipeline.data.sources import list_inputs
 
     masks, failures = [], []
     try:
@@ -195,7 +195,7 @@ def _list_masks(mask_root: str, storage_options: dict | None) -> tuple[list[tupl
 def _image_refs(images: Optional[str], labels: str, storage_options: dict | None) -> dict[str, tuple]:
     """{key: (image URL, (height, width) or None)}: from --images, else the Parquet rows of LABELS."""
     if images:
-        from pipeline.sources import list_inputs
+        from pipeline.data.sources import list_inputs
 
         return {r["key"]: (r["path"], None) for r in list_inputs(images, storage_options) if not r["error_stage"]}
     import pyarrow.parquet as pq
@@ -225,8 +225,8 @@ def _image_refs(images: Optional[str], labels: str, storage_options: dict | None
 
 def _read_mask(reader, key: str, path: str):
     """The decoded mask, or why it is not one."""
-    from pipeline.schema import object_array
-    from pipeline.sinks import decode_mask_png
+    from pipeline.data.schema import object_array
+    from pipeline.io.masks import decode_mask_png
 
     batch = reader({"path": object_array([path]), "key": object_array([key])})
     if batch["error_stage"][0]:

@@ -50,7 +50,7 @@ class PseudoLabelConfig:
         return self.segment.output
 
     def validate(self) -> "PseudoLabelConfig":
-        from pipeline.pseudo import threshold_cutoff
+        from pipeline.label.pseudo import threshold_cutoff
 
         if self.threshold is not None and self.class_balanced is not None:
             raise DinosegError("give --threshold or --class-balanced, not both: they are two rules for the same choice.")
@@ -109,10 +109,13 @@ def run(config: PseudoLabelConfig) -> dict:
     import pyarrow.compute as pc
 
     from model.classes import load_class_map, save_class_map
-    from pipeline import graph, pseudo
-    from pipeline.rows import RollingParquetWriter, read_parts, remove_parts
-    from pipeline.schema import ERROR_SCHEMA
-    from pipeline.sinks import absolute_output, existing_keys, write_bytes_atomic, write_run_json
+    from pipeline import runtime
+    from pipeline.label import pseudo
+    from pipeline.io.parts import RollingParquetWriter, read_parts, remove_parts
+    from pipeline.data.schema import ERROR_SCHEMA
+    from pipeline.io.files import absolute_output, write_bytes_atomic
+    from pipeline.io.masks import existing_keys
+    from pipeline.io.records import write_run_json
 
     config.validate()
     started = time.time()
@@ -121,7 +124,7 @@ def run(config: PseudoLabelConfig) -> dict:
     out = absolute_output(seg.output).rstrip("/")
     raw = f"{out}/raw"
     rule = config.rule()
-    started_ray = graph.start_ray(seg.address)
+    started_ray = runtime.start_ray(seg.address)
     try:
         model_counts = segment.run(replace(
             seg, output=raw, confidence=16, masks="png", rle=False, overlays=False, max_classes=pseudo.IGNORE,
@@ -159,8 +162,8 @@ def run(config: PseudoLabelConfig) -> dict:
         errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000)
         try:
             if len(todo):
-                ds = graph.map_rows(todo, pseudo.SelectLabels(select), SELECT_BATCH, seg.decode_cpus)
-                for table in graph.iter_results(ds):
+                ds = runtime.map_rows(todo, pseudo.SelectLabels(select), SELECT_BATCH, seg.decode_cpus)
+                for table in runtime.iter_results(ds):
                     ok = table["ok"]
                     labels.write(table.filter(ok).select(pseudo.LABEL_SCHEMA.names))
                     errors.write(table.filter(pc.invert(ok)).select(ERROR_SCHEMA.names))
@@ -169,7 +172,7 @@ def run(config: PseudoLabelConfig) -> dict:
             errors.close()
     finally:
         if started_ray:
-            graph.stop_ray()
+            runtime.stop_ray()
 
     result = _finish(out, so, rows, thresholds)
     result.update(model=model_counts, rule=rule, min_coverage=config.min_coverage, wall_seconds=round(time.time() - started, 3))
@@ -181,7 +184,7 @@ def _raw_rows(raw: str, so):
     """The model pass's finished rows (one per key: --overwrite runs add rows for the same key)."""
     import pyarrow as pa
 
-    from pipeline.rows import read_parts
+    from pipeline.io.parts import read_parts
 
     columns = ["path", "key", "width", "height", "mask"]
     table = read_parts(f"{raw}/predictions", columns, so)
@@ -196,13 +199,14 @@ def _raw_rows(raw: str, so):
 def _histogram(rows, select, num_classes: int, cpus: float):
     import numpy as np
 
-    from pipeline import graph, pseudo
+    from pipeline import runtime
+    from pipeline.label import pseudo
 
     histogram = np.zeros((num_classes, pseudo.LEVELS), dtype=np.int64)
     if len(rows):
         # big batches: a batch's histogram is summed in its task, so fewer, denser ones travel
-        ds = graph.map_rows(rows, pseudo.ConfidenceHistogram(select), HISTOGRAM_BATCH, cpus)
-        for table in graph.iter_results(ds, batch_size=1):
+        ds = runtime.map_rows(rows, pseudo.ConfidenceHistogram(select), HISTOGRAM_BATCH, cpus)
+        for table in runtime.iter_results(ds, batch_size=1):
             index, count = table["index"].combine_chunks(), table["count"].combine_chunks()
             pseudo.add_histogram(histogram, index.values.to_numpy(), count.values.to_numpy())
     return histogram
@@ -214,9 +218,9 @@ def _finish(out: str, so, rows, thresholds: dict) -> dict:
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
-    from pipeline.pseudo import LABEL_SCHEMA
-    from pipeline.rows import read_parts
-    from pipeline.sinks import write_bytes_atomic
+    from pipeline.label.pseudo import LABEL_SCHEMA
+    from pipeline.io.parts import read_parts
+    from pipeline.io.files import write_bytes_atomic
 
     labels = read_parts(f"{out}/labels", ["path", "key", "selected", "coverage"], so)
     labels = labels if labels is not None else LABEL_SCHEMA.empty_table().select(["path", "key", "selected", "coverage"])

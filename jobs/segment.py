@@ -118,7 +118,7 @@ def segment_config(**options) -> SegmentConfig:
 
 
 def summary(counts: dict) -> str:
-    from pipeline.sinks import summary_table
+    from pipeline.segment.write import summary_table
 
     return summary_table(counts)
 
@@ -138,14 +138,16 @@ def run(config: SegmentConfig) -> dict:
     import pyarrow.compute as pc
 
     from model.classes import save_class_map
-    from pipeline import graph
-    from pipeline.decode import Decode, DecodeConfig
+    from pipeline import runtime
+    from pipeline.data.decode import Decode, DecodeConfig
     from model.weights import weights_env
-    from pipeline.predict import Predict, PredictConfig
-    from pipeline.rows import RollingParquetWriter
-    from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
-    from pipeline.sinks import WriteConfig, WriteMasks, absolute_input, write_run_json
-    from pipeline.sources import ReadBytes, list_inputs
+    from pipeline.segment.predict import Predict, PredictConfig
+    from pipeline.io.parts import RollingParquetWriter
+    from pipeline.data.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
+    from pipeline.segment.write import WriteConfig, WriteMasks
+    from pipeline.io.files import absolute_input
+    from pipeline.io.records import write_run_json
+    from pipeline.data.sources import ReadBytes, list_inputs
 
     started = time.time()
     so = config.storage_options or None
@@ -167,7 +169,7 @@ def run(config: SegmentConfig) -> dict:
     if config.max_classes and len(classes) > config.max_classes:
         raise DinosegError(f"{model_id} has {len(classes)} classes; {config.max_classes_reason}")
     if config.overwrite:  # the rows describe this run only: the earlier run's are dropped (its masks get redone)
-        from pipeline.rows import remove_parts
+        from pipeline.io.parts import remove_parts
 
         remove_parts(f"{out}/predictions", so)
         remove_parts(f"{out}/errors", so)
@@ -203,15 +205,15 @@ def run(config: SegmentConfig) -> dict:
     started_ray = False
     try:
         if len(rows):  # nothing left to do (a finished run re-run) needs no Ray at all
-            started_ray = graph.start_ray(config.address)
-            resources = graph.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
-                                        config.batch_size).resolve(graph.cluster_resources(joined=not started_ray))
+            started_ray = runtime.start_ray(config.address)
+            resources = runtime.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
+                                        config.batch_size).resolve(runtime.cluster_resources(joined=not started_ray))
             log.info("resources: %s", resources)
             write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so,
                                            confidence_bits=config.confidence))
-            ds = graph.build(rows, ReadBytes(so), Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
+            ds = runtime.build(rows, ReadBytes(so), Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
                              Predict, predict_config, write, resources)
-            for table in graph.iter_results(ds):
+            for table in runtime.iter_results(ds):
                 ok = table["ok"]
                 done_rows = table.filter(ok).select(schema.names)
                 failed_rows = table.filter(pc.invert(ok)).select(ERROR_SCHEMA.names)
@@ -223,7 +225,7 @@ def run(config: SegmentConfig) -> dict:
         predictions.close()
         errors.close()
         if started_ray:
-            graph.stop_ray()
+            runtime.stop_ray()
     elapsed = time.time() - started
     info = {
         "arguments": asdict(config) | {"storage_options": sorted(config.storage_options)},  # no secrets
@@ -240,7 +242,7 @@ def run(config: SegmentConfig) -> dict:
 def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str]:
     """Keys an earlier run finished (resume). Masks of another model are not resumed into: a mix
     of two models' masks would pass for one run."""
-    from pipeline.rows import read_parts
+    from pipeline.io.parts import read_parts
 
     table = read_parts(f"{out}/predictions", ["key", "model", "head_checksum"], so)
     if table is None:

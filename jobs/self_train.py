@@ -77,9 +77,9 @@ _signature()
 
 def run(config: SelfTrainConfig) -> dict:
     """All rounds; returns OUT/self_train.json's content."""
-    from pipeline import graph
-    from pipeline.pairs import list_pairs, split_pairs
-    from pipeline.sinks import absolute_output, write_bytes_atomic
+    from pipeline import runtime
+    from pipeline.data.pairs import list_pairs, split_pairs
+    from pipeline.io.files import absolute_output, write_bytes_atomic
 
     if config.rounds < 0:
         raise DinosegError(f"--rounds {config.rounds} must be 0 or more.")
@@ -88,7 +88,7 @@ def run(config: SelfTrainConfig) -> dict:
     out = absolute_output(base.output).rstrip("/")
     rule = pseudo_label.PseudoLabelConfig(segment.SegmentConfig("", ""), config.threshold, config.class_balanced,
                                           config.min_coverage).validate()  # a bad rule fails before round 0
-    started_ray = graph.start_ray(base.address)
+    started_ray = runtime.start_ray(base.address)
     rounds: list[dict] = []
     try:
         labeled = list_pairs(base.images, base.masks, so)
@@ -148,7 +148,7 @@ def run(config: SelfTrainConfig) -> dict:
                 break
     finally:
         if started_ray:
-            graph.stop_ray()
+            runtime.stop_ray()
     if best is None:
         raise DinosegError("no round produced a validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
     result = {"rounds": rounds, "best_round": best["round"], "best_val_miou": best["val_miou"], "head": f"{out}/head.pt"}
@@ -160,7 +160,7 @@ def run(config: SelfTrainConfig) -> dict:
 def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
     from model.hub import load_head
 
-    from pipeline.rows import read_parts
+    from pipeline.io.parts import read_parts
 
     # the round's earlier labels came from another head (an earlier round was retrained): redo them
     checksum = load_head(head, storage_options=base.storage_options or None).checksum
@@ -180,7 +180,7 @@ def _manifest(url: str, sources, so, digest: bool = False):
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from pipeline.sinks import write_bytes_atomic
+    from pipeline.io.files import write_bytes_atomic
 
     images, masks = [], []
     for pairs in sources:
@@ -194,7 +194,7 @@ def _manifest(url: str, sources, so, digest: bool = False):
 
 
 def _write_jsonl(url: str, rows: list[dict], so) -> None:
-    from pipeline.sinks import write_bytes_atomic
+    from pipeline.io.files import write_bytes_atomic
 
     write_bytes_atomic(url, "".join(json.dumps(r) + "\n" for r in rows).encode(), so)
 
@@ -202,7 +202,7 @@ def _write_jsonl(url: str, rows: list[dict], so) -> None:
 def _copy(src: str, dst: str, so) -> None:
     import fsspec
 
-    from pipeline.sinks import write_bytes_atomic
+    from pipeline.io.files import write_bytes_atomic
 
     with fsspec.open(src, "rb", **(so or {})) as f:
         write_bytes_atomic(dst, f.read(), so)

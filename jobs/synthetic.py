@@ -1,5 +1,5 @@
 """`dinoseg synthetic OUTPUT` / `python -m jobs.synthetic OUTPUT`: write a small synthetic labelled
-set (colour-coded shapes, see pipeline.synthetic) to try training and evaluation with no download.
+set (colour-coded shapes, see pipeline.data.synthetic) to try training and evaluation with no download.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def command(
 ) -> None:
     """Write a small synthetic segmentation set (4 kinds of coloured shapes on textured backgrounds)."""
     options = parse_storage_options(storage_options)
-    from pipeline.synthetic import write_synthetic
+    from pipeline.data.synthetic import write_synthetic
 
     typer.echo(describe(write_synthetic(output, train, val, size, seed, options or None)))
 

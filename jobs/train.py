@@ -173,12 +173,15 @@ def run(config: TrainConfig) -> dict:
     from model.backbone import IMAGENET_MEAN, IMAGENET_STD, backbone_config
     from model.classes import load_class_map, save_class_map
     from model.heads import HeadConfig
-    from pipeline import graph
-    from pipeline.pairs import list_pairs, split_pairs
-    from pipeline.sinks import absolute_input, absolute_output
-    from pipeline.train_graph import DataSpec, LoopConfig, datasets, fit, steps_per_epoch, write_text
-    from pipeline.train_loop import read_state
-    from pipeline.training import Schedule
+    from pipeline import runtime
+    from pipeline.data.pairs import list_pairs, split_pairs
+    from pipeline.io.files import absolute_input, absolute_output
+    from pipeline.train.data import DataSpec, training_datasets
+    from pipeline.train.config import LoopConfig, steps_per_epoch
+    from pipeline.runtime.train import fit
+    from pipeline.io.records import write_text
+    from pipeline.train.loop import read_state, train_loop
+    from pipeline.train.training import Schedule
 
     started = time.time()
     _check(config)
@@ -215,9 +218,9 @@ def run(config: TrainConfig) -> dict:
         problems = list(pairs.problems)
     save_class_map(classes, f"{out}/classes.yaml", so)
 
-    started_ray = graph.start_ray(config.address)
+    started_ray = runtime.start_ray(config.address)
     try:
-        cluster = graph.cluster_resources(joined=not started_ray)
+        cluster = runtime.cluster_resources(joined=not started_ray)
         train, val, bad, cache_folder = _check_pass(config, train, val, classes, layers, so, cluster)
         problems += bad
         counts = {"train_pairs": len(train), "val_pairs": len(val), "problems": len(problems)}
@@ -225,7 +228,7 @@ def run(config: TrainConfig) -> dict:
         if not len(train):
             raise DinosegError(f"no usable training pairs are left ({len(problems)} problems, see {out}/problems.jsonl): fix the data and re-run.")
         # GPU workers an autoscaler has not started yet count: Ray Train asks for them
-        use_gpu = bool(cluster.get("GPU", 0) or cluster.get(graph.GPU_CEILING, 0))
+        use_gpu = bool(cluster.get("GPU", 0) or cluster.get(runtime.GPU_CEILING, 0))
         workers = config.workers or max(1, int(cluster.get("GPU", 0)))
         if len(train) < workers:
             raise DinosegError(f"{len(train)} training pairs for {workers} workers: use fewer --workers or more data.")
@@ -240,10 +243,10 @@ def run(config: TrainConfig) -> dict:
         spec = DataSpec(train, val, len(classes), config.resolution, config.crop, cache_folder, so,
                         max_megapixels=config.max_megapixels)
         if state is None or state["epoch"] < config.epochs:
-            fit(loop, datasets(spec), workers, use_gpu, cpus)
+            fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
     finally:
         if started_ray:
-            graph.stop_ray()
+            runtime.stop_ray()
     final = read_state(out, so)
     info = {
         "run_id": run_id, "arguments": run_settings, "versions": versions(), "counts": counts,
@@ -286,12 +289,12 @@ def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -
 
 def _check_pass(config, train, val, classes, layers, so, cluster):
     """Read and check every pair once (and fill the feature cache); bad pairs become problems."""
-    from pipeline import graph
+    from pipeline import runtime
     from model.weights import weights_env
-    from pipeline.features import FeatureConfig, cached_sizes
-    from pipeline.pairs import Pairs, problem
-    from pipeline.train_graph import check_pass, pairs_table
-    from pipeline.trainset import PairConfig
+    from pipeline.train.features import FeatureConfig, cached_sizes
+    from pipeline.data.pairs import Pairs, problem
+    from pipeline.train.data import check_pass, pairs_table
+    from pipeline.train.trainset import PairConfig
 
     everything = Pairs(train.keys + val.keys, train.images + val.images, train.masks + val.masks)
     features = folder = None
@@ -303,7 +306,7 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
         cached = cached_sizes(folder, so)
     pair = PairConfig(len(classes), config.resolution if config.cache else None, max_megapixels=config.max_megapixels,
                       keep=config.cache)
-    resources = graph.Resources(decode_cpus=0.25).resolve(cluster)
+    resources = runtime.Resources(decode_cpus=0.25).resolve(cluster)
     good, problems = set(), []
     for table in check_pass(pairs_table(everything, cached), pair, so, resources, features, folder):
         for row in table.to_pylist():
@@ -316,7 +319,7 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
 
 
 def _report_problems(problems: list[dict], out: str, so) -> None:
-    from pipeline.train_graph import jsonl, write_text
+    from pipeline.io.records import jsonl, write_text
 
     if not problems:
         return

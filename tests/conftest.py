@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.graph import TRAIN_POLL_ENV, TRAIN_POLL_LOCAL
+from pipeline.runtime.cluster import TRAIN_POLL_ENV, TRAIN_POLL_LOCAL
 
 # what an embedded Ray gets from `graph.start_ray`, for the session's Ray and the jobs tests start
 os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_LOCAL)

@@ -17,7 +17,7 @@ from PIL import Image
 from jobs.export import ExportConfig, main, run
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
-from pipeline.sinks import encode_mask_png
+from pipeline.io.masks import encode_mask_png
 
 CLASSES = ClassMap(("road", "car", "person"), ((128, 64, 128), (0, 0, 142), (220, 20, 60)))
 

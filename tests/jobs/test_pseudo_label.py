@@ -13,9 +13,9 @@ from jobs import pseudo_label
 from jobs.segment import SegmentConfig
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.heads import HeadConfig, LinearHead
-from pipeline.pseudo import IGNORE, threshold_cutoff
-from pipeline.sinks import decode_mask_png
-from pipeline.synthetic import SYNTHETIC_CLASSES, write_synthetic
+from pipeline.label.pseudo import IGNORE, threshold_cutoff
+from pipeline.io.masks import decode_mask_png
+from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 
 pytestmark = pytest.mark.slow
 SMALL = dict(backbone_weights="random", decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
@@ -109,8 +109,8 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
 
 
 def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images, head_file):
-    from pipeline.pairs import list_pairs
-    from pipeline.trainset import decode_label
+    from pipeline.data.pairs import list_pairs
+    from pipeline.train.trainset import decode_label
 
     subset = tmp_path / "some.txt"
     subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(5)))
@@ -157,7 +157,7 @@ def test_cli_and_python_m_share_the_options(tmp_path, capsys):
 def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_file, s3_bucket):
     import fsspec
 
-    from pipeline.pairs import list_pairs
+    from pipeline.data.pairs import list_pairs
 
     bucket, so = s3_bucket
     out = f"s3://{bucket}/pl"

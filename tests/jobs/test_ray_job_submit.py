@@ -28,7 +28,7 @@ from hubs import write_hub
 from PIL import Image
 from readme import ROOT, command
 
-from pipeline.synthetic import write_synthetic
+from pipeline.data.synthetic import write_synthetic
 
 pytestmark = pytest.mark.slow
 BUCKET = "my-bucket"  # the README's bucket

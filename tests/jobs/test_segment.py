@@ -183,18 +183,18 @@ def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, hea
     """The actor process exits during its first batch; Ray restarts it and retries the batch."""
     import os
 
-    import pipeline.predict
+    import pipeline.segment.predict
 
     marker = tmp_path / "died-once"
 
-    class DiesOnce(pipeline.predict.Predict):  # defined here: Ray pickles it by value
+    class DiesOnce(pipeline.segment.predict.Predict):  # defined here: Ray pickles it by value
         def __call__(self, batch):
             if not marker.exists():
                 marker.write_text("dying")
                 os._exit(1)
             return super().__call__(batch)
 
-    monkeypatch.setattr(pipeline.predict, "Predict", DiesOnce)
+    monkeypatch.setattr(pipeline.segment.predict, "Predict", DiesOnce)
     make_inputs(tmp_path / "in")
     counts = run(SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL))
     assert marker.exists()  # it really died

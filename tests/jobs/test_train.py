@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.train import TrainConfig, run
 from model.errors import DinosegError
-from pipeline.synthetic import write_synthetic
+from pipeline.data.synthetic import write_synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_a_killed_run_resumes_from_last_pt(small, tmp_path):
 
 
 def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, monkeypatch, caplog):
-    from pipeline import train_graph
+    import pipeline.train.data as train_graph
 
     bucket, so = s3_bucket
     out = f"s3://{bucket}/runs/a"

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from test_sources import batch, image_bytes
 
 from model.errors import DinosegError
-from pipeline.decode import Decode, DecodeConfig, DecodeError, check_pixels, decode_image
+from pipeline.data.decode import Decode, DecodeConfig, DecodeError, check_pixels, decode_image
 
 
 def png_claiming(width: int, height: int) -> bytes:

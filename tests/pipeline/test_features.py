@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.features import (CACHE_SCHEMA, CachedSamples, ComputeFeatures, FeatureConfig, SampleConfig, WriteFeatures,
-                               cached_sizes, part_files)
-from pipeline.pairs import list_pairs
-from pipeline.schema import ERROR_FIELDS
-from pipeline.synthetic import write_synthetic
-from pipeline.trainset import IGNORE, PATCH, DecodePair, PairConfig, ReadPair, pad_label, padded_geometry
+from pipeline.train.features import CACHE_SCHEMA, CachedSamples, ComputeFeatures, FeatureConfig, SampleConfig, WriteFeatures, cached_sizes, part_files
+from pipeline.data.pairs import list_pairs
+from pipeline.data.schema import ERROR_FIELDS
+from pipeline.data.synthetic import write_synthetic
+from pipeline.train.trainset import IGNORE, PATCH, DecodePair, PairConfig, ReadPair, pad_label, padded_geometry
 
 CONFIG = FeatureConfig("dinov2_vits14", (11,), 56, "random", device="cpu", precision="fp32")
 
@@ -127,7 +126,7 @@ def test_features_do_not_depend_on_the_batch(computer, decoded):
 def test_cached_features_match_the_uncached_training_path(computer, decoded):
     """The cache pads in normalised space with 0; training without the cache pads the pixels
     with MEAN_RGB: the same features, up to MEAN_RGB's rounding and fp16."""
-    from pipeline.training import FeatureSource, to_tensors
+    from pipeline.train.training import FeatureSource, to_tensors
 
     cached = computer(decoded)
     source = FeatureSource(CONFIG.layers, 384, computer.backbone, CONFIG.mean, CONFIG.std)
@@ -310,7 +309,7 @@ def test_a_mask_that_went_bad_is_ignored_with_a_warning(tmp_path, caplog, proble
         (tmp_path / "a.png").write_bytes(mask_png(np.full((28, 42), 9, np.uint8)))
     good, good_mask = coded_cache_row(tmp_path, "b", 2, 3)
     config = SampleConfig({row["image"]: mask, good["image"]: good_mask}, num_classes=5 if problem == "class" else 250)
-    with caplog.at_level(logging.WARNING, logger="pipeline.features"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.features"):
         out = CachedSamples(config)(cache_batch([row, good]))
     assert out["label"][0].shape == (28, 42) and (out["label"][0] == IGNORE).all()
     assert row["image"] in caplog.text
@@ -319,7 +318,7 @@ def test_a_mask_that_went_bad_is_ignored_with_a_warning(tmp_path, caplog, proble
 
 
 def test_a_small_cache_is_held_in_memory_a_large_one_streams(tmp_path):
-    from pipeline.train_graph import MEMORY_SHARE, fits_in_memory
+    from pipeline.train.data import MEMORY_SHARE, fits_in_memory
 
     parts = []
     for i, size in enumerate((3000, 1000)):

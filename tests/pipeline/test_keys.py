@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.errors import DinosegError
-from pipeline.keys import make_key
+from pipeline.data.keys import make_key
 
 
 def test_make_key_sanitises():

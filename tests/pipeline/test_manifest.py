@@ -10,7 +10,7 @@ import pytest
 from test_sources import batch, image_bytes, keys, write
 
 from model.errors import DinosegError
-from pipeline.sources import ReadBytes, list_inputs
+from pipeline.data.sources import ReadBytes, list_inputs
 
 
 def test_manifest_on_s3(s3_bucket):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import confusion_matrix, format_table, scores
+from pipeline.data.metrics import confusion_matrix, format_table, scores
 
 # 3 classes; the 255 pixel is ignored (its prediction, 0, must not count).
 #   (gt, pred) pairs counted: (0,0) (0,1) (1,1) (1,2) (2,2)

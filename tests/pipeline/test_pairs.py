@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from model.errors import DinosegError
-from pipeline.pairs import Pairs, list_pairs, split_pairs
+from pipeline.data.pairs import Pairs, list_pairs, split_pairs
 
 
 def png(mode="RGB", size=(6, 4), value=0) -> bytes:

@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rows import RollingParquetWriter, done_keys
-from pipeline.schema import ERROR_SCHEMA
+from pipeline.io.parts import RollingParquetWriter, done_keys
+from pipeline.data.schema import ERROR_SCHEMA
 
 
 def rows(keys):

@@ -16,23 +16,12 @@ from PIL import Image
 
 from model.classes import ClassMap, bundled, default_color
 from model.errors import DinosegError
-from pipeline.rle import counts_to_string, rle_decode, rle_encode, rle_encode_labels, string_to_counts
-from pipeline.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD, empty_errors, object_array
-from pipeline.sinks import (
-    ERROR_COLUMNS,
-    WriteConfig,
-    WriteMasks,
-    decode_mask_png,
-    encode_mask_png,
-    existing_keys,
-    mask_url,
-    overlay_url,
-    prediction_columns,
-    summary_table,
-    write_bytes_atomic,
-    write_run_json,
-    write_schema,
-)
+from pipeline.io.rle import counts_to_string, rle_decode, rle_encode, rle_encode_labels, string_to_counts
+from pipeline.data.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD, empty_errors, object_array
+from pipeline.segment.write import ERROR_COLUMNS, WriteConfig, WriteMasks, prediction_columns, summary_table, write_schema
+from pipeline.io.masks import decode_mask_png, encode_mask_png, existing_keys, mask_url, overlay_url
+from pipeline.io.files import write_bytes_atomic
+from pipeline.io.records import write_run_json
 
 VOC = bundled("voc2012")
 WIDE = ClassMap(tuple(f"c{i}" for i in range(300)), tuple(default_color(i) for i in range(300)))
@@ -435,8 +424,8 @@ def test_rle_of_labels_equals_per_class_encoding():
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bits):
-    from pipeline.predict import quantize_confidence
-    from pipeline.sinks import confidence_url, decode_mask_png
+    from pipeline.segment.predict import quantize_confidence
+    from pipeline.io.masks import confidence_url, decode_mask_png
 
     mask = blobs(20, 30, 21)
     conf = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
@@ -454,7 +443,7 @@ def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bit
 
 
 def test_local_inputs_the_workers_read_become_absolute(tmp_path, monkeypatch):
-    from pipeline.sinks import absolute_input
+    from pipeline.io.files import absolute_input
 
     monkeypatch.chdir(tmp_path)
     assert absolute_input("./run/head.pt") == str(tmp_path / "run" / "head.pt")

@@ -16,8 +16,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from model.errors import DinosegError
-from pipeline.schema import ERROR_FIELDS
-from pipeline.sources import IMAGE_EXTENSIONS, ReadBytes, list_inputs
+from pipeline.data.schema import ERROR_FIELDS
+from pipeline.data.sources import IMAGE_EXTENSIONS, ReadBytes, list_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,7 +195,7 @@ def test_read_bytes_missing_file_among_good_ones(tmp_path):
 
 
 def test_pipeline_sources_does_not_import_ray():
-    code = "import sys, pipeline.sources, pipeline.decode; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = "import sys, pipeline.data.sources, pipeline.data.decode; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -12,10 +12,9 @@ import torch
 
 from model.errors import WeightsError
 from model.heads import HeadConfig, build_head
-from pipeline.metrics import scores
-from pipeline.trainset import IGNORE, MEAN_RGB, PATCH, padded_geometry
-from pipeline.training import (STATE_FORMAT, STATE_VERSION, FeatureSource, Schedule, loss_fn, make_optimizer, parse_state,
-                               state_bytes, to_tensors, train_epoch, validate)
+from pipeline.data.metrics import scores
+from pipeline.train.trainset import IGNORE, MEAN_RGB, PATCH, padded_geometry
+from pipeline.train.training import STATE_FORMAT, STATE_VERSION, FeatureSource, Schedule, loss_fn, make_optimizer, parse_state, state_bytes, to_tensors, train_epoch, validate
 
 CPU = torch.device("cpu")
 
@@ -310,7 +309,7 @@ def test_an_all_ignore_batch_does_not_move_the_head():
 
 
 def test_epoch_loss_all_reduces_sums_so_an_empty_worker_adds_nothing():
-    from pipeline.train_loop import epoch_loss, mean_loss
+    from pipeline.train.loop import epoch_loss, mean_loss
 
     busy = {"train_loss": 0.5, "train_samples": 6, "loss_sum": 2.0, "loss_samples": 4}
     empty = {"train_loss": float("nan"), "train_samples": 0, "loss_sum": 0.0, "loss_samples": 0}

@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 from model.errors import DinosegError
-from pipeline.schema import ERROR_FIELDS
-from pipeline.trainset import (IGNORE, MEAN_RGB, PATCH, AugmentConfig, AugmentPairs, DecodePair, PairConfig, ReadPair,
-                               decode_label, pad_label, padded_geometry, photometric, resize_pair)
+from pipeline.data.schema import ERROR_FIELDS
+from pipeline.train.trainset import IGNORE, MEAN_RGB, PATCH, AugmentConfig, AugmentPairs, DecodePair, PairConfig, ReadPair, decode_label, pad_label, padded_geometry, photometric, resize_pair
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -179,7 +178,7 @@ def test_sixteen_bit_mask_that_does_not_fit_is_refused_not_truncated():
 
 def test_more_than_255_classes_is_refused_in_one_sentence():
     from model.classes import ClassMap
-    from pipeline.sinks import encode_mask_png
+    from pipeline.io.masks import encode_mask_png
 
     classes = ClassMap(tuple(f"c{i}" for i in range(300)), tuple((i % 256, 0, 0) for i in range(300)))
     data = encode_mask_png(np.array([[280, 1], [2, 3]], np.uint16), classes)  # the project's own I;16 format
@@ -211,8 +210,8 @@ def test_keep_false_only_checks(tmp_path):
 
 
 def test_synthetic_set_decodes_cleanly(tmp_path):
-    from pipeline.pairs import list_pairs
-    from pipeline.synthetic import write_synthetic
+    from pipeline.data.pairs import list_pairs
+    from pipeline.data.synthetic import write_synthetic
 
     info = write_synthetic(str(tmp_path), train=4, val=0, size=56)
     pairs = list_pairs(info["images"]["train"], info["masks"]["train"])

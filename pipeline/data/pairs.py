@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from fsspec.core import split_protocol, url_to_fs
 
 from model.errors import DinosegError
-
-from .keys import extension, row_url
-from .sources import list_inputs
+from pipeline.data.keys import extension, row_url
+from pipeline.data.sources import list_inputs
 
 PAIR_MANIFESTS = ("csv", "parquet")
 

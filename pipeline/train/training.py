@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import WeightsError
-
-from .metrics import confusion_matrix
-from .trainset import IGNORE, MEAN_RGB, PATCH
+from pipeline.data.metrics import confusion_matrix
+from pipeline.train.trainset import IGNORE, MEAN_RGB, PATCH
 
 STATE_FORMAT = "dinoseg.train-state"
 STATE_VERSION = 1
@@ -80,7 +79,7 @@ def to_tensors(batch: dict, device: torch.device) -> tuple[str, torch.Tensor, to
 
 
 def _patch_pad(pixels: list[np.ndarray], labels: list[np.ndarray]):
-    from .trainset import pad_label, padded_geometry
+    from pipeline.train.trainset import pad_label, padded_geometry
 
     out_px, out_lb = [], []
     for px, lb in zip(pixels, labels):

@@ -1,5 +1,5 @@
 """What a listed path becomes: its key, the URL its row holds, and the row itself. Shared by
-folder listing (`pipeline.sources`) and manifests (`pipeline.manifest`).
+folder listing (`pipeline.data.sources`) and manifests (`pipeline.data.manifest`).
 
 Keys. An input's key is its path relative to the INPUT root, without extension, '/'-separated;
 its mask is OUTPUT/masks/<key>.png. Backslashes count as separators (Windows-style manifests),
@@ -24,8 +24,7 @@ import fsspec
 from fsspec.core import split_protocol
 
 from model.errors import DinosegError
-
-from .schema import ERROR_FIELDS
+from pipeline.data.schema import ERROR_FIELDS
 
 _SEPARATORS = re.compile(r"[\\/]")
 

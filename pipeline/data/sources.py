@@ -1,6 +1,6 @@
 """Where rows come from: list the inputs under a URL, a glob or in a manifest, and read their
-bytes (keys and collisions are `pipeline.keys`, manifests `pipeline.manifest`, decoding
-`pipeline.decode`).
+bytes (keys and collisions are `pipeline.data.keys`, manifests `pipeline.data.manifest`, decoding
+`pipeline.data.decode`).
 
 Listing runs on the driver and streams; `ReadBytes` is a numpy-batch callable
 (`__init__(config)`, `__call__(batch) -> batch`) that runs as it is in a unit test and as a
@@ -19,10 +19,18 @@ from fsspec.core import split_protocol, url_to_fs
 from fsspec.utils import glob_translate
 
 from model.errors import DinosegError
-
-from .keys import canonical_protocol, extension, input_row, key_from_parts, list_error_row, make_key, row_url, split_url
-from .manifest import MANIFEST_EXTENSIONS, manifest_rows
-from .schema import failed, object_array, set_error, with_error_columns
+from pipeline.data.keys import (
+    canonical_protocol,
+    extension,
+    input_row,
+    key_from_parts,
+    list_error_row,
+    make_key,
+    row_url,
+    split_url,
+)
+from pipeline.data.manifest import MANIFEST_EXTENSIONS, manifest_rows
+from pipeline.data.schema import failed, object_array, set_error, with_error_columns
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")  # matched case-insensitively
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -60,7 +68,7 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
     Rows hold full URLs that fsspec opens with the same storage_options ('s3://b/x.jpg';
     local files as absolute local paths). Raises DinosegError (when iteration starts) if
     INPUT does not exist, and (at the end) if it holds no images. Unsafe or colliding paths
-    come out as rows with error_stage 'list' (see `pipeline.keys`).
+    come out as rows with error_stage 'list' (see `pipeline.data.keys`).
     """
     options = dict(storage_options or {})
     try:

@@ -32,10 +32,10 @@ from PIL import Image
 
 from model.classes import ClassMap
 from model.errors import DinosegError
-
-from .brush_rle import brush_from_runs, runs
-from .rle import rle_encode_labels
-from .sinks import PNG_COMPRESS_LEVEL, check_key, write_bytes_atomic
+from pipeline.io.brush_rle import brush_from_runs, runs
+from pipeline.io.files import write_bytes_atomic
+from pipeline.io.masks import PNG_COMPRESS_LEVEL, check_key
+from pipeline.io.rle import rle_encode_labels
 
 FORMATS = ("coco", "cvat", "labelstudio")
 

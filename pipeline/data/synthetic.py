@@ -18,8 +18,8 @@ from PIL import Image
 
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
-
-from .sinks import absolute_output, encode_mask_png, write_bytes_atomic
+from pipeline.io.files import absolute_output, write_bytes_atomic
+from pipeline.io.masks import encode_mask_png
 
 SYNTHETIC_CLASSES = ClassMap(
     names=("background", "disc", "square", "triangle", "ring"),

@@ -1,196 +1,35 @@
 """The end of the segment graph: encode masks, write them (atomically, under stable keys),
-optional overlays, and the rows for predictions/ and errors/.
-
-Layout under OUTPUT: masks/<key>.png, overlays/<key>.jpg, confidence/<key>.png, run.json. A
-mask is the marker that an input is done: it is written last for its row, complete or not at all, and `existing_keys`
-lists the masks for resume.
-"""
+optional overlays, the rows for predictions/ and errors/, and the end-of-run table."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import logging
 import math
-import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from model.classes import ClassMap
 from model.errors import DinosegError
-
-from .rle import rle_encode_labels
-from .schema import ERROR_FIELDS, ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
+from pipeline.data.schema import ERROR_FIELDS, ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
+from pipeline.io.files import absolute_output, write_bytes_atomic
+from pipeline.io.masks import check_key, confidence_url, encode_confidence_png, encode_mask_png, mask_url, overlay_url
+from pipeline.io.rle import rle_encode_labels
 
 log = logging.getLogger(__name__)
 
-# zlib level for mask PNGs. On a 1024x768 ADE20K-palette mask (AMD EPYC, Pillow 13, one core):
-#   blocky regions: level 1 3.1 ms / 16 KiB, level 6 6.0 ms / 6 KiB;
-#   smooth 20-class regions: level 1 4.6 ms / 64 KiB, level 6 13.5 ms / 36 KiB (level 9: 120 ms);
-#   per-pixel noise (worst case): level 1 22 ms, level 6 26 ms, both 700 KiB.
-# Encoding runs once per image on the hot path; the extra bytes cost far less than the time.
-PNG_COMPRESS_LEVEL = 1
+
 JPEG_QUALITY = 90
+
+
 MASK_MODES = ("png", "parquet", "both")
+
+
 ERROR_COLUMNS = tuple(ERROR_SCHEMA.names)  # path, key, stage, error_type, message
-
-
-# --- mask PNGs ---------------------------------------------------------------------------------
-
-
-def encode_mask_png(mask: np.ndarray, classes: ClassMap) -> bytes:
-    """PNG bytes of a class-index mask: mode 'P' with the class palette for <= 256 classes,
-    16-bit grayscale ('I;16') beyond. Raises DinosegError for a mask that does not fit."""
-    m = np.asarray(mask)
-    if m.ndim != 2 or m.size == 0 or m.dtype.kind not in "uib":
-        raise DinosegError(f"a mask must be a non-empty 2-D integer array, got {m.dtype} {m.shape}.")
-    wide = len(classes) > 256
-    top = 65535 if wide else 255
-    if m.dtype.kind == "i" or m.dtype.itemsize > (2 if wide else 1):
-        lo, hi = (int(m.min()), int(m.max()))
-        if lo < 0 or hi > top:
-            raise DinosegError(f"mask values {lo}..{hi} do not fit a {'16' if wide else '8'}-bit PNG for {len(classes)} classes.")
-    if wide:
-        image = Image.fromarray(np.ascontiguousarray(m, dtype="<u2"))  # mode I;16
-    else:
-        image = Image.fromarray(np.ascontiguousarray(m, dtype=np.uint8))  # mode L ...
-        image.putpalette(classes.palette())  # ... becomes P
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
-
-def decode_mask_png(data: bytes) -> np.ndarray:
-    """The class-index mask of a mask PNG: (H, W) uint8 for 'P'/'L', uint16 for 16-bit."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("P", "L"):
-            return np.asarray(image, dtype=np.uint8).copy()
-        if image.mode.startswith("I"):  # 'I;16' (or 'I' from older Pillow)
-            return np.asarray(image).astype(np.uint16)
-        raise DinosegError(f"a mask PNG must be palette or grayscale, this one is {image.mode}.")
-
-
-# --- output layout -----------------------------------------------------------------------------
-
-
-def check_key(key: str) -> str:
-    """The key, if it names a file inside OUTPUT; DinosegError otherwise."""
-    if not isinstance(key, str) or not key:
-        raise DinosegError(f"empty key {key!r}: every input needs a path relative to INPUT.")
-    parts = key.split("/")
-    if key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
-        raise DinosegError(f"key {key!r} could write outside OUTPUT ('..', '.', empty or absolute parts, backslashes): rename the input.")
-    return key
-
-
-def _join(output: str, *parts: str) -> str:
-    if not output:
-        raise DinosegError("the output location is empty: give a folder or a URL such as s3://bucket/out.")
-    return "/".join([output.rstrip("/"), *parts])
-
-
-def mask_url(output: str, key: str) -> str:
-    return _join(output, "masks", check_key(key) + ".png")
-
-
-def confidence_url(output: str, key: str) -> str:
-    return _join(output, "confidence", check_key(key) + ".png")
-
-
-def encode_confidence_png(quantized: np.ndarray, bits: int) -> bytes:
-    """PNG of a uint16 confidence map (q / 65535): 16-bit grayscale as it is, or 8-bit
-    (round(c * 255)) for people who want a map to look at or to weight a loss with."""
-    q = np.asarray(quantized)
-    if q.dtype != np.uint16 or q.ndim != 2:
-        raise DinosegError(f"a confidence map must be a 2-D uint16 array, got {q.dtype} {q.shape}.")
-    if bits == 8:
-        image = Image.fromarray(((q.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
-    else:
-        image = Image.fromarray(np.ascontiguousarray(q, dtype="<u2"))  # mode I;16
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
-
-def overlay_url(output: str, key: str) -> str:
-    return _join(output, "overlays", check_key(key) + ".jpg")
-
-
-def _is_local(url: str) -> bool:
-    return fsspec.utils.get_protocol(url) in ("file", "local")
-
-
-def absolute_output(output: str) -> str:
-    """A local output as an absolute path (Ray workers run in another folder); URLs unchanged."""
-    if not output:
-        raise DinosegError("the output location is empty: give a folder or a URL such as s3://bucket/out.")
-    if _is_local(output) and "://" not in output:
-        return os.path.abspath(os.path.expanduser(output))
-    return output
-
-
-def absolute_input(url: str | None) -> str | None:
-    """A local file the workers will read (a head, weights) as an absolute path; URLs, None and
-    the word 'random' unchanged."""
-    if not url or url == "random" or "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
-
-
-# --- writing -----------------------------------------------------------------------------------
-
-
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write `data` to `url` so that readers see the old file, or all of the new one.
-
-    Local: a temporary name in the same folder, then os.replace (no fsync: this guards against
-    killed workers, not power loss, and an fsync per mask would dominate on network disks).
-    Remote: one PUT (`pipe_file`), which object stores apply atomically."""
-    if _is_local(url):
-        path = LocalFileSystem._strip_protocol(url)
-        parent = os.path.dirname(path) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    fs.pipe_file(path, data)  # no makedirs fallback: on s3fs that would create a missing bucket
-
-
-def existing_keys(output: str, storage_options: dict | None = None) -> set[str]:
-    """Keys whose mask exists under OUTPUT/masks/ (temporary files excluded), for resume."""
-    fs, root = fsspec.core.url_to_fs(_join(output, "masks"), **(storage_options or {}))
-    fs.invalidate_cache(root)
-    prefix = root.rstrip("/") + "/"
-    keys = set()
-    for path in fs.find(root):
-        if path.startswith(prefix) and path.endswith(".png"):
-            keys.add(path[len(prefix) : -len(".png")])
-    return keys
-
-
-def write_run_json(output: str, info: dict, storage_options: dict | None = None) -> str:
-    """Write OUTPUT/run.json atomically; returns its URL."""
-    url = _join(output, "run.json")
-    text = json.dumps(info, indent=2, default=str) + "\n"
-    write_bytes_atomic(url, text.encode(), storage_options)
-    return url
 
 
 def summary_table(counts: dict) -> str:
@@ -208,9 +47,6 @@ def summary_table(counts: dict) -> str:
             f"({n['inputs'] - done:+,} inputs unaccounted for)"
         )
     return "\n".join(lines)
-
-
-# --- the write step ----------------------------------------------------------------------------
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Resource defaults of the graph: keep a GPU busy, never starve the readers, never fuse decode."""
 
-from pipeline.graph import Resources
+from pipeline.runtime.resources import Resources
 
 
 def test_cpu_machine_defaults_leave_room_for_decoding():
@@ -25,7 +25,7 @@ def test_equal_cpu_requests_are_separated():
 
 
 def test_an_autoscaling_cluster_plans_for_the_gpus_it_can_add():
-    from pipeline.graph import GPU_CEILING
+    from pipeline.runtime.cluster import GPU_CEILING
 
     # a CPU head with GPU workers at min 0: no GPU yet, up to 8 once the autoscaler adds them
     r = Resources().resolve({"CPU": 0.0, GPU_CEILING: 8.0})
@@ -41,7 +41,7 @@ def test_an_autoscaling_cluster_plans_for_the_gpus_it_can_add():
 
 
 def test_a_cluster_with_some_gpus_up_still_plans_for_the_rest():
-    from pipeline.graph import GPU_CEILING
+    from pipeline.runtime.cluster import GPU_CEILING
 
     # one GPU worker left from an earlier job, up to 8: start with it, grow to 8
     r = Resources().resolve({"CPU": 8.0, "GPU": 1.0, GPU_CEILING: 8.0})
@@ -53,7 +53,7 @@ def test_the_gpus_a_ray_up_config_allows():
 
     import yaml
 
-    from pipeline.graph import launcher_gpus
+    from pipeline.runtime.cluster import launcher_gpus
 
     config = yaml.safe_load((Path(__file__).parents[2] / "cluster.yaml").read_text())
     assert launcher_gpus(config) == 0  # as written: `ray up` fills in the resources of each instance type
@@ -70,15 +70,15 @@ def test_the_gpus_a_ray_up_config_allows():
 def test_cluster_resources_reads_the_launcher_config_only_when_joined(ray_local, tmp_path, monkeypatch):
     import json
 
-    from pipeline import graph
+    from pipeline import runtime
 
     config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {
         "head": {"resources": {"CPU": 0}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 8}}}
     (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(config))  # `ray up` writes JSON there
-    monkeypatch.setattr(graph, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
-    assert graph.cluster_resources(joined=True)[graph.GPU_CEILING] == 8
-    assert graph.GPU_CEILING not in graph.cluster_resources(joined=False)  # an embedded Ray never grows
+    monkeypatch.setattr(runtime.cluster, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
+    assert runtime.cluster_resources(joined=True)[runtime.GPU_CEILING] == 8
+    assert runtime.GPU_CEILING not in runtime.cluster_resources(joined=False)  # an embedded Ray never grows
     (tmp_path / "ray_bootstrap_config.yaml").write_text("{not yaml: [")
-    assert graph.GPU_CEILING not in graph.cluster_resources(joined=True)  # unreadable: plan with what is up
-    monkeypatch.setattr(graph, "LAUNCHER_CONFIG", str(tmp_path / "absent.yaml"))
-    assert graph.GPU_CEILING not in graph.cluster_resources(joined=True)
+    assert runtime.GPU_CEILING not in runtime.cluster_resources(joined=True)  # unreadable: plan with what is up
+    monkeypatch.setattr(runtime.cluster, "LAUNCHER_CONFIG", str(tmp_path / "absent.yaml"))
+    assert runtime.GPU_CEILING not in runtime.cluster_resources(joined=True)

@@ -1,6 +1,6 @@
 """Manifests: the inputs listed in a .txt (one path or URL a line), .csv or .parquet (a `path`
-column) file, as rows in the manifest's order (`list_inputs` in `pipeline.sources` says what a
-manifest may hold; `pipeline.keys` the key and collision rules).
+column) file, as rows in the manifest's order (`list_inputs` in `pipeline.data.sources` says what a
+manifest may hold; `pipeline.data.keys` the key and collision rules).
 
 The manifest is read twice, streaming, so that its paths are never all held in memory: once for
 the common folder of all entries and an 8-byte hash of each entry's key, to find collisions;
@@ -19,8 +19,7 @@ import numpy as np
 from fsspec.core import split_protocol
 
 from model.errors import DinosegError
-
-from .keys import canonical_protocol, extension, input_row, is_local, key_from_parts, list_error_row, split_url
+from pipeline.data.keys import canonical_protocol, extension, input_row, is_local, key_from_parts, list_error_row, split_url
 
 MANIFEST_EXTENSIONS = ("txt", "csv", "parquet")
 

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import failed, object_array, set_error
-from .sinks import write_bytes_atomic
-from .trainset import IGNORE, PATCH, decode_label, pad_label, padded_geometry, resize_pair
+from pipeline.data.schema import failed, object_array, set_error
+from pipeline.io.files import write_bytes_atomic
+from pipeline.train.trainset import IGNORE, PATCH, decode_label, pad_label, padded_geometry, resize_pair
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class CachedSamples:
     a random flip of both; fixed shapes, so the rows stack. Validation: the whole map."""
 
     def __init__(self, config: SampleConfig):
-        from .sources import ReadBytes
+        from pipeline.data.sources import ReadBytes
 
         self.config = config
         self.read = ReadBytes(config.storage_options)

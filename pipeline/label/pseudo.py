@@ -30,17 +30,9 @@ import pyarrow as pa
 
 from model.classes import ClassMap
 from model.errors import DinosegError
-
-from .predict import CONFIDENCE_SCALE
-from .sinks import (
-    absolute_output,
-    confidence_url,
-    decode_mask_png,
-    encode_confidence_png,
-    encode_mask_png,
-    mask_url,
-    write_bytes_atomic,
-)
+from pipeline.io.files import absolute_output, write_bytes_atomic
+from pipeline.io.masks import confidence_url, decode_mask_png, encode_confidence_png, encode_mask_png, mask_url
+from pipeline.segment.predict import CONFIDENCE_SCALE
 
 log = logging.getLogger(__name__)
 

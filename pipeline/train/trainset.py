@@ -1,6 +1,6 @@
 """Training samples: read and check (image, mask) pairs, resize them, augment them.
 
-Batch steps in the style of `pipeline.sources` (plain callables over numpy-dict batches; a row
+Batch steps in the style of `pipeline.data.sources` (plain callables over numpy-dict batches; a row
 that fails keeps flowing with its error fields set):
 
     {key, image, mask (URLs)} -> ReadPair -> + image_bytes, mask_bytes
@@ -22,10 +22,9 @@ from PIL import Image
 
 from model.errors import DinosegError
 from model.geometry import centre_pad, resized_size
-
-from .decode import DecodeConfig, decode_image
-from .schema import ERROR_FIELDS, failed, object_array, set_error, with_error_columns
-from .sources import ReadBytes
+from pipeline.data.decode import DecodeConfig, decode_image
+from pipeline.data.schema import ERROR_FIELDS, failed, object_array, set_error, with_error_columns
+from pipeline.data.sources import ReadBytes
 
 IGNORE = 255
 PATCH = 14

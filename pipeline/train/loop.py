@@ -1,5 +1,6 @@
 """What each Ray Train worker runs: DDP on the head, an epoch at a time, validation mIoU, and
-the run's files written by rank 0 (imports Ray; `pipeline.training` holds the math).
+the run's files written by rank 0 (Ray only through
+`pipeline.runtime.train.Worker`; `pipeline.train.training` holds the math).
 
 Files under OUTPUT, each written atomically, in this order each epoch so that last.pt (the
 commit point) never names a best head that is not there:
@@ -18,13 +19,14 @@ import time
 
 import torch
 
+from model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from model.checkpoint import HeadCheckpoint
 from model.classes import ClassMap
 from model.heads import HeadConfig, build_head
-
-from .metrics import scores
-from .train_graph import LoopConfig, describe, jsonl, write_text
-from .training import FeatureSource, make_optimizer, parse_state, state_bytes, train_epoch, validate
+from pipeline.data.metrics import scores
+from pipeline.io.records import jsonl, write_text
+from pipeline.train.config import LoopConfig, describe
+from pipeline.train.training import FeatureSource, make_optimizer, parse_state, state_bytes, train_epoch, validate
 
 log = logging.getLogger("dinoseg.train")
 
@@ -43,15 +45,14 @@ def read_state(output: str, storage_options: dict | None) -> dict | None:
 
 
 def train_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
     import torch.distributed as dist
+
+    from pipeline.runtime.train import Worker
 
     loop: LoopConfig = config["loop"]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    worker = Worker()
+    rank, world, device = worker.rank, worker.world, worker.device
     distributed = dist.is_available() and dist.is_initialized() and world > 1
     torch.manual_seed(loop.seed)
 
@@ -63,7 +64,7 @@ def train_loop(config: dict) -> None:
         state = None  # another run's file: the driver decided not to resume it
     if state is not None:
         head.load_state_dict(state["head"]["state_dict"])
-    model = ray.train.torch.prepare_model(head)  # to the device, DDP when world > 1
+    model = worker.prepare_model(head)  # to the device, DDP when world > 1
     total = loop.epochs * loop.steps_per_epoch
     optimizer, scheduler = make_optimizer(model, loop.schedule, max(total, 1))
     history, best, start = [], {"miou": None, "epoch": 0}, 0
@@ -87,8 +88,8 @@ def train_loop(config: dict) -> None:
         source = FeatureSource(head_config.layers, head_config.embed_dim, backbone, loop.settings.get("mean"),
                                loop.settings.get("std"), precision)
     weight = torch.tensor(loop.class_weights, dtype=torch.float32, device=device) if loop.class_weights else None
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if _has_val(loop) else None
+    train_shard = worker.shard("train")
+    val_shard = worker.shard("val") if _has_val(loop) else None
     head_precision = "bf16" if precision == "bf16" else "fp32"  # fp16 would need loss scaling; the head is small
 
     for epoch in range(start, loop.epochs):
@@ -123,7 +124,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             _save(loop, plain, head_config, classes, optimizer, scheduler, epoch + 1, best, history, improved)
             log.info(describe(record))
-        ray.train.report({k: v for k, v in record.items() if k != "val_iou"})
+        worker.report({k: v for k, v in record.items() if k != "val_iou"})
 
 
 def epoch_loss(stats: dict, device) -> torch.Tensor:
@@ -152,7 +153,7 @@ def _save(loop: LoopConfig, head, head_config, classes, optimizer, scheduler, ep
     ckpt = HeadCheckpoint(
         backbone=loop.backbone, config=head_config, classes=classes,
         state_dict={k: v.detach().cpu() for k, v in head.state_dict().items()}, resolution=loop.resolution,
-        mean=tuple(loop.settings.get("mean", (0.485, 0.456, 0.406))), std=tuple(loop.settings.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(loop.settings.get("mean", IMAGENET_MEAN)), std=tuple(loop.settings.get("std", IMAGENET_STD)),
         meta={"epoch": epoch, "val_miou": history[-1].get("val_miou"), "backbone_weights": loop.backbone_weights or "released",
               "run_id": loop.run_id},
     )
@@ -163,6 +164,6 @@ def _save(loop: LoopConfig, head, head_config, classes, optimizer, scheduler, ep
     write_text(f"{out}/metrics.jsonl", jsonl(history), so)
     state = {"run_id": loop.run_id, "epoch": epoch, "head": ckpt.to_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "best": best, "history": history, "settings": loop.settings}
-    from .sinks import write_bytes_atomic
+    from pipeline.io.files import write_bytes_atomic
 
     write_bytes_atomic(f"{out}/last.pt", state_bytes(state), so)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.segmenter import InferenceConfig
-
-from .schema import failed, object_array, set_error
+from pipeline.data.schema import failed, object_array, set_error
 
 log = logging.getLogger(__name__)
 

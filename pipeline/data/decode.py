@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from model.errors import DinosegError
-
-from .schema import failed, object_array, set_error, with_error_columns
+from pipeline.data.schema import failed, object_array, set_error, with_error_columns
 
 log = logging.getLogger(__name__)
 
