@@ -35,8 +35,8 @@ def main() -> None:
     import ray
     import torch
 
-    from jobs.pseudo_label import PseudoLabelConfig, run
-    from jobs.segment import SegmentConfig
+    from pipeline.label import PseudoLabelConfig, run_pseudo_label
+    from pipeline.segment import SegmentConfig
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
     from model.heads import HeadConfig, LinearHead
     from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
@@ -60,7 +60,7 @@ def main() -> None:
                            ("new rule: class-balanced 0.5", {"class_balanced": 0.5}),
                            ("new rule: threshold 0.7", {"threshold": 0.7})):
             t0 = time.time()
-            result = run(PseudoLabelConfig(seg, **rule))
+            result = run_pseudo_label(PseudoLabelConfig(seg, **rule))
             steps[name] = {"seconds": round(time.time() - t0, 1), "model": result["model"], "counts": result["counts"]}
     finally:
         ray.shutdown()

@@ -6,9 +6,9 @@ downloaded), one inference resolution R, over synthetic photo-like JPEGs on loca
 * (a) `Segmenter.predict` on pre-decoded uint8 arrays in batches of B: exactly what the job's
   actor is handed (decoded and shrunk toward R by the project's `decode_image` with the job's
   `DecodeConfig`, masks at the original size via `output_sizes`), without read, decode or write.
-* (b) `jobs.segment.run(SegmentConfig(...))` over a folder of N images into a fresh output
+* (b) `run_segment(SegmentConfig(...))` over a folder of N images into a fresh output
   folder, in a subprocess, once per N in --images (default 500 and 2000; the larger set holds the
-  smaller one). Its wall time is that of `run()` (driver model load, listing, Ray start-up and
+  smaller one). Its wall time is that of `run_segment()` (driver model load, listing, Ray start-up and
   shutdown included); run.json's images/s is also shown; the steady-state rate is
   (N2 - N1) / (T(N2) - T(N1)), which cancels the fixed costs. Memory is sampled from /proc over
   the whole process tree (the driver, raylet, GCS, Ray workers; RSS every 0.2 s, PSS every 2 s;
@@ -192,7 +192,7 @@ class TreeMemory(threading.Thread):
         except (OSError, ValueError, IndexError):
             return 0
 
-    def run(self):
+    def run_segment(self):
         pids: list[int] = []
         last_tree = last_pss = -1e9
         while not self._done.is_set():
@@ -266,7 +266,7 @@ class GpuUtilisation:
 
 
 def job_config(args, input: str, output: str, head: Path):
-    from jobs.segment import SegmentConfig
+    from pipeline.segment import SegmentConfig
 
     return SegmentConfig(input, output, model=None, head=str(head), backbone_weights="random",
                          resolution=args.resolution, precision=args.precision, batch_size=args.batch_size,
@@ -275,7 +275,7 @@ def job_config(args, input: str, output: str, head: Path):
 
 
 def build_inprocess(args, head: Path):
-    from jobs.segment import inference_config, shrink_for
+    from pipeline.segment.config import inference_config, shrink_for
     from model.hub import build_segmenter
 
     inference = inference_config(job_config(args, "", "", head))
@@ -329,14 +329,14 @@ def child(mode: str, spec_file: str) -> int:
     """The subprocess side: `job` runs the segment job; `probe` reports the actor's threads."""
     import logging
 
-    from jobs.segment import SegmentConfig, run
+    from pipeline.segment import SegmentConfig, run_segment
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(spec_file).read_text())
     config = SegmentConfig(**spec["config"])
     if mode == "job":
         t0 = time.perf_counter()
-        counts = run(config)
+        counts = run_segment(config)
         result = {"wall": time.perf_counter() - t0, "counts": counts}
     else:
         result = probe_threads(config)
@@ -364,7 +364,7 @@ class _ThreadProbe:
 def probe_threads(config) -> dict:
     import ray.data
 
-    from jobs.segment import inference_config
+    from pipeline.segment.config import inference_config
     from pipeline import runtime
     from pipeline.segment.predict import PredictConfig
 

@@ -41,7 +41,7 @@ def main() -> None:
 
     import ray
 
-    from jobs.train import TrainConfig, run
+    from pipeline.train import TrainConfig, run_train
     import pipeline.train.data as train_graph
     from pipeline.data.synthetic import write_synthetic
 
@@ -57,7 +57,7 @@ def main() -> None:
             # "streamed": a cache never held in memory, read from its Parquet parts every epoch
             train_graph.MEMORY_SHARE = 0.0 if mode == "streamed" else share
             t0 = time.time()
-            info = run(TrainConfig(
+            info = run_train(TrainConfig(
                 f"{tmp}/data/train/images", f"{tmp}/data/train/masks", f"{tmp}/data/classes.yaml", str(out),
                 val_images=f"{tmp}/data/val/images", val_masks=f"{tmp}/data/val/masks",
                 backbone=args.backbone, backbone_weights="random", resolution=args.resolution, crop=args.resolution,

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from model.errors import DinosegError
+from jobs.options import run_command
 
 app = typer.Typer(
     add_completion=False,
@@ -42,36 +42,9 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 def _register() -> None:
     from jobs import demo, evaluate, export, pseudo_label, segment, self_train, synthetic, train
 
-    app.command("segment")(segment.command)
-    app.command("pseudo-label")(pseudo_label.command)
-    app.command("train")(train.command)
-    app.command("self-train")(self_train.command)
-    app.command("evaluate")(evaluate.command)
-    app.command("export")(export.command)
-    app.command("synthetic")(synthetic.command)
-    app.command("demo")(demo.command)
-
-
-def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg") -> int:
-    """Run a typer app; usage errors are click's (exit 2), user errors one sentence (exit 2)."""
-    try:
-        typer_app(args=argv, prog_name=prog)
-    except DinosegError as e:
-        typer.echo(f"error: {e}", err=True)
-        return 2
-    except SystemExit as e:  # click's standalone mode ends every run with SystemExit
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
-
-
-def run_job(command, argv: list[str] | None, prog: str, verbose: bool = True) -> int:
-    """`python -m jobs.NAME`: one job's typer command as a program of its own (what `ray job
-    submit` runs), with the same options and errors as `dinoseg NAME`."""
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(single, argv, prog=prog)
+    for name, job in (("segment", segment), ("pseudo-label", pseudo_label), ("train", train), ("self-train", self_train),
+                      ("evaluate", evaluate), ("export", export), ("synthetic", synthetic), ("demo", demo)):
+        app.command(name)(job.command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,234 +1,33 @@
-"""`dinoseg self-train IMAGES MASKS --unlabeled U --classes F --output OUT` / `python -m jobs.self_train`.
+"""`dinoseg self-train IMAGES MASKS --unlabeled U --classes F --output OUT` / `python -m jobs.self_train`:
+train's options (every round resumes, so not --resume/--overwrite), the pseudo-label rule's, and
+how the pseudo-label pass is spread (segment's --actors, --cpus-per-actor, --decode-cpus)."""
 
-Round 0 trains a head on the labeled pairs. Each later round pseudo-labels the unlabeled images
-with the best head so far, trains a new head on labeled + pseudo-labeled pairs, and scores it
-on the same validation set (the training job's validation mIoU). It stops when a round does
-not improve on the best, or after --rounds rounds; OUT/head.pt is the best head.
-
-Layout: OUT/round-<r>/{pseudo/ (a pseudo-label run), pairs.csv (what round r trains on),
-train/ (a train run)}, OUT/cache/ (features, shared by every round), OUT/val.csv and
-OUT/labeled.csv (when the validation set is split off the labeled pairs), OUT/rounds.jsonl,
-OUT/self_train.json, OUT/head.pt. Every step resumes, so re-running the command continues.
-"""
-
-from __future__ import annotations
-
-import hashlib
-import inspect
-import json
-import logging
 import sys
-import time
-import typing
-from dataclasses import dataclass, field, replace
-from typing import Optional
 
-import typer
+from jobs.options import all_but, command, every, main
+from pipeline.label import PseudoLabelConfig
+from pipeline.segment import SegmentConfig
+from pipeline.selftrain import SelfTrainConfig, rounds_table, run_self_train
+from pipeline.train import TrainConfig
 
-from jobs import pseudo_label, segment, train
-from model.errors import DinosegError
-
-log = logging.getLogger("dinoseg.self_train")
-
-_FROM_TRAIN_NOT = ("resume", "overwrite")  # every round resumes; start over with a new OUT
-_FROM_SEGMENT = ("actors", "cpus_per_actor", "decode_cpus")  # how the pseudo-label pass is spread
-_FROM_PSEUDO = ("threshold", "class_balanced", "min_coverage")
-_OWN = {
-    "unlabeled": (str, typer.Option(..., help="Folder/URL prefix, glob or manifest of the images to pseudo-label.")),
-    "rounds": (int, typer.Option(3, help="Pseudo-label + retrain rounds after round 0 (stops early when one does not improve).")),
-}
+OWN = ("unlabeled", "rounds")
+SCALE = ("actors", "cpus_per_actor", "decode_cpus")
+RULE = ("threshold", "class_balanced", "min_coverage")
 
 
-@dataclass
-class SelfTrainConfig:
-    train: train.TrainConfig  # round 0's run; later rounds change images/masks/output
-    unlabeled: str
-    rounds: int = 3
-    threshold: Optional[float] = None
-    class_balanced: Optional[float] = None
-    min_coverage: float = 0.0
-    scale: dict = field(default_factory=dict)  # actors, cpus_per_actor, decode_cpus of the pseudo-label pass
+def self_train_config(values: dict) -> SelfTrainConfig:
+    take = lambda names: {k: values.pop(k) for k in names}  # noqa: E731
+    own, scale, rule = take(OWN), take(SCALE), take(RULE)
+    return SelfTrainConfig(TrainConfig(**values), rule=PseudoLabelConfig(SegmentConfig("", ""), **rule), scale=scale, **own)
 
 
-def command(**options) -> None:
-    """Self-training: pseudo-label the unlabeled images with the best head, retrain on labeled +
-    pseudo-labeled pairs, keep the best head; a table of rounds at the end."""
-    own = {k: options.pop(k) for k in (*_OWN, *_FROM_PSEUDO)}
-    scale = {k: options.pop(k) for k in _FROM_SEGMENT}
-    config = SelfTrainConfig(train.train_config(**options), scale=scale, **own)
-    typer.echo(table(run(config)))
-
-
-def _signature():
-    params = []
-    for module, keep in ((train, lambda n: n not in _FROM_TRAIN_NOT), (segment, lambda n: n in _FROM_SEGMENT),
-                         (pseudo_label, lambda n: n in _FROM_PSEUDO)):
-        hints = typing.get_type_hints(module.command)
-        params += [p.replace(annotation=hints[p.name]) for p in inspect.signature(module.command).parameters.values()
-                   if keep(p.name)]
-    own = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=t) for n, (t, d) in _OWN.items()]
-    params = params[:2] + own + params[2:]
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-
-
-_signature()
-
-
-def run(config: SelfTrainConfig) -> dict:
-    """All rounds; returns OUT/self_train.json's content."""
-    from pipeline import runtime
-    from pipeline.data.pairs import list_pairs, split_pairs
-    from pipeline.io.files import absolute_output, write_bytes_atomic
-
-    if config.rounds < 0:
-        raise DinosegError(f"--rounds {config.rounds} must be 0 or more.")
-    base = config.train
-    so = base.storage_options or None
-    out = absolute_output(base.output).rstrip("/")
-    rule = pseudo_label.PseudoLabelConfig(segment.SegmentConfig("", ""), config.threshold, config.class_balanced,
-                                          config.min_coverage).validate()  # a bad rule fails before round 0
-    started_ray = runtime.start_ray(base.address)
-    rounds: list[dict] = []
-    try:
-        labeled = list_pairs(base.images, base.masks, so)
-        if labeled.problems:
-            log.warning("%d labeled keys have a problem (e.g. %s) and are left out", len(labeled.problems), labeled.problems[0]["message"])
-        if base.val_images:
-            val_images, val_masks = base.val_images, base.val_masks
-        else:  # split once, so every round scores on the same images and no pseudo-label lands in validation
-            labeled, val = split_pairs(labeled, base.val_fraction, base.seed)
-            if not len(val):
-                raise DinosegError("self-training needs a validation set: pass --val-images/--val-masks or a larger --val-fraction.")
-            val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
-            _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
-        val_set = set(list_pairs(val_images, val_masks, so, what="validation").images)
-        base = replace(base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True)
-        best = None
-        for r in range(config.rounds + 1):
-            started = time.time()
-            folder = f"{out}/round-{r}"
-            record: dict = {"round": r, "labeled_pairs": len(labeled), "pseudo_pairs": 0}
-            sources = [labeled]
-            if r > 0:
-                pseudo = _pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
-                pairs = list_pairs(pseudo["pairs_csv"], None, so)
-                scored = [i for i, image in enumerate(pairs.images) if image in val_set]
-                if scored:  # an image that is also scored on must not train on its own pseudo-label
-                    log.warning("%d unlabeled images are validation images too: left out of round %d's pairs", len(scored), r)
-                    pairs = pairs.subset(sorted(set(range(len(pairs))) - set(scored)))
-                sources.append(pairs)
-                record.update(pseudo_head=pseudo["head_checksum"], pseudo_pairs=len(pairs), rule=pseudo["rule"], thresholds=pseudo["thresholds"],
-                              mean_coverage=pseudo["mean_coverage"], below_coverage=pseudo["counts"]["below_coverage"])
-            manifest, digest = _manifest(f"{folder}/pairs.csv", sources, so, digest=True)
-            # a round re-run on other pairs (new labels, rule or images, or pseudo-labels of a retrained
-            # earlier round) trains again from scratch; on the same inputs it resumes, or returns the
-            # finished run. The inputs are recorded before training, so a kill cannot hide a change.
-            inputs = {"pairs_sha256": digest, "pseudo_head": record.get("pseudo_head")}
-            changed = pseudo_label._read_json(f"{folder}/inputs.json", so) != inputs
-            if changed:
-                write_bytes_atomic(f"{folder}/inputs.json", (json.dumps(inputs) + "\n").encode(), so)
-            run_config = replace(base, images=manifest, masks=None, output=f"{folder}/train", resume=not changed, overwrite=changed)
-            try:
-                info = train.run(run_config)
-            except DinosegError as e:
-                raise DinosegError(f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)") from None
-            miou = (info.get("best") or {}).get("miou")
-            record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
-            improved = miou is not None and (best is None or miou > best["val_miou"])
-            record["best"] = improved
-            rounds.append(record)
-            if improved:
-                best = record
-            if best is None:
-                raise DinosegError("round 0 produced no validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
-            _write_jsonl(f"{out}/rounds.jsonl", rounds, so)
-            if r > 0 and not improved:
-                log.info("round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"])
-                break
-    finally:
-        if started_ray:
-            runtime.stop_ray()
-    if best is None:
-        raise DinosegError("no round produced a validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
-    result = {"rounds": rounds, "best_round": best["round"], "best_val_miou": best["val_miou"], "head": f"{out}/head.pt"}
-    _copy(best["head"], result["head"], so)
-    write_bytes_atomic(f"{out}/self_train.json", (json.dumps(result, indent=1) + "\n").encode(), so)
-    return result
-
-
-def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
-    from model.hub import load_head
-
-    from pipeline.io.parts import read_parts
-
-    # the round's earlier labels came from another head (an earlier round was retrained): redo them
-    checksum = load_head(head, storage_options=base.storage_options or None).checksum
-    earlier = read_parts(f"{output}/raw/predictions", ["head_checksum"], base.storage_options or None)
-    overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {checksum}
-    seg = segment.SegmentConfig(
-        config.unlabeled, output, model=None, head=head, backbone_weights=base.backbone_weights,
-        max_megapixels=base.max_megapixels, storage_options=base.storage_options, address=base.address, overwrite=overwrite,
-        **{k: v for k, v in config.scale.items() if v is not None},
-    )
-    return pseudo_label.run(replace(rule, segment=seg)) | {"head_checksum": checksum}
-
-
-def _manifest(url: str, sources, so, digest: bool = False):
-    """Write an image,mask CSV of the pairs (absolute URLs) and return its URL (and, with
-    `digest`, the SHA-256 of what was written)."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    from pipeline.io.files import write_bytes_atomic
-
-    images, masks = [], []
-    for pairs in sources:
-        images += pairs.images
-        masks += pairs.masks
-    buf = pa.BufferOutputStream()
-    pacsv.write_csv(pa.table({"image": pa.array(images, pa.string()), "mask": pa.array(masks, pa.string())}), buf)
-    data = buf.getvalue().to_pybytes()
-    write_bytes_atomic(url, data, so)
-    return (url, hashlib.sha256(data).hexdigest()) if digest else url
-
-
-def _write_jsonl(url: str, rows: list[dict], so) -> None:
-    from pipeline.io.files import write_bytes_atomic
-
-    write_bytes_atomic(url, "".join(json.dumps(r) + "\n" for r in rows).encode(), so)
-
-
-def _copy(src: str, dst: str, so) -> None:
-    import fsspec
-
-    from pipeline.io.files import write_bytes_atomic
-
-    with fsspec.open(src, "rb", **(so or {})) as f:
-        write_bytes_atomic(dst, f.read(), so)
-
-
-def table(result: dict) -> str:
-    """The per-round table: pairs, the rule's thresholds, coverage, validation mIoU."""
-    lines = [f"{'round':>5}  {'labeled':>7}  {'pseudo':>6}  {'coverage':>8}  {'thresholds':<28}  {'val mIoU':>8}"]
-    for r in result["rounds"]:
-        th = r.get("thresholds") or {}
-        values = [v for v in th.values() if v is not None]
-        shown = "-" if not th else (f"{min(values):.3f}..{max(values):.3f}" if values else "none")
-        cov = "-" if r.get("mean_coverage") is None else f"{r['mean_coverage']:.1%}"
-        miou = "-" if r["val_miou"] is None else f"{r['val_miou']:.4f}"
-        lines.append(f"{r['round']:>5}  {r['labeled_pairs']:>7,}  {r['pseudo_pairs']:>6,}  {cov:>8}  {shown:<28}  {miou:>8}"
-                     + ("  *" if r["best"] else ""))
-    lines.append(f"best: round {result['best_round']} (val mIoU {result['best_val_miou']:.4f}); head: {result['head']}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.self_train IMAGES MASKS --unlabeled U ...`: the same options as `dinoseg self-train`."""
-    from jobs.cli import run_job
-
-    return run_job(command, argv, "python -m jobs.self_train")
-
+command = command(
+    "Self-training: pseudo-label the unlabeled images with the best head, retrain on labeled + pseudo-labeled pairs, "
+    "keep the best head; a table of rounds at the end.",
+    [(SelfTrainConfig, every(*OWN)), (TrainConfig, all_but("resume", "overwrite")), (SegmentConfig, every(*SCALE)),
+     (PseudoLabelConfig, every(*RULE))],
+    self_train_config, run_self_train, rounds_table,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__name__))

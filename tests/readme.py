@@ -56,14 +56,16 @@ def command(prefix: str) -> list[str]:
 def run_in_process(argv: list[str], cwd: Path) -> int:
     """Run `./dinoseg ...` or `python -m jobs.NAME ...` in this process (with this session's
     Ray) from `cwd`, as the shell would from the repository checkout. Returns the exit status."""
-    import importlib
+    import functools
 
     if argv[0] == "./dinoseg":
         from jobs.cli import main
 
         entry, args = main, argv[1:]
     elif argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."):
-        entry, args = importlib.import_module(argv[2]).main, argv[3:]
+        from jobs.options import main
+
+        entry, args = functools.partial(main, argv[2]), argv[3:]
     else:
         raise ValueError(f"not a dinoseg command: {shlex.join(argv)}")
     before = os.getcwd()

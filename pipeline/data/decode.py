@@ -22,13 +22,22 @@ from pipeline.data.schema import failed, object_array, set_error, with_error_col
 
 log = logging.getLogger(__name__)
 
+MAX_MEGAPIXELS = 100.0  # the default decompression-bomb limit (a 50 MP photo passes)
+
+def max_megapixels_option():
+    """The --max-megapixels option of every job that decodes images."""
+    from pipeline.options import option
+
+    return option(MAX_MEGAPIXELS, "Decompression-bomb limit.")
+
+
 class DecodeError(DinosegError):
     """An input's bytes are not an image we can decode; the message names the problem."""
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    max_megapixels: float = 100.0  # decompression-bomb limit (a 50 MP photo passes)
+    max_megapixels: float = MAX_MEGAPIXELS
     shrink_to: int | None = None  # shrink so the short side is this (never upscale); None: keep
 
     def validate(self) -> "DecodeConfig":

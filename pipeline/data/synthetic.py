@@ -12,6 +12,8 @@ Layout under OUTPUT: {train,val}/images/0000.png, {train,val}/masks/0000.png, cl
 from __future__ import annotations
 
 import io
+import shlex
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,7 @@ from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
 from pipeline.io.files import absolute_output, write_bytes_atomic
 from pipeline.io.masks import encode_mask_png
+from pipeline.options import argument, option, storage_options_option
 
 SYNTHETIC_CLASSES = ClassMap(
     names=("background", "disc", "square", "triangle", "ring"),
@@ -142,3 +145,34 @@ def write_synthetic(output: str, train: int = 48, val: int = 16, size: int = 112
     # Last, into a folder that exists by now: a complete set is one with classes.yaml.
     save_class_map(SYNTHETIC_CLASSES, info["classes"], storage_options)
     return info
+
+
+@dataclass
+class SyntheticConfig:
+    output: str = argument("Folder or fsspec URL prefix for train/, val/ and classes.yaml.")
+    train: int = option(48, "Training images.")
+    val: int = option(16, "Validation images (0 for none).")
+    size: int = option(112, "Short side of the images in pixels (at least 28).")
+    seed: int = option(0, "Random seed: the same seed writes the same files.")
+    storage_options: dict = storage_options_option()
+
+
+def run_synthetic(config: SyntheticConfig) -> dict:
+    """Write the set `config` describes (`dinoseg synthetic`); returns where its parts went."""
+    return write_synthetic(config.output, config.train, config.val, config.size, config.seed, config.storage_options or None)
+
+
+def describe(info: dict) -> str:
+    """Where the set went, and the `dinoseg train` command to try on it."""
+    lines = []
+    for split in ("train", "val"):
+        if split in info["images"]:
+            lines.append(f"{split:<8}{info[split]:>4} images  {info['images'][split]}")
+            lines.append(f"{'':<8}{info[split]:>4} masks   {info['masks'][split]}")
+    lines.append(f"{'classes':<8}{'':>4}         {info['classes']}")
+    train = ["dinoseg", "train", info["images"]["train"], info["masks"]["train"]]
+    if "val" in info["images"]:
+        train += ["--val-images", info["images"]["val"], "--val-masks", info["masks"]["val"]]
+    train += ["--classes", info["classes"], "--output", "OUT"]
+    lines += ["", "next, train a head on it (OUT: where the head goes):", "  " + shlex.join(train)]
+    return "\n".join(lines)

@@ -10,6 +10,8 @@ from pipeline.runtime.cluster import GPU_CEILING
 
 log = logging.getLogger(__name__)
 
+DECODE_CPUS = 0.5  # the default CPUs per read/decode/write task of a segment run
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -18,7 +20,7 @@ class Resources:
     actors: int | None = None  # predictor actors (default: one per GPU, or one on the CPU)
     gpus_per_actor: float | None = None  # default 1 on a GPU cluster, 0 otherwise
     cpus_per_actor: float | None = None  # default 1 with GPUs; on the CPU, what decoding leaves
-    decode_cpus: float = 0.5  # CPUs per read/decode/write task
+    decode_cpus: float = DECODE_CPUS  # CPUs per read/decode/write task
     batch_size: int = 8  # images per predictor call
     read_batch_size: int = 16  # images per read/decode task call
     min_actors: int | None = None  # the pool starts with this many and grows to `actors`

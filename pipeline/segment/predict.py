@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.segmenter import InferenceConfig
+from pipeline.segment.config import DEFAULT_MODEL
 from pipeline.data.schema import failed, object_array, set_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "dinov2_vits14_voc2012_linear"
 
 
 @dataclass(frozen=True)

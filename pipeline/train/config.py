@@ -1,14 +1,69 @@
-"""What a training run is made of, free of torch and Ray: the worker loop's config and its
-per-epoch line (the driver builds them; `pipeline.train.loop` runs inside Ray Train workers)."""
+"""What a training run is made of, free of torch and Ray: the train job's options (declared once,
+here), the worker loop's config and its per-epoch line (the driver builds them;
+`pipeline.train.loop` runs inside Ray Train workers)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
+
+from pipeline.data.decode import max_megapixels_option
+from pipeline.options import (
+    REQUIRED,
+    address_option,
+    argument,
+    option,
+    storage_options_option,
+)
 
 if TYPE_CHECKING:
     from pipeline.train.training import Schedule
+
+
+# options that must match for --resume to continue a run (the rest may change, e.g. workers)
+RESUME_KEYS = ("backbone", "backbone_weights", "head", "layers", "resolution", "crop", "epochs", "batch_size", "lr",
+               "weight_decay", "warmup", "schedule", "class_weights", "cache", "class_names")
+
+
+HEADS = ("linear", "ms", "conv")
+SCHEDULES = ("poly", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    images: str = argument("Folder/URL prefix of training images, or a .csv/.parquet manifest with image,mask columns.")
+    masks: Optional[str] = argument("Folder/URL prefix of index-mask PNGs, paired with the images by key.", cli_default=None)
+    classes: str = option(REQUIRED, "Class map file (YAML/JSON) or a bundled name (voc2012, ade20k).")
+    output: str = option(REQUIRED, "Folder or URL for head.pt, last.pt, metrics.jsonl, classes.yaml, train.json.")
+    val_images: Optional[str] = option(None, "Validation images (else --val-fraction of the training pairs).")
+    val_masks: Optional[str] = option(None, "Validation masks.")
+    val_fraction: float = option(0.1, "Share of the pairs kept for validation when no --val-images (0: none).")
+    backbone: str = option("dinov2_vits14", "Frozen backbone (see `dinoseg models`).")
+    backbone_weights: Optional[str] = option(None, "Backbone weights path/URL (default: the released ones); 'random' offline.")
+    head: str = option("linear", "linear (last block), ms (last 4 blocks), conv.", choices=HEADS)
+    # comma-separated block indices; default: Meta's for the head
+    layers: Optional[str] = option(None, "Block indices the head reads, e.g. 8,9,10,11 (default: the head's).")
+    resolution: int = option(512, "Short side images are resized to (features are computed at it).")
+    crop: int = option(518, "Training crop in pixels, rounded to whole 14-px patches.")
+    epochs: int = option(40, "Passes over the training pairs.")
+    batch_size: int = option(16, "Crops per optimizer step, over all workers.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    warmup: float = option(0.04, "Linear warm-up, as a fraction of all steps.")
+    schedule: str = option("poly", "Decay after warm-up.", choices=SCHEDULES)
+    class_weights: Optional[str] = option(None, "Cross-entropy weight per class, comma-separated.")
+    cache: bool = option(True, "Cache backbone features once (fast epochs; crop+flip only). --no-cache: full augmentation.")
+    cache_dir: Optional[str] = option(None, "Where the feature cache lives (default OUTPUT/cache).")
+    workers: Optional[int] = option(None, "Ray Train workers (default: one per GPU, else 1).")
+    cpus_per_worker: Optional[float] = option(None, "CPUs reserved per worker.")
+    precision: str = option("auto", "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16.")
+    resume: bool = option(False, "Continue the run in OUTPUT from last.pt.")
+    overwrite: bool = option(False, "Start over even if OUTPUT holds a run.")
+    seed: int = option(0, "Seed for the head's initialisation and the validation split.")
+    max_megapixels: float = max_megapixels_option()
+    storage_options: dict = storage_options_option()
+    address: Optional[str] = address_option()
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,26 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import runtime
+from pipeline.data.decode import MAX_MEGAPIXELS
 from pipeline.data.pairs import Pairs
 from pipeline.data.schema import failed
 from pipeline.runtime import datasets
-from pipeline.train.features import CachedSamples, ComputeFeatures, FeatureConfig, SampleConfig, WriteFeatures, part_files
-from pipeline.train.trainset import PATCH, AugmentConfig, AugmentPairs, DecodePair, PairConfig, ReadPair
-
-
+from pipeline.train.features import (
+    CachedSamples,
+    ComputeFeatures,
+    FeatureConfig,
+    SampleConfig,
+    WriteFeatures,
+    part_files,
+)
+from pipeline.train.trainset import (
+    PATCH,
+    AugmentConfig,
+    AugmentPairs,
+    DecodePair,
+    PairConfig,
+    ReadPair,
+)
 
 log = logging.getLogger("dinoseg.train")
 
@@ -66,7 +79,7 @@ class DataSpec:
     cache_folder: str | None  # None: --no-cache
     storage_options: dict | None = None
     task_cpus: float = 0.25
-    max_megapixels: float = 100.0
+    max_megapixels: float = MAX_MEGAPIXELS
 
 
 def training_datasets(spec: DataSpec) -> dict:

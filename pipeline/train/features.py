@@ -26,7 +26,14 @@ import pyarrow.parquet as pq
 
 from pipeline.data.schema import failed, object_array, set_error
 from pipeline.io.files import write_bytes_atomic
-from pipeline.train.trainset import IGNORE, PATCH, decode_label, pad_label, padded_geometry, resize_pair
+from pipeline.train.trainset import (
+    IGNORE,
+    PATCH,
+    decode_label,
+    pad_label,
+    padded_geometry,
+    resize_pair,
+)
 
 log = logging.getLogger(__name__)
 

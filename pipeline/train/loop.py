@@ -26,7 +26,14 @@ from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
 from pipeline.io.records import jsonl, write_text
 from pipeline.train.config import LoopConfig, describe
-from pipeline.train.training import FeatureSource, make_optimizer, parse_state, state_bytes, train_epoch, validate
+from pipeline.train.training import (
+    FeatureSource,
+    make_optimizer,
+    parse_state,
+    state_bytes,
+    train_epoch,
+    validate,
+)
 
 log = logging.getLogger("dinoseg.train")
 

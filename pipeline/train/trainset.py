@@ -22,8 +22,14 @@ from PIL import Image
 
 from model.errors import DinosegError
 from model.geometry import centre_pad, resized_size
-from pipeline.data.decode import DecodeConfig, decode_image
-from pipeline.data.schema import ERROR_FIELDS, failed, object_array, set_error, with_error_columns
+from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
+from pipeline.data.schema import (
+    ERROR_FIELDS,
+    failed,
+    object_array,
+    set_error,
+    with_error_columns,
+)
 from pipeline.data.sources import ReadBytes
 
 IGNORE = 255
@@ -111,7 +117,7 @@ class PairConfig:
     num_classes: int
     resolution: int | None = None  # short side to resize to; None keeps the original size
     long_side_ratio: float = 4.0
-    max_megapixels: float = 100.0
+    max_megapixels: float = MAX_MEGAPIXELS
     keep: bool = True  # False: only check the pair (the row keeps its size, not its pixels)
 
 

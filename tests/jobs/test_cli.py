@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import typer
+
 from jobs.cli import main
+from jobs.options import all_but, command
+from pipeline.segment import SegmentConfig
 from model.backbone import BACKBONES
 from model.weights import SEGMENTATION_MODELS, describe_models
 
@@ -75,10 +79,17 @@ def test_segment_options_become_one_config_that_pseudo_label_and_self_train_shar
     import inspect
 
     from jobs import pseudo_label, segment, self_train, train
+    from jobs.options import run_command
 
-    config = segment.segment_config(input="in", output="out", head="h.pt", mode=segment.Mode.slide, confidence=True,
-                                    storage_options='{"anon": true}')
+    seen = {}
+    typer_app = typer.Typer()
+    typer_app.command()(command("", [(SegmentConfig, all_but())], lambda values: seen.setdefault("config", SegmentConfig(**values)),
+                                lambda config: None))
+    argv = ["in", "out", "--head", "h.pt", "--mode", "slide", "--confidence", "--storage-options", '{"anon": true}']
+    assert run_command(typer_app, argv) == 0
+    config = seen["config"]
     assert (config.model, config.mode, config.confidence, config.storage_options) == (None, "slide", 8, {"anon": True})
+    assert run_command(typer_app, ["in", "out", "--mode", "sideways"]) == 2  # choices are checked by the command line
     shared = set(inspect.signature(segment.command).parameters) - {"masks", "rle", "overlays"}
     assert shared <= set(inspect.signature(pseudo_label.command).parameters)
     options = set(inspect.signature(self_train.command).parameters)

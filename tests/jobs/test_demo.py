@@ -6,7 +6,7 @@ import json
 import pytest
 from readme import command, run_in_process
 
-from jobs.demo import DemoConfig
+from pipeline.demo import DemoConfig
 
 pytestmark = pytest.mark.slow
 REACHED = 0.65  # validation mIoU the 8-epoch, 2-worker run must reach (it reaches about 0.75; chance is ~0.2)

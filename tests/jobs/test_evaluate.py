@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.evaluate import EvaluateConfig, main, run
+from jobs.options import main
+from pipeline.evaluate import EvaluateConfig, run_evaluate
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
 
@@ -61,7 +62,7 @@ def dirs(tmp_path):
 
 def test_known_scores_and_report(dirs):
     pred, gt, classes = dirs
-    result = run(EvaluateConfig(str(pred), str(gt), str(classes)))
+    result = run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
     assert result["miou"] == pytest.approx(4 / 9)
     assert result["iou"] == pytest.approx(IOU)
     assert result["pixel_accuracy"] == pytest.approx(3 / 5) and result["pixels"] == 5
@@ -73,7 +74,7 @@ def test_known_scores_and_report(dirs):
     assert report["arguments"]["output"] == str(pred / "evaluation.json")
     assert report["arguments"]["classes"] == str(classes)
     # a second run does not take its own report for a mask
-    assert run(EvaluateConfig(str(pred), str(gt), str(classes)))["counts"]["pairs"] == 2
+    assert run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))["counts"]["pairs"] == 2
 
 
 def test_skips_are_counted_and_never_fatal(dirs):
@@ -94,7 +95,7 @@ def test_skips_are_counted_and_never_fatal(dirs):
         "corrupt.png": b"this is not a PNG",
     })
     write(pred, {"corrupt.png": png([[0]])})
-    result = run(EvaluateConfig(str(pred), str(gt), str(classes)))
+    result = run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
     assert result["miou"] == pytest.approx(4 / 9)  # only the two good pairs count
     assert result["iou"] == pytest.approx(IOU)
     assert result["counts"] == {"pairs": 2, "only_pred": 1, "only_gt": 2, "size_mismatch": 1, "unreadable": 2, "out_of_range": 2}
@@ -120,7 +121,7 @@ def test_unsure_prediction_pixels_are_misses_not_a_skipped_pair(dirs):
     pred, gt, classes = dirs
     write(pred, {"u": png([[255, 255, 255], [255, 2, 1]])})
     write(gt, {"u": png([[0, 1, 255], [2, 2, 1]], "L")})
-    result = run(EvaluateConfig(str(pred), str(gt), str(classes)))
+    result = run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
     assert result["counts"]["pairs"] == 3 and result["counts"]["out_of_range"] == 0
     assert result["iou"] == pytest.approx([1 / 3, 2 / 5, 1 / 2])
     assert result["miou"] == pytest.approx(37 / 90)
@@ -132,7 +133,7 @@ def test_unsure_prediction_pixels_are_misses_not_a_skipped_pair(dirs):
 def test_examples_are_capped(dirs):
     pred, gt, classes = dirs
     write(gt, {f"extra{i}": png([[0]], "L") for i in range(8)})
-    result = run(EvaluateConfig(str(pred), str(gt), str(classes)))
+    result = run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
     assert result["counts"]["only_gt"] == 8 and len(result["examples"]["only_gt"]) == 5
 
 
@@ -140,7 +141,7 @@ def test_command_prints_table_and_writes_output(dirs, tmp_path, capsys):
     pred, gt, classes = dirs
     out = tmp_path / "reports" / "eval.json"
     write(gt, {"missing": png([[0]], "L")})
-    assert main([str(pred), str(gt), "--classes", str(classes), "--output", str(out)]) == 0
+    assert main("jobs.evaluate", [str(pred), str(gt), "--classes", str(classes), "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "mIoU 44.44" in stdout and "cat" in stdout and "33.33" in stdout
     assert "pairs compared: 2" in stdout and "skipped, only in GT: 1" in stdout and "    missing" in stdout
@@ -150,13 +151,13 @@ def test_command_prints_table_and_writes_output(dirs, tmp_path, capsys):
 
 def test_bundled_class_map_by_name(dirs):
     pred, gt, _ = dirs
-    result = run(EvaluateConfig(str(pred), str(gt), "voc2012"))
+    result = run_evaluate(EvaluateConfig(str(pred), str(gt), "voc2012"))
     assert len(result["iou"]) == 21 and result["names"][0] == "background"
     assert result["miou"] == pytest.approx(4 / 9)  # classes 3..20 are in neither side: left out
 
 
 def error_of(argv, capsys) -> str:
-    assert main(argv) == 2
+    assert main("jobs.evaluate", argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     return err
@@ -176,7 +177,7 @@ def test_no_pair_left_is_one_sentence(tmp_path, dirs, capsys):
     err = error_of([str(pred), str(gt), "--classes", str(classes)], capsys)
     assert "none of the 1 pairs" in err and "1 of different sizes" in err
     with pytest.raises(DinosegError):
-        run(EvaluateConfig(str(pred), str(gt), str(classes)))
+        run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
 
 
 def test_wrong_paths_and_options_are_one_sentence(tmp_path, dirs, capsys):
@@ -198,7 +199,7 @@ def test_gt_on_s3_and_report_on_s3(dirs, s3_bucket):
     fs = fsspec.filesystem("s3", **so)
     for path in gt.rglob("*.png"):
         fs.pipe_file(f"{bucket}/gt/{path.relative_to(gt).as_posix()}", path.read_bytes())
-    result = run(EvaluateConfig(str(pred), f"s3://{bucket}/gt", str(classes), f"s3://{bucket}/eval/report.json", so))
+    result = run_evaluate(EvaluateConfig(str(pred), f"s3://{bucket}/gt", str(classes), f"s3://{bucket}/eval/report.json", so))
     assert result["iou"] == pytest.approx(IOU) and result["counts"]["pairs"] == 2
     report = json.loads(fs.cat_file(f"{bucket}/eval/report.json"))
     assert report["miou"] == pytest.approx(4 / 9)

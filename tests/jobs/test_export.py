@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.export import ExportConfig, main, run
+from jobs.options import main
+from pipeline.label import ExportConfig, run_export
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
 from pipeline.io.masks import encode_mask_png
@@ -58,7 +59,7 @@ def test_coco_through_main(labels, tmp_path, capsys):
     from pycocotools import mask as mask_utils
 
     out = tmp_path / "coco"
-    assert main([str(labels), str(out), "--format", "coco"]) == 0
+    assert main("jobs.export", [str(labels), str(out), "--format", "coco"]) == 0
     printed = capsys.readouterr().out
     assert "exported           2" in printed and "failed             2" in printed and "broken" in printed
     data = json.loads((out / "annotations.json").read_text())
@@ -73,7 +74,7 @@ def test_coco_through_main(labels, tmp_path, capsys):
 
 
 def test_run_counts_and_examples(labels, tmp_path):
-    result = run(ExportConfig(str(labels), str(tmp_path / "o"), "labelstudio"))
+    result = run_export(ExportConfig(str(labels), str(tmp_path / "o"), "labelstudio"))
     assert result["counts"] == {"masks": 4, "exported": 2, "failed": 2}
     assert result["unnamed"] == 0
     assert any("broken" in e and "cannot be decoded" in e for e in result["examples"])
@@ -85,7 +86,7 @@ def test_run_counts_and_examples(labels, tmp_path):
 
 def test_cvat_through_main_with_zip(labels, tmp_path):
     out = tmp_path / "cvat"
-    assert main([str(labels), str(out), "--format", "cvat", "--zip"]) == 0
+    assert main("jobs.export", [str(labels), str(out), "--format", "cvat", "--zip"]) == 0
     colours = {}
     for line in (out / "labelmap.txt").read_text().splitlines()[1:]:
         name, rgb, _, _ = line.split(":")
@@ -106,7 +107,7 @@ def test_images_option_pairs_by_key_and_masks_folder_without_masks_subfolder(lab
     (images / "city").mkdir(parents=True)
     (images / "city" / "a.webp").write_bytes(b"")
     bare = labels / "masks"  # LABELS given as the mask folder itself: no classes.yaml there
-    result = run(ExportConfig(str(bare), str(tmp_path / "o"), "coco", classes=str(labels / "classes.yaml"), images=str(images)))
+    result = run_export(ExportConfig(str(bare), str(tmp_path / "o"), "coco", classes=str(labels / "classes.yaml"), images=str(images)))
     data = json.loads((tmp_path / "o" / "annotations.json").read_text())
     names = {img["dinoseg_key"]: img["file_name"] for img in data["images"]}
     assert names == {"city/a": str(images / "city" / "a.webp"), "b": "b"}  # no image for 'b': its key
@@ -116,13 +117,13 @@ def test_images_option_pairs_by_key_and_masks_folder_without_masks_subfolder(lab
 def test_size_mismatch_with_the_image_is_a_failure(labels, tmp_path):
     rows = {"path": ["s3://in/b.png"], "key": ["b"], "width": [30], "height": [40]}
     pq.write_table(pa.table(rows), labels / "predictions" / "part-1.parquet")
-    result = run(ExportConfig(str(labels), str(tmp_path / "o"), "coco"))
+    result = run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco"))
     assert result["counts"]["failed"] == 3
     assert any(e.startswith("b: the mask is 3x4 but its image is 30x40") for e in result["examples"])
 
 
 def test_missing_labels_is_one_sentence(tmp_path, capsys):
-    assert main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert main("jobs.export", [str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and "Traceback" not in err
 
@@ -130,8 +131,8 @@ def test_missing_labels_is_one_sentence(tmp_path, capsys):
 def test_no_classes_says_pass_classes(labels, tmp_path):
     (labels / "classes.yaml").unlink()
     with pytest.raises(DinosegError, match="pass --classes"):
-        run(ExportConfig(str(labels), str(tmp_path / "o"), "coco"))
-    assert run(ExportConfig(str(labels), str(tmp_path / "o"), "coco", classes="voc2012"))["counts"]["exported"] == 3  # 7 is a VOC class
+        run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco"))
+    assert run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco", classes="voc2012"))["counts"]["exported"] == 3  # 7 is a VOC class
 
 
 def test_nothing_exportable_writes_nothing(tmp_path):
@@ -140,20 +141,20 @@ def test_nothing_exportable_writes_nothing(tmp_path):
     (root / "masks" / "x.png").write_bytes(b"not a png")
     save_class_map(CLASSES, str(root / "classes.yaml"))
     with pytest.raises(DinosegError, match="none of the 1 masks"):
-        run(ExportConfig(str(root), str(tmp_path / "o"), "labelstudio"))
+        run_export(ExportConfig(str(root), str(tmp_path / "o"), "labelstudio"))
     assert list((tmp_path / "o").iterdir()) == []  # the staging folder is gone too
 
 
 def test_cvat_rejects_a_class_map_it_cannot_import(labels, tmp_path, capsys):
     clash = ClassMap(("road", "car"), ((1, 1, 1), (1, 1, 1)))
     save_class_map(clash, str(labels / "clash.yaml"))
-    assert main([str(labels), str(tmp_path / "o"), "--format", "cvat", "--classes", str(labels / "clash.yaml")]) == 2
+    assert main("jobs.export", [str(labels), str(tmp_path / "o"), "--format", "cvat", "--classes", str(labels / "clash.yaml")]) == 2
     assert "share the colour 1,1,1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # checked before any mask is read
 
 
 def test_unknown_format(labels, tmp_path, capsys):
-    assert main([str(labels), str(tmp_path / "o"), "--format", "yolo"]) == 2
+    assert main("jobs.export", [str(labels), str(tmp_path / "o"), "--format", "yolo"]) == 2
     assert "unknown format 'yolo'" in capsys.readouterr().err
 
 
@@ -166,7 +167,7 @@ def test_remote_output_is_uploaded(labels, fmt, files):
     import fsspec
 
     out = f"memory://export-test/{fmt}"
-    result = run(ExportConfig(str(labels), out, fmt, zip=True))
+    result = run_export(ExportConfig(str(labels), out, fmt, zip=True))
     fs = fsspec.filesystem("memory")
     assert sorted(fs.find(f"/export-test/{fmt}")) == sorted(f"/export-test/{fmt}/{f}" for f in files)
     assert result["counts"]["exported"] == 2

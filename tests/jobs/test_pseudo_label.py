@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import pseudo_label
-from jobs.segment import SegmentConfig
+from jobs.options import main
+from pipeline.label import PseudoLabelConfig, run_pseudo_label
+from pipeline.segment import SegmentConfig
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.heads import HeadConfig, LinearHead
 from pipeline.label.pseudo import IGNORE, threshold_cutoff
@@ -41,7 +42,7 @@ def images(tmp_path_factory):
 
 
 def config(images, out, head, **rule):
-    return pseudo_label.PseudoLabelConfig(SegmentConfig(str(images), str(out), model=None, head=head, **SMALL), **rule)
+    return PseudoLabelConfig(SegmentConfig(str(images), str(out), model=None, head=head, **SMALL), **rule)
 
 
 def parts(folder: Path):
@@ -55,7 +56,7 @@ def rows(folder: Path):
 
 def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_file):
     out = tmp_path / "out"
-    result = pseudo_label.run(config(images, out, head_file, threshold=0.6))
+    result = run_pseudo_label(config(images, out, head_file, threshold=0.6))
     assert result["model"] == {"inputs": 9, "predicted": 8, "skipped": 0, "failed": 1}
     assert result["counts"] == {"images": 8, "pairs": 8, "below_coverage": 0, "failed": 0}
     for name in ("classes.yaml", "thresholds.json", "selection.json", "run.json", "pairs.csv"):
@@ -81,12 +82,12 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
 
     # the same command again: nothing to predict, nothing to select
     before = parts(out / "labels")
-    again = pseudo_label.run(config(images, out, head_file, threshold=0.6))
+    again = run_pseudo_label(config(images, out, head_file, threshold=0.6))
     assert again["model"]["skipped"] == 8 and again["model"]["predicted"] == 0
     assert parts(out / "labels") == before and again["counts"] == result["counts"]
 
     # another rule: selected again from raw/ without the model; pairs below coverage leave
-    third = pseudo_label.run(config(images, out, head_file, class_balanced=0.5, min_coverage=0.5, confidence=True))
+    third = run_pseudo_label(config(images, out, head_file, class_balanced=0.5, min_coverage=0.5, confidence=True))
     assert third["model"]["predicted"] == 0
     thresholds = json.loads((out / "thresholds.json").read_text())
     raw = [(decode_mask_png(p.read_bytes()), decode_mask_png((out / "raw" / "confidence" / p.name).read_bytes()))
@@ -115,11 +116,11 @@ def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images
     subset = tmp_path / "some.txt"
     subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(5)))
     out = tmp_path / "out"
-    first = pseudo_label.run(config(subset, out, head_file))  # the default rule: threshold 0.9
+    first = run_pseudo_label(config(subset, out, head_file))  # the default rule: threshold 0.9
     assert first["rule"] == {"rule": "threshold", "threshold": 0.9} and first["counts"]["images"] == 5
     before = parts(out / "labels")
     subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(8)))
-    second = pseudo_label.run(config(subset, out, head_file))
+    second = run_pseudo_label(config(subset, out, head_file))
     assert second["model"]["predicted"] == 3 and second["model"]["skipped"] == 5
     new = [p for p in parts(out / "labels") if p not in before]
     assert before == [p for p in parts(out / "labels") if p in before] and len(new) == 1
@@ -139,18 +140,18 @@ def test_bad_rules_fail_before_any_work(tmp_path, images, head_file):
     from model.errors import DinosegError
 
     with pytest.raises(DinosegError, match="not both"):
-        pseudo_label.run(config(images, tmp_path / "o", head_file, threshold=0.9, class_balanced=0.5))
+        run_pseudo_label(config(images, tmp_path / "o", head_file, threshold=0.9, class_balanced=0.5))
     with pytest.raises(DinosegError, match="min-coverage"):
-        pseudo_label.run(config(images, tmp_path / "o", head_file, min_coverage=2.0))
+        run_pseudo_label(config(images, tmp_path / "o", head_file, min_coverage=2.0))
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_and_python_m_share_the_options(tmp_path, capsys):
-    from jobs.cli import main
+    from jobs.cli import main as dinoseg
 
-    assert main(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
+    assert dinoseg(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
     assert "not both" in capsys.readouterr().err
-    assert pseudo_label.main([str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
+    assert main("jobs.pseudo_label", [str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
     assert "--class-balanced 1.5 must be in (0, 1]" in capsys.readouterr().err
 
 
@@ -162,9 +163,9 @@ def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_f
     bucket, so = s3_bucket
     out = f"s3://{bucket}/pl"
     seg = SegmentConfig(str(images), out, model=None, head=head_file, storage_options=so, **SMALL)
-    first = pseudo_label.run(pseudo_label.PseudoLabelConfig(seg, threshold=0.6))
+    first = run_pseudo_label(PseudoLabelConfig(seg, threshold=0.6))
     assert first["counts"]["pairs"] == 8
-    second = pseudo_label.run(pseudo_label.PseudoLabelConfig(seg, class_balanced=0.5, min_coverage=0.5))
+    second = run_pseudo_label(PseudoLabelConfig(seg, class_balanced=0.5, min_coverage=0.5))
     fs = fsspec.filesystem("s3", **so)
     fs.invalidate_cache()
     masks = {p.rsplit("/", 1)[-1][:-4] for p in fs.find(f"{bucket}/pl/masks")}
@@ -178,9 +179,8 @@ def _export_round_trips(out, tmp_path):
     """`export --format coco` reads a pseudo-label output as it is; pycocotools decodes the masks."""
     from pycocotools import mask as mask_utils
 
-    from jobs import export
 
-    assert export.main([str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
+    assert main("jobs.export", [str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
     coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
     by_id = {im["id"]: im for im in coco["images"]}
     assert {Path(im["file_name"]).stem for im in coco["images"]} == {p.stem for p in (out / "masks").glob("*.png")}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.segment import SegmentConfig, run
+from pipeline.segment import SegmentConfig, run_segment
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.errors import DinosegError
 from model.classes import ClassMap
@@ -76,7 +76,7 @@ def read_rows(folder: Path):
 def test_local_folder_with_bad_inputs(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    counts = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
+    counts = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
     assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
     rows = {r["key"]: r for r in read_rows(out / "predictions")}
     assert set(rows) == set(GOOD)
@@ -98,16 +98,16 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     manifest = tmp_path / "half.txt"  # the "interrupted" run got through two images
     manifest.write_text("\n".join(str(tmp_path / "in" / n) for n in ("a.jpg", "wide.jpg")))
     out = tmp_path / "out"
-    first = run(SegmentConfig(str(manifest), str(out), model=None, head=head_file, **SMALL))
+    first = run_segment(SegmentConfig(str(manifest), str(out), model=None, head=head_file, **SMALL))
     assert first["predicted"] == 2
     a_mtime = (out / "masks" / "a.png").stat().st_mtime_ns
-    again = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
+    again = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
     assert again == {"inputs": 8, "predicted": 3, "skipped": 2, "failed": 3}
     assert (out / "masks" / "a.png").stat().st_mtime_ns == a_mtime  # not redone
     keys = [r["key"] for r in read_rows(out / "predictions")]
     assert sorted(keys) == sorted(GOOD)  # every mask exactly once
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written files
-    redo = run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL))
+    redo = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL))
     assert redo["predicted"] == 5 and redo["skipped"] == 0
     assert sorted(r["key"] for r in read_rows(out / "predictions")) == sorted(GOOD)  # still once each
     assert len(read_rows(out / "errors")) == 3
@@ -116,13 +116,13 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
 def test_another_model_does_not_resume_into_an_output(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    run(SegmentConfig(str(tmp_path / "in" / "a.jpg"), str(out), model=None, head=head_file, **SMALL))
+    run_segment(SegmentConfig(str(tmp_path / "in" / "a.jpg"), str(out), model=None, head=head_file, **SMALL))
     other = tmp_path / "other.pt"
     head = LinearHead(HeadConfig("linear", (11,), 384, 4))  # another head: default initialisation
     classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
     save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(other))
     with pytest.raises(DinosegError, match="another model.*--overwrite"):
-        run(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=str(other), **SMALL))
+        run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=str(other), **SMALL))
     assert len(read_rows(out / "predictions")) == 1  # nothing changed
 
 
@@ -132,7 +132,7 @@ def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_p
     bucket, so = s3_bucket
     fs = fsspec.filesystem("s3", **so)
     fs.pipe({f"{bucket}/in/x/one.jpg": jpeg(50, 40, 5), f"{bucket}/in/two.jpg": jpeg(20, 30, 6)})
-    counts = run(SegmentConfig(f"s3://{bucket}/in", f"s3://{bucket}/out", model=None, head=head_file,
+    counts = run_segment(SegmentConfig(f"s3://{bucket}/in", f"s3://{bucket}/out", model=None, head=head_file,
                                masks="both", storage_options=so, **SMALL))
     assert counts == {"inputs": 2, "predicted": 2, "skipped": 0, "failed": 0}
     assert fs.exists(f"{bucket}/out/masks/x/one.png") and fs.exists(f"{bucket}/out/run.json")
@@ -155,11 +155,11 @@ def test_local_mode_without_ray_start(tmp_path, head_file):
 
 
 def test_bad_options_are_one_sentence(tmp_path, head_file):
-    from jobs.segment import main
+    from jobs.options import main
 
-    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"]) == 2
-    assert main([str(tmp_path), str(tmp_path / "out"), "--storage-options", "{not json"]) == 2
-    assert main([str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
+    assert main("jobs.segment", [str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"]) == 2
+    assert main("jobs.segment", [str(tmp_path), str(tmp_path / "out"), "--storage-options", "{not json"]) == 2
+    assert main("jobs.segment", [str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
 
 
 def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
@@ -167,7 +167,7 @@ def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
     manifest = tmp_path / "m.txt"  # the same image twice: the second line is an error row, never read
     manifest.write_text(f"{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'sub' / 'b.jpg'}\n")
     out = tmp_path / "out"
-    counts = run(SegmentConfig(str(manifest), str(out), model=None, head=head_file, overlays=True, rle=True, **SMALL))
+    counts = run_segment(SegmentConfig(str(manifest), str(out), model=None, head=head_file, overlays=True, rle=True, **SMALL))
     assert counts == {"inputs": 3, "predicted": 2, "skipped": 0, "failed": 1}
     errors = read_rows(out / "errors")
     assert len(errors) == 1 and errors[0]["stage"] == "list"
@@ -196,7 +196,7 @@ def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, hea
 
     monkeypatch.setattr(pipeline.segment.predict, "Predict", DiesOnce)
     make_inputs(tmp_path / "in")
-    counts = run(SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL))
+    counts = run_segment(SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL))
     assert marker.exists()  # it really died
     assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
     assert sorted(r["key"] for r in read_rows(tmp_path / "out" / "predictions")) == sorted(GOOD)

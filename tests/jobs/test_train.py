@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.train import TrainConfig, run
+from pipeline.train import TrainConfig, run_train
 from model.errors import DinosegError
 from pipeline.data.synthetic import write_synthetic
 
@@ -57,7 +57,7 @@ def test_no_cache_reports_bad_pairs_and_trains_on_the_rest(ray_local, small, tmp
     Image.fromarray(m).save(masks / "class9.png")
 
     out = tmp_path / "run"
-    info = run(config(small, out, cache=False, epochs=1, workers=1, resolution=56, crop=56))
+    info = run_train(config(small, out, cache=False, epochs=1, workers=1, resolution=56, crop=56))
     assert info["counts"] == {"train_pairs": 12, "val_pairs": 4, "problems": 5}
     problems = {p["key"]: p for p in lines(out / "problems.jsonl")}
     assert {k: p["stage"] for k, p in problems.items()} == {
@@ -109,7 +109,7 @@ def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, mon
     out = f"s3://{bucket}/runs/a"
     monkeypatch.setattr(train_graph, "MEMORY_SHARE", 0.0)  # as a cache too large to hold: streamed from S3
     with caplog.at_level(logging.INFO, logger=train_graph.log.name):
-        info = run(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
+        info = run_train(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
     assert "read every epoch" in caplog.text and "held in memory" not in caplog.text
     assert info["epochs_done"] == 1 and info["history"][0]["train_samples"] == info["counts"]["train_pairs"]
     import fsspec
@@ -126,18 +126,18 @@ def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, mon
 
 def test_option_errors_are_one_sentence(tmp_path, small):
     with pytest.raises(DinosegError, match="--epochs"):
-        run(config(small, tmp_path / "o", epochs=0))
+        run_train(config(small, tmp_path / "o", epochs=0))
     with pytest.raises(DinosegError, match="--layers"):
-        run(config(small, tmp_path / "o", layers="3,99"))
+        run_train(config(small, tmp_path / "o", layers="3,99"))
     with pytest.raises(DinosegError, match="class weights|--class-weights"):
-        run(config(small, tmp_path / "o", class_weights="1,2"))
+        run_train(config(small, tmp_path / "o", class_weights="1,2"))
     with pytest.raises(DinosegError, match="no masks"):
-        run(TrainConfig(f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"))
+        run_train(TrainConfig(f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"))
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
 def test_the_summary_of_a_run_without_validation_pairs():
-    from jobs.train import summary
+    from pipeline.train import summary
 
     # a small pair set can leave --val-fraction's hash split empty: epochs then have no mIoU
     info = {"history": [{"epoch": 1, "train_loss": 1.5, "seconds": 2.0}, {"epoch": 2, "train_loss": 0.5, "val_miou": None, "seconds": 1.0}],

@@ -171,14 +171,14 @@ def test_write_to_s3(s3_bucket):
 
 
 def test_job_writes_and_prints_the_train_command(tmp_path, capsys):
-    from jobs.synthetic import main
+    from jobs.options import main
 
     out = tmp_path / "my set"
-    assert main([str(out), "--train", "2", "--val", "1", "--size", "28"]) == 0
+    assert main("jobs.synthetic", [str(out), "--train", "2", "--val", "1", "--size", "28"]) == 0
     text = capsys.readouterr().out
     assert (out / "classes.yaml").exists() and len(list((out / "train" / "masks").iterdir())) == 2
     assert f"dinoseg train '{out}/train/images' '{out}/train/masks' --val-images '{out}/val/images'" in text
     assert f"--classes '{out}/classes.yaml' --output OUT" in text
-    assert main([str(tmp_path / "bad"), "--size", "10"]) == 2
+    assert main("jobs.synthetic", [str(tmp_path / "bad"), "--size", "10"]) == 2
     assert "size=10 is too small" in capsys.readouterr().err
-    assert main([str(tmp_path / "bad"), "--storage-options", "{"]) == 2
+    assert main("jobs.synthetic", [str(tmp_path / "bad"), "--storage-options", "{"]) == 2

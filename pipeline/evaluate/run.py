@@ -1,0 +1,225 @@
+"""`run_evaluate(config)`: `dinoseg evaluate PRED GT --classes FILE` / `python -m jobs.evaluate`.
+
+Scores predicted index masks against ground-truth masks with the same keys (path relative to
+PRED or GT, without extension). Thin: lists both sides, reads and decodes each pair in a thread
+pool, sums one confusion matrix (`pipeline.data.metrics`), and writes the scores, the counts of what
+was skipped and why, and the arguments to a JSON report (default PRED/evaluation.json).
+A pair that cannot be compared is counted and skipped, never fatal, unless none is left.
+
+A prediction pixel equal to the ignore index (a pseudo-label's 'unsure' 255) is a miss: a false
+negative of the ground truth's class, a false positive of none; the report's
+`unlabeled_fraction` is the share of scored pixels predicted so. Pixels whose ground truth is
+the ignore index are not scored at all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+from model.errors import DinosegError
+from pipeline.options import REQUIRED, argument, option, storage_options_option
+
+log = logging.getLogger("dinoseg.evaluate")
+
+SKIPPED = {  # count name -> how the summary says it
+    "only_pred": "only in PRED",
+    "only_gt": "only in GT",
+    "size_mismatch": "sizes differ",
+    "unreadable": "unreadable",
+    "out_of_range": "values out of range",
+}
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class EvaluateConfig:
+    pred: str = argument("Folder or fsspec URL prefix of predicted index-mask PNGs.")
+    gt: str = argument("Folder or fsspec URL prefix of ground-truth index-mask PNGs.")
+    # class-map file (YAML/JSON, any fsspec URL) or a bundled name: voc2012, ade20k
+    classes: str = option(REQUIRED, "Class-map file (YAML/JSON) or a bundled name: voc2012, ade20k.")
+    output: Optional[str] = option(None, "Where the JSON report goes (default PRED/evaluation.json).")
+    storage_options: dict = storage_options_option()
+    threads: int = 16  # pairs read at once: object-store GETs mostly wait on the network
+
+
+def summary(result: dict) -> str:
+    """The scores table, what was compared and skipped, and where the report went."""
+    from pipeline.data.metrics import format_table
+
+    return "\n".join([format_table(result), counts_summary(result), f"report: {result['arguments']['output']}"])
+
+
+def counts_summary(result: dict) -> str:
+    """How many pairs were compared, how many skipped for each reason, with examples."""
+    counts, examples = result["counts"], result["examples"]
+    lines = [f"pairs compared: {counts['pairs']:,}"]
+    for name, label in SKIPPED.items():
+        lines.append(f"skipped, {label}: {counts[name]:,}")
+        lines += [f"    {example}" for example in examples[name]]
+    return "\n".join(lines)
+
+
+def run_evaluate(config: EvaluateConfig) -> dict:
+    """The whole job; returns the report also written as JSON: `scores()` + counts, examples, arguments."""
+    from model.classes import load_class_map
+    from pipeline.data.metrics import scores
+    from pipeline.io.files import absolute_output, write_bytes_atomic
+    from pipeline.data.sources import ReadBytes
+
+    so = config.storage_options or None
+    classes = load_class_map(config.classes, so)
+    pred_paths, pred_errors = _list(config.pred, "PRED", so)
+    gt_paths, gt_errors = _list(config.gt, "GT", so)
+    output = absolute_output(config.output or _default_output(config.pred, so))
+
+    counts = {"pairs": 0, **{name: 0 for name in SKIPPED}}
+    examples: dict[str, list[str]] = {name: [] for name in SKIPPED}
+
+    def skip(reason: str, example: str) -> None:
+        counts[reason] += 1
+        if len(examples[reason]) < MAX_EXAMPLES:
+            examples[reason].append(example)
+
+    for message in pred_errors + gt_errors:
+        skip("unreadable", message)
+    for key in sorted(pred_paths.keys() - gt_paths.keys()):
+        skip("only_pred", key)
+    for key in sorted(gt_paths.keys() - pred_paths.keys()):
+        skip("only_gt", key)
+    common = sorted(pred_paths.keys() & gt_paths.keys())
+    if not common:
+        hint = f" (e.g. '{next(iter(sorted(pred_paths)), '')}' and '{next(iter(sorted(gt_paths)), '')}')"
+        raise DinosegError(
+            f"no key is in both PRED '{config.pred}' ({len(pred_paths)} masks) and GT '{config.gt}' "
+            f"({len(gt_paths)} masks){hint}: point both at folders whose masks have the same relative "
+            "paths (for a segment OUTPUT, PRED is OUTPUT/masks)."
+        )
+
+    n = len(classes)
+    unlabeled = classes.ignore_index if classes.ignore_index >= n else None  # an ignore index that is a class id stays a class
+    confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
+    reader = ReadBytes(so)
+
+    def compare(key: str):
+        return _compare(key, pred_paths[key], gt_paths[key], reader, n, classes.ignore_index, unlabeled)
+
+    for done, outcome in enumerate(_bounded_map(compare, common, max(1, config.threads)), 1):
+        if isinstance(outcome, np.ndarray):
+            confusion += outcome
+            counts["pairs"] += 1
+        else:
+            skip(*outcome)
+        if done % 1000 == 0:
+            log.info("compared %d of %d pairs", done, len(common))
+    if not counts["pairs"]:
+        first = next(e for name in ("unreadable", "size_mismatch", "out_of_range") for e in examples[name])
+        raise DinosegError(
+            f"none of the {len(common)} pairs with a key in both PRED and GT could be compared "
+            f"({counts['unreadable']} unreadable, {counts['size_mismatch']} of different sizes, "
+            f"{counts['out_of_range']} with values out of range; e.g. {first}): fix the masks or the class map."
+        )
+
+    arguments = asdict(config) | {"output": output, "storage_options": sorted(config.storage_options)}  # no secrets
+    result = scores(confusion, classes.names) | {
+        "ignore_index": classes.ignore_index, "counts": counts, "examples": examples, "arguments": arguments,
+    }
+    try:
+        write_bytes_atomic(output, (json.dumps(result, indent=2) + "\n").encode(), so)
+    except OSError as e:
+        raise DinosegError(f"cannot write the report to '{output}' ({e}): pass --output with a writable place.") from None
+    return result
+
+
+def _list(root: str, side: str, storage_options: dict | None) -> tuple[dict[str, str], list[str]]:
+    """{key: path} of the masks under `root`, and the messages of the files that cannot be keyed."""
+    from pipeline.data.sources import list_inputs
+
+    paths, errors = {}, []
+    try:
+        for row in list_inputs(root, storage_options):
+            if row["error_stage"]:  # an unsafe path or a key collision: never read
+                errors.append(f"{side}: {row['error_message']}")
+            else:
+                paths[row["key"]] = row["path"]
+    except DinosegError as e:
+        raise DinosegError(f"{side}: {e}") from None
+    return paths, errors
+
+
+def _default_output(pred: str, storage_options: dict | None) -> str:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(pred, **(storage_options or {}))
+    if not fs.isdir(path.rstrip("/") or "/"):
+        raise DinosegError(f"PRED '{pred}' is not a folder, so the report has no default place: pass --output.")
+    return pred.rstrip("/") + "/evaluation.json"
+
+
+def _bounded_map(fn, items: list, threads: int):
+    """fn over items in a thread pool, results in order, with few pairs in flight: a full
+    pool.map would queue a future per pair, and decoded pairs would wait for the slowest."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="dinoseg-evaluate") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None):
+    """The pair's confusion matrix, or (reason, example) when it is skipped."""
+    from pipeline.data.metrics import confusion_matrix
+    from pipeline.data.schema import object_array
+
+    batch = reader({"path": object_array([pred_path, gt_path]), "key": object_array([key, key])})
+    masks = []
+    for i, path in enumerate((pred_path, gt_path)):
+        if batch["error_stage"][i]:
+            return "unreadable", str(batch["error_message"][i])
+        mask = _decode(path, batch["bytes"][i])
+        if isinstance(mask, str):
+            return "unreadable", mask
+        masks.append(mask)
+    pred, gt = masks
+    if pred.shape != gt.shape:
+        return "size_mismatch", f"{key}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the ground truth {gt.shape[1]}x{gt.shape[0]}."
+    stray = _stray(gt, n, ignore_index)
+    if stray:
+        return "out_of_range", f"{key}: the ground truth has values {stray} that are not classes 0..{n - 1} or the ignore index {ignore_index}."
+    stray = _stray(pred, n, unlabeled)
+    if stray:
+        also = f" or the unsure value {unlabeled}" if unlabeled is not None else ""
+        return "out_of_range", f"{key}: the prediction has values {stray} that are not classes 0..{n - 1}{also}."
+    return confusion_matrix(pred, gt, n, ignore_index, unlabeled)
+
+
+def _decode(path: str, data: bytes) -> np.ndarray | str:
+    """The mask, or why it is not one."""
+    from PIL import Image
+
+    from pipeline.io.masks import decode_mask_png
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode = image.mode
+        if mode in ("RGB", "RGBA"):
+            return f"'{path}' is an {mode} image, not an index mask: save masks as palette (P) or grayscale (L) PNGs of class indices."
+        return decode_mask_png(data)
+    except Exception as e:  # corrupt, truncated, not an image at all: the pair is skipped
+        return f"'{path}' cannot be decoded as an index mask ({type(e).__name__}: {e})."
+
+
+def _stray(mask: np.ndarray, n: int, ignore_index: int | None) -> list[int]:
+    """Up to 5 values in the mask that are neither a class nor the ignore index."""
+    present = np.flatnonzero(np.bincount(mask.ravel()))
+    stray = present[(present >= n) & (present != (-1 if ignore_index is None else ignore_index))]
+    return [int(v) for v in stray[:MAX_EXAMPLES]]

@@ -1,0 +1,66 @@
+"""Options declared once: a config field that a command line may set carries its help (and, where
+the command line spells it differently, its choices, its command-line type and how to parse it).
+
+    @dataclass
+    class SegmentConfig:
+        input: str = argument("Folder, fsspec URL prefix, glob, or manifest.")
+        resolution: Optional[int] = option(None, "Short side the image is resized to.")
+        mode: str = option("whole", "whole image, or Meta's sliding window.", choices=MODES)
+
+`jobs/` turns these fields into typer options (`jobs.options.command`); the name is the field's
+(`--resolution`, `--batch-size`), the default the dataclass's, so nothing is written twice.
+Fields without help are not options (internal settings a workflow passes to another).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, field
+from typing import Any, Callable
+
+from model.errors import DinosegError
+
+REQUIRED: Any = MISSING  # an option the command line must give (`--classes FILE`)
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli_type: type | None = None,
+           cli_default: Any = MISSING, parse: Callable[[Any], Any] | None = None, flag: str | None = None) -> Any:
+    """A config field that is also `--<name>`. `cli_type`/`cli_default`/`parse`: what the command line
+    takes when it differs from the field (a JSON string for a dict, a switch for a bit depth)."""
+    meta = {"help": help, "choices": choices, "cli_type": cli_type, "cli_default": cli_default, "parse": parse,
+            "flag": flag, "argument": False}
+    if default is MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def argument(help: str, *, cli_default: Any = MISSING) -> Any:
+    """A positional command-line argument; required in the config, optional on the command line
+    when `cli_default` is given."""
+    return field(metadata={"help": help, "choices": None, "cli_type": None, "cli_default": cli_default, "parse": None,
+                           "flag": None, "argument": True})
+
+
+def parse_storage_options(text: str | dict) -> dict:
+    """--storage-options: a JSON object of fsspec options."""
+    if isinstance(text, dict):
+        return text
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise DinosegError(f"--storage-options is not valid JSON ({e}): pass e.g. '{{\"anon\": true}}'.") from None
+    if not isinstance(options, dict):
+        raise DinosegError("--storage-options must be a JSON object: pass e.g. '{\"anon\": true}'.")
+    return options
+
+
+def storage_options_option() -> Any:
+    return option({}, "JSON of fsspec storage options (endpoint, credentials...).", cli_type=str, cli_default="{}",
+                  parse=parse_storage_options)
+
+
+def address_option() -> Any:
+    return option(None, "Ray cluster address (default RAY_ADDRESS, else local Ray).")
+
