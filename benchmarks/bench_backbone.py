@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
 
 from model.backbone import BackboneConfig, DinoVisionTransformer, build_backbone, count_flops  # noqa: E402
 from model.classes import ClassMap, default_color  # noqa: E402
-from model.errors import DinosegError  # noqa: E402
 from model.device import PRECISIONS, autocast, choose_device  # noqa: E402
+from model.errors import DinosegError  # noqa: E402
 from model.heads import HeadConfig, LinearHead, default_layers  # noqa: E402
 from model.segmenter import InferenceConfig, Segmenter  # noqa: E402
 
@@ -53,7 +53,7 @@ CHECK_SIZE = 518  # the released position grid (37x37): neither side interpolate
 
 
 # ---- machine ---------------------------------------------------------------------------------
-from machine import cpu_model, cpu_flags, core_count  # noqa: E402  (benchmarks/ is the script's folder)
+from machine import core_count, cpu_flags, cpu_model  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def sync(device: torch.device) -> None:
@@ -345,9 +345,9 @@ def main(argv=None) -> int:
                     times = time_pair({"ours": ours[prec], "hf": theirs[prec]}, x, device, args, estimate)
                     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
                     ips_ours, ips_hf = batch / t_ours, batch / t_hf
-                    row = dict(model=name, size=size, precision=prec, batch=batch, ours=ips_ours, hf=ips_hf,
-                               ratio=ips_ours / ips_hf, gflops=gflops, tflops=ips_ours * gflops / 1e3,
-                               iters=len(times["ours"]), round_s=t_ours + t_hf)
+                    row = {"model": name, "size": size, "precision": prec, "batch": batch, "ours": ips_ours, "hf": ips_hf,
+                               "ratio": ips_ours / ips_hf, "gflops": gflops, "tflops": ips_ours * gflops / 1e3,
+                               "iters": len(times["ours"]), "round_s": t_ours + t_hf}
                     rows.append(row)
                     print(f"  {name} {size} {prec} b{batch}: ours {ips_ours:.2f} img/s, HF {ips_hf:.2f} img/s, "
                           f"ratio {row['ratio']:.2f} ({row['iters']} iters each)", flush=True)

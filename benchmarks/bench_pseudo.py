@@ -35,11 +35,11 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.label import PseudoLabelConfig, run_pseudo_label
-    from pipeline.segment import SegmentConfig
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
     from model.heads import HeadConfig, LinearHead
     from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
+    from pipeline.label import PseudoLabelConfig, run_pseudo_label
+    from pipeline.segment import SegmentConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pseudo-"))
     write_synthetic(str(tmp / "data"), train=args.images, val=0, size=args.size, seed=0)

@@ -56,7 +56,7 @@ NUM_CLASSES = 21
 # photo-like sizes, cycled (mean ~0.37 megapixels); the mask comes back at this size
 SIZES = [(640, 480), (640, 480), (480, 640), (800, 600), (640, 480), (512, 384), (480, 640), (1024, 768), (600, 600), (640, 427)]
 
-from machine import cpu_model, core_count  # noqa: E402  (benchmarks/ is the script's folder)
+from machine import core_count, cpu_model  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def decode_module():
@@ -275,8 +275,8 @@ def job_config(args, input: str, output: str, head: Path):
 
 
 def build_inprocess(args, head: Path):
-    from pipeline.segment.config import inference_config, shrink_for
     from model.hub import build_segmenter
+    from pipeline.segment.config import inference_config, shrink_for
 
     inference = inference_config(job_config(args, "", "", head))
     segmenter = build_segmenter(head=str(head), backbone_weights="random", config=inference, device=args.device)
@@ -300,8 +300,8 @@ def bench_bare(segmenter, decode_config, files: list[Path], batch: int, gpu: int
 
 
 def bench_plain(segmenter, decode_config, files: list[Path], output: Path) -> dict:
-    from pipeline.io.masks import encode_mask_png, mask_url
     from pipeline.io.files import write_bytes_atomic
+    from pipeline.io.masks import encode_mask_png, mask_url
 
     dec = decode_module()
     shutil.rmtree(output, ignore_errors=True)
@@ -364,8 +364,8 @@ class _ThreadProbe:
 def probe_threads(config) -> dict:
     import ray.data
 
-    from pipeline.segment.config import inference_config
     from pipeline import runtime
+    from pipeline.segment.config import inference_config
     from pipeline.segment.predict import PredictConfig
 
     started = runtime.start_ray(config.address)

@@ -41,9 +41,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline.train import TrainConfig, run_train
     import pipeline.train.data as train_graph
     from pipeline.data.synthetic import write_synthetic
+    from pipeline.train import TrainConfig, run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     write_synthetic(str(tmp / "data"), train=args.images, val=args.val, size=args.resolution, seed=0)

@@ -195,7 +195,7 @@ class DinoVisionTransformer(nn.Module):
             h, w = height // self.patch_size, width // self.patch_size
             patches = [p.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
         if return_class_token:
-            return tuple(zip(patches, cls))
+            return tuple(zip(patches, cls, strict=True))
         return tuple(patches)
 
 

@@ -43,7 +43,7 @@ class ClassMap:
     def to_dict(self) -> dict:
         return {
             "ignore_index": self.ignore_index,
-            "classes": [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(self.names, self.colors))],
+            "classes": [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(self.names, self.colors, strict=True))],
         }
 
     @classmethod

@@ -21,9 +21,9 @@ from torch import nn
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer
 from .classes import ClassMap
-from .geometry import centre_pad, resized_size, window_starts
 from .device import autocast, choose_device, choose_precision
 from .errors import DinosegError, ImageInputError
+from .geometry import centre_pad, resized_size, window_starts
 
 META_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # Meta's multi-scale test ratios
 
@@ -166,7 +166,7 @@ class Segmenter(nn.Module):
                 pieces.append(piece)
                 groups.setdefault(tuple(tensor.shape[-2:]), []).append((piece, tensor))
         for group in groups.values():  # same-shaped inputs batch together, across images and views
-            for (piece, _), logits in zip(group, self._run([t for _, t in group])):
+            for (piece, _), logits in zip(group, self._run([t for _, t in group]), strict=True):
                 piece.logits = logits.flip(-1) if piece.flipped else logits
         return [self._finish(hw, [p for p in pieces if p.image == i]) for i, hw in enumerate(sizes)]
 

@@ -88,7 +88,7 @@ def make_key(root: str, path: str, keep_extension: bool = False) -> str:
 
 
 def input_row(path: str, key: str) -> dict:
-    return {"path": path, "key": key, **{f: "" for f in ERROR_FIELDS}}
+    return {"path": path, "key": key, **dict.fromkeys(ERROR_FIELDS, "")}
 
 
 def list_error_row(path: str, message: str, error_type: str) -> dict:

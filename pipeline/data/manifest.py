@@ -19,7 +19,15 @@ import numpy as np
 from fsspec.core import split_protocol
 
 from model.errors import DinosegError
-from pipeline.data.keys import canonical_protocol, extension, input_row, is_local, key_from_parts, list_error_row, split_url
+from pipeline.data.keys import (
+    canonical_protocol,
+    extension,
+    input_row,
+    is_local,
+    key_from_parts,
+    list_error_row,
+    split_url,
+)
 
 MANIFEST_EXTENSIONS = ("txt", "csv", "parquet")
 

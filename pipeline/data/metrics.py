@@ -53,7 +53,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
         if floating:
             raise ValueError(f"{name} must hold integer class indices, not {x.dtype}.")
     if is_tensor[0]:
-        import torch
+        torch = sys.modules["torch"]  # the caller's tensors: torch is loaded, and this module never loads it
 
         p, t = pred.reshape(-1).long(), target.reshape(-1).long()
         unique, bincount, where = torch.unique, torch.bincount, torch.where
@@ -145,7 +145,7 @@ def format_table(result: dict) -> str:
     pixels = [f"{v:,}" for v in result["gt_pixels"]]
     pwidth = max(len("GT pixels"), *(len(x) for x in pixels))
     lines = [f"{'class':<{width}}  {'IoU %':>7}  {'Dice %':>7}  {'GT pixels':>{pwidth}}"]
-    for name, iou, dice, px in zip(names, result["iou"], result["dice"], pixels):
+    for name, iou, dice, px in zip(names, result["iou"], result["dice"], pixels, strict=True):
         lines.append(f"{name:<{width}}  {_percent(iou):>7}  {_percent(dice):>7}  {px:>{pwidth}}")
     lines.append(
         f"mIoU {_percent(result['miou'])}  mean Dice {_percent(result['mean_dice'])}  "

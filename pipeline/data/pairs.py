@@ -104,7 +104,7 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
         raise DinosegError(f"the manifest '{url}' needs 'image' and 'mask' columns, it has {table.column_names}: rename them.")
     folder = posixpath.dirname(path)
     out, seen = Pairs(), set()
-    for entry, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist()):
+    for entry, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist(), strict=True):
         entry = str(entry or "")
         key = _manifest_key(entry)
         image, mask = (_resolve(str(v or ""), fs, folder) for v in (entry, mask))

@@ -243,7 +243,7 @@ class ReadBytes:
                 results = self._fs(protocol).cat_ranges(paths, None, None, on_error="return")
             except Exception as e:  # the filesystem itself failed (bad options, no driver)
                 results = [e] * len(rows)
-            for i, path, result in zip(rows, paths, results):
+            for i, path, result in zip(rows, paths, results, strict=True):
                 if isinstance(result, BaseException):
                     set_error(out, i, "read", _read_message(path, result), type(result).__name__)
                 else:

@@ -130,7 +130,7 @@ def write_synthetic(output: str, train: int = 48, val: int = 16, size: int = 112
         raise DinosegError(f"seed={seed}: give a seed of 0 or more.")
     root = absolute_output(output).rstrip("/")
     info: dict = {"train": train, "val": val, "classes": f"{root}/classes.yaml", "images": {}, "masks": {}}
-    for split, count in zip(SPLITS, (train, val)):
+    for split, count in zip(SPLITS, (train, val), strict=True):
         if not count:
             continue
         images, masks = f"{root}/{split}/images", f"{root}/{split}/masks"

@@ -29,15 +29,15 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, echo=print) -> dict:
     """Run the demo into config.output (started over if it exists); returns the evaluation."""
+    from pipeline import runtime
+    from pipeline.data.synthetic import write_synthetic
     from pipeline.evaluate import EvaluateConfig
     from pipeline.evaluate import run_evaluate as evaluate
+    from pipeline.io.files import absolute_output
     from pipeline.segment import SegmentConfig
     from pipeline.segment import run_segment as segment
     from pipeline.train import TrainConfig
     from pipeline.train import run_train as train
-    from pipeline import runtime
-    from pipeline.io.files import absolute_output
-    from pipeline.data.synthetic import write_synthetic
 
     out = absolute_output(config.output).rstrip("/")
     data, run_dir, seg = f"{out}/data", f"{out}/run", f"{out}/segment"

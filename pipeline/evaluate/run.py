@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+
 from model.errors import DinosegError
 from pipeline.options import REQUIRED, argument, option, storage_options_option
 
@@ -70,8 +71,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     """The whole job; returns the report also written as JSON: `scores()` + counts, examples, arguments."""
     from model.classes import load_class_map
     from pipeline.data.metrics import scores
-    from pipeline.io.files import absolute_output, write_bytes_atomic
     from pipeline.data.sources import ReadBytes
+    from pipeline.io.files import absolute_output, write_bytes_atomic
 
     so = config.storage_options or None
     classes = load_class_map(config.classes, so)
@@ -79,7 +80,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     gt_paths, gt_errors = _list(config.gt, "GT", so)
     output = absolute_output(config.output or _default_output(config.pred, so))
 
-    counts = {"pairs": 0, **{name: 0 for name in SKIPPED}}
+    counts = {"pairs": 0, **dict.fromkeys(SKIPPED, 0)}
     examples: dict[str, list[str]] = {name: [] for name in SKIPPED}
 
     def skip(reason: str, example: str) -> None:

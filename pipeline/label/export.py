@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Optional
 
 from model.errors import DinosegError
@@ -55,8 +55,8 @@ def summary(result: dict) -> str:
 
 def run_export(config: ExportConfig) -> dict:
     """The whole job; returns {counts: {masks, exported, failed}, examples, unnamed, files, arguments}."""
-    from pipeline.label.exporters import make_exporter
     from pipeline.io.files import absolute_output
+    from pipeline.label.exporters import make_exporter
 
     so = config.storage_options or None
     labels = absolute_output(config.labels).rstrip("/")
@@ -74,8 +74,8 @@ def run_export(config: ExportConfig) -> dict:
 
 
 def _export(config: ExportConfig, exporter, mask_root: str, labels: str, classes) -> dict:
-    from pipeline.label.exporters import ExportItem, stray_values
     from pipeline.data.sources import ReadBytes
+    from pipeline.label.exporters import ExportItem, stray_values
 
     so = config.storage_options or None
     masks, failures = _list_masks(mask_root, so)
@@ -196,8 +196,9 @@ def _image_refs(images: Optional[str], labels: str, storage_options: dict | None
                     log.warning("%s has no key/path columns; its rows give no image references", path)
                     continue
                 table = parquet.read(columns=columns).to_pydict()
-            sizes = zip(table["height"], table["width"]) if "height" in table and "width" in table else repeat(None)
-            for key, url, size in zip(table["key"], table["path"], sizes):
+            sizes = zip(table["height"], table["width"], strict=True) if "height" in table and "width" in table else repeat(None)
+            # sizes is repeat(None) when the rows have no size: only key and path are parallel lists
+            for key, url, size in zip(table["key"], table["path"], sizes, strict=False):
                 refs[key] = (url, tuple(size) if size and None not in size else None)
     return refs
 

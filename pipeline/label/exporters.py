@@ -79,7 +79,7 @@ def labelstudio_config(classes: ClassMap, from_name: str = "tag", to_name: str =
     """The labeling config whose BrushLabels the predictions name (colours from the class map)."""
     labels = "\n".join(
         f"    <Label value={quoteattr(n)} background={quoteattr('#%02x%02x%02x' % tuple(c))}/>"
-        for n, c in zip(classes.names, classes.colors)
+        for n, c in zip(classes.names, classes.colors, strict=True)
     )
     return (f'<View>\n  <Image name={quoteattr(to_name)} value="$image" zoom="true"/>\n'
             f"  <BrushLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{labels}\n"
@@ -96,7 +96,7 @@ def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
     fix = "edit a copy of the class map and pass it with --classes"
     seen: dict[tuple, str] = {}
     background = None
-    for i, (name, color) in enumerate(zip(classes.names, map(tuple, classes.colors))):
+    for i, (name, color) in enumerate(zip(classes.names, map(tuple, classes.colors), strict=True)):
         if not name or name != name.strip() or ":" in name or "\n" in name or name.startswith("#"):
             raise DinosegError(f"class {i} '{name}' cannot be a CVAT label (labelmap.txt splits at ':' and skips '#' lines): rename it ({fix}).")
         if color in seen:
@@ -176,7 +176,7 @@ class CocoExporter(_Exporter):
         annotations = [
             {"id": 0, "image_id": 0, "category_id": int(c) + 1, "segmentation": {"size": [int(h), int(w)], "counts": counts[int(c)]},
              "area": int(a), "bbox": [int(v) for v in box], "iscrowd": 0}
-            for c, a, box in zip(ids, areas, boxes)
+            for c, a, box in zip(ids, areas, boxes, strict=True)
         ]
         return image, annotations
 

@@ -71,12 +71,12 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
 
     from model.classes import load_class_map, save_class_map
     from pipeline import runtime
-    from pipeline.label import pseudo
-    from pipeline.io.parts import RollingParquetWriter, read_parts, remove_parts
     from pipeline.data.schema import ERROR_SCHEMA
     from pipeline.io.files import absolute_output
     from pipeline.io.masks import existing_keys
+    from pipeline.io.parts import RollingParquetWriter, read_parts, remove_parts
     from pipeline.io.records import write_run_json
+    from pipeline.label import pseudo
 
     config.validate()
     started = time.time()
@@ -179,9 +179,9 @@ def _finish(out: str, so, rows, thresholds: dict) -> dict:
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
-    from pipeline.label.pseudo import LABEL_SCHEMA
-    from pipeline.io.parts import read_parts
     from pipeline.io.files import write_bytes_atomic
+    from pipeline.io.parts import read_parts
+    from pipeline.label.pseudo import LABEL_SCHEMA
 
     labels = read_parts(f"{out}/labels", ["path", "key", "selected", "coverage"], so)
     labels = labels if labels is not None else LABEL_SCHEMA.empty_table().select(["path", "key", "selected", "coverage"])

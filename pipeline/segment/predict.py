@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.segmenter import InferenceConfig
-from pipeline.segment.config import DEFAULT_MODEL
 from pipeline.data.schema import failed, object_array, set_error
+from pipeline.segment.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ class Predict:
         images = [batch["image"][i] for i in todo]
         sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
         try:
-            yield from zip(todo, self.segmenter.predict(images, output_sizes=sizes))
+            yield from zip(todo, self.segmenter.predict(images, output_sizes=sizes), strict=True)
             return
         except Exception as e:  # isolate the culprit: retry one by one
             if len(todo) == 1:
                 yield todo[0], e
                 return
             log.warning("batch of %d failed (%s); retrying images one by one", len(todo), e)
-        for i, image, size in zip(todo, images, sizes):
+        for i, image, size in zip(todo, images, sizes, strict=True):
             try:
                 yield i, self.segmenter.predict([image], output_sizes=[size])[0]
             except Exception as e:

@@ -24,16 +24,16 @@ def run_segment(config: SegmentConfig) -> dict:
     import pyarrow.compute as pc
 
     from model.classes import save_class_map
+    from model.weights import weights_env
     from pipeline import runtime
     from pipeline.data.decode import Decode, DecodeConfig
-    from model.weights import weights_env
-    from pipeline.segment.predict import Predict, PredictConfig
-    from pipeline.io.parts import RollingParquetWriter
     from pipeline.data.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
-    from pipeline.segment.write import WriteConfig, WriteMasks
-    from pipeline.io.files import absolute_input
-    from pipeline.io.records import versions, write_run_json
     from pipeline.data.sources import ReadBytes, list_inputs
+    from pipeline.io.files import absolute_input
+    from pipeline.io.parts import RollingParquetWriter
+    from pipeline.io.records import versions, write_run_json
+    from pipeline.segment.predict import Predict, PredictConfig
+    from pipeline.segment.write import WriteConfig, WriteMasks
 
     started = time.time()
     so = config.storage_options or None
@@ -133,7 +133,7 @@ def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str
     table = read_parts(f"{out}/predictions", ["key", "model", "head_checksum"], so)
     if table is None:
         return set()
-    seen = set(zip(table["model"].to_pylist(), table["head_checksum"].to_pylist()))
+    seen = set(zip(table["model"].to_pylist(), table["head_checksum"].to_pylist(), strict=True))
     other = sorted(m for m in seen if m != (model_id, checksum))
     if other:
         raise DinosegError(

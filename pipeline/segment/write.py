@@ -118,7 +118,7 @@ class WriteMasks:
                 results = list(pool.map(lambda i: self._write_row(batch, i), todo))
         else:
             results = [self._write_row(batch, i) for i in todo]
-        written = dict(zip(todo, results))
+        written = dict(zip(todo, results, strict=True))
         cols: dict[str, list] = {name: [] for name in self.schema.names}
         for i in range(n):
             out = written.get(i)

@@ -120,7 +120,6 @@ def run_self_train(config: SelfTrainConfig) -> dict:
 
 def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
     from model.hub import load_head
-
     from pipeline.io.parts import read_parts
 
     # the round's earlier labels came from another head (an earlier round was retrained): redo them

@@ -100,7 +100,7 @@ def training_datasets(spec: DataSpec) -> dict:
         for name, pairs, crop in (("train", spec.train, cells), ("val", spec.val, None)):
             if not len(pairs):
                 continue
-            cfg = SampleConfig(dict(zip(pairs.images, pairs.masks)), spec.num_classes, crop, storage_options=so)
+            cfg = SampleConfig(dict(zip(pairs.images, pairs.masks, strict=True)), spec.num_classes, crop, storage_options=so)
             ds = datasets.stages(datasets.shuffled(cache) if crop else cache, [CachedSamples(cfg)], 16, cpus)
             out[name] = datasets.held(ds) if held and not crop else ds  # validation is the same every epoch
         return datasets.quiet(out)

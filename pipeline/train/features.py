@@ -79,7 +79,7 @@ def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, 
     for url in part_files(folder, storage_options):
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             t = pq.read_table(f, columns=["image", "width", "height"])
-        out.update(zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist())))
+        out.update(zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist(), strict=True), strict=True))
     return out
 
 
@@ -136,9 +136,9 @@ class ComputeFeatures:
                     for i in chunk:
                         set_error(out, i, "features", f"could not compute features ({type(e).__name__}: {e}).", type(e).__name__)
                     continue
-                for i, m in zip(chunk, maps):
+                for i, m in zip(chunk, maps, strict=True):
                     feats[i] = m.tobytes()
-                    for c, v in zip(ints, (h, w, top, left, gh, gw, m.shape[0])):
+                    for c, v in zip(ints, (h, w, top, left, gh, gw, m.shape[0]), strict=True):
                         ints[c][i] = v
         out.update(ints)
         out["features"] = object_array(feats)
@@ -213,7 +213,7 @@ class CachedSamples:
         paths = np.asarray([cfg.masks[batch["image"][i]] for i in rows], dtype=object)
         masks = self.read({"path": paths})["bytes"] if rows else []
         feats, labels = [], []
-        for i, data in zip(rows, masks):
+        for i, data in zip(rows, masks, strict=True):
             c, gh, gw = (int(batch[k][i]) for k in ("channels", "grid_h", "grid_w"))
             f = np.frombuffer(batch["features"][i], np.float16).reshape(c, gh, gw)
             label = self._label(data, batch, i)

@@ -44,7 +44,7 @@ def _layers(config: TrainConfig, depth: int) -> tuple[int, ...]:
         layers = tuple(int(v) for v in config.layers.split(","))
     except ValueError:
         raise DinosegError(f"--layers '{config.layers}' is not a list of block indices: pass e.g. 8,9,10,11.") from None
-    if any(not -depth <= i < depth for i in layers) or len(set(i % depth for i in layers)) != len(layers):
+    if any(not -depth <= i < depth for i in layers) or len({i % depth for i in layers}) != len(layers):
         raise DinosegError(f"--layers {config.layers}: {config.backbone} has blocks 0..{depth - 1}; give distinct indices in range.")
     return tuple(sorted(i % depth for i in layers))
 

@@ -82,7 +82,7 @@ def _patch_pad(pixels: list[np.ndarray], labels: list[np.ndarray]):
     from pipeline.train.trainset import pad_label, padded_geometry
 
     out_px, out_lb = [], []
-    for px, lb in zip(pixels, labels):
+    for px, lb in zip(pixels, labels, strict=True):
         gh, gw, top, left = padded_geometry(*lb.shape)
         canvas = np.empty((gh * PATCH, gw * PATCH, 3), np.uint8)
         canvas[:] = MEAN_RGB
