@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnknownModelError
+from .geometry import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from .layers import Block, PatchEmbed, swiglu_hidden
 
-PATCH_SIZE = 14
 POS_GRID = 37  # released position embeddings cover a 37x37 patch grid (518 px)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from model.classes import IGNORE_INDEX
+
 
 def _torch_tensor_type():
     # Only a module that already imported torch can hand us tensors: looking it up in
@@ -27,7 +29,7 @@ def _first_values(values, limit: int = 5) -> list[int]:
     return [int(v) for v in list(values)[:limit]]
 
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 255, unlabeled_index: int | None = None):
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = IGNORE_INDEX, unlabeled_index: int | None = None):
     """The (C, C) int64 confusion matrix of integer masks `pred` and `target` of one shape;
     (C, C+1) with `unlabeled_index`, the predicted value that means 'no class' (column C).
 

@@ -28,7 +28,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from model.classes import ClassMap
+from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
 from pipeline.io.files import absolute_output, write_bytes_atomic
 from pipeline.io.masks import confidence_url, decode_mask_png, encode_confidence_png, encode_mask_png, mask_url
@@ -36,7 +36,6 @@ from pipeline.segment.predict import CONFIDENCE_SCALE
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 LEVELS = CONFIDENCE_SCALE + 1  # histogram bins: every stored value q in 0..65535
 NEVER = LEVELS  # the cutoff of a class that keeps nothing
 
@@ -96,7 +95,7 @@ def select_pixels(mask: np.ndarray, quantized: np.ndarray, cutoffs: np.ndarray) 
     # so the per-pixel work is one gather and one compare, in 4-byte temporaries
     limit = np.full(np.iinfo(mask.dtype).max + 1, NEVER, dtype=np.int32)
     limit[: len(cutoffs)] = np.asarray(cutoffs, dtype=np.int32)[: len(limit)]
-    return np.where(quantized >= limit[mask], mask, np.asarray(IGNORE, mask.dtype))
+    return np.where(quantized >= limit[mask], mask, np.asarray(IGNORE_INDEX, mask.dtype))
 
 
 def summarise_cutoffs(cutoffs, histogram: np.ndarray | None, classes: ClassMap) -> list[dict]:
@@ -186,7 +185,7 @@ class SelectLabels:
             key = str(batch["key"][i])
             mask, quantized = read_raw(str(batch["mask"][i]), cfg.raw, key, cfg.storage_options)
             labels = select_pixels(mask, quantized, self.cutoffs)
-            kept = labels != IGNORE
+            kept = labels != IGNORE_INDEX
             coverage = float(kept.mean())
             selected = coverage > 0 and coverage >= cfg.min_coverage
             out = {

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from model.classes import IGNORE_INDEX
 from model.errors import DinosegError
 from pipeline.io.records import read_json, versions, write_json
 from pipeline.options import option
@@ -88,8 +89,8 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
     started_ray = runtime.start_ray(seg.address)
     try:
         model_counts = run_segment(replace(
-            seg, output=raw, confidence=16, masks="png", rle=False, overlays=False, max_classes=pseudo.IGNORE,
-            max_classes_reason=f"pseudo-labels are 8-bit masks with {pseudo.IGNORE} = unsure: use a model with at most {pseudo.IGNORE} classes."))
+            seg, output=raw, confidence=16, masks="png", rle=False, overlays=False, max_classes=IGNORE_INDEX,
+            max_classes_reason=f"pseudo-labels are 8-bit masks with {IGNORE_INDEX} = unsure: use a model with at most {IGNORE_INDEX} classes."))
         classes = load_class_map(f"{raw}/classes.yaml", so)
         save_class_map(classes, f"{out}/classes.yaml", so)
         rows = _raw_rows(raw, so)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from model.geometry import PATCH_SIZE
 from pipeline import runtime
 from pipeline.data.decode import MAX_MEGAPIXELS
 from pipeline.data.pairs import Pairs
@@ -28,7 +29,6 @@ from pipeline.train.features import (
     part_files,
 )
 from pipeline.train.trainset import (
-    PATCH,
     AugmentConfig,
     AugmentPairs,
     DecodePair,
@@ -89,7 +89,7 @@ def training_datasets(spec: DataSpec) -> dict:
     out = {}
     if spec.cache_folder:
         files = part_files(spec.cache_folder, so)
-        cells = max(1, round(spec.crop / PATCH))
+        cells = max(1, round(spec.crop / PATCH_SIZE))
         cache = datasets.read_parquet(files, so, cpus)
         # Reading the cache again every epoch is most of an epoch's time on a small set (a Ray
         # Data read per epoch and worker); a cache that fits easily in the object store is read

@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.classes import IGNORE_INDEX
+from model.geometry import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from pipeline.data.schema import failed, object_array, set_error
 from pipeline.io.files import write_bytes_atomic
 from pipeline.train.trainset import (
-    IGNORE,
-    PATCH,
     decode_label,
     pad_label,
     padded_geometry,
@@ -56,8 +56,8 @@ class FeatureConfig:
     device: str | None = None
     precision: str = "auto"
     batch_size: int = 8
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     storage_options: dict | None = None
     weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
 
@@ -153,7 +153,7 @@ class ComputeFeatures:
         x = torch.stack([torch.from_numpy(np.array(im)) for im in images]).to(self.device)  # copies: Ray hands read-only views
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
         h, w = x.shape[-2:]
-        x = F.pad(x, (left, gw * PATCH - w - left, top, gh * PATCH - h - top))
+        x = F.pad(x, (left, gw * PATCH_SIZE - w - left, top, gh * PATCH_SIZE - h - top))
         with torch.inference_mode(), autocast(self.device, self.precision):
             maps = self.backbone.get_intermediate_layers(x, n=list(self.config.layers), reshape=True, norm=True)
         return torch.cat([m.float() for m in maps], dim=1).half().cpu().numpy()
@@ -234,7 +234,7 @@ class CachedSamples:
                 raise ValueError(f"size {label.shape[::-1]} differs from the image's")
         except Exception as e:  # changed since the check: train on it as 'ignore', say so
             log.warning("mask of %s is unusable now (%s); its pixels are ignored this epoch", batch["image"][i], e)
-            label = np.full((h, w), IGNORE, np.uint8)
+            label = np.full((h, w), IGNORE_INDEX, np.uint8)
         _, label = resize_pair(None, label, h, w)
         return pad_label(label, int(batch["grid_h"][i]), int(batch["grid_w"][i]), int(batch["pad_top"][i]), int(batch["pad_left"][i]))
 
@@ -243,11 +243,11 @@ class CachedSamples:
         c, gh, gw = f.shape
         if gh < n or gw < n:  # a small map: pad to the crop (zero features, ignored labels)
             f = np.pad(f, ((0, 0), (0, max(n - gh, 0)), (0, max(n - gw, 0))))
-            label = np.pad(label, ((0, max(n - gh, 0) * PATCH), (0, max(n - gw, 0) * PATCH)), constant_values=IGNORE)
+            label = np.pad(label, ((0, max(n - gh, 0) * PATCH_SIZE), (0, max(n - gw, 0) * PATCH_SIZE)), constant_values=IGNORE_INDEX)
             gh, gw = f.shape[1:]
         y, x = int(self.rng.integers(0, gh - n + 1)), int(self.rng.integers(0, gw - n + 1))
         f = f[:, y : y + n, x : x + n]
-        label = label[y * PATCH : (y + n) * PATCH, x * PATCH : (x + n) * PATCH]
+        label = label[y * PATCH_SIZE : (y + n) * PATCH_SIZE, x * PATCH_SIZE : (x + n) * PATCH_SIZE]
         if self.config.flip and self.rng.random() < 0.5:
             f, label = f[:, :, ::-1], label[:, ::-1]
         return f, label

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from model.backbone import IMAGENET_MEAN, IMAGENET_STD
 from model.checkpoint import HeadCheckpoint
 from model.classes import ClassMap
+from model.geometry import IMAGENET_MEAN, IMAGENET_STD
 from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
 from pipeline.io.records import jsonl, write_text

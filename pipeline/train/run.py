@@ -71,8 +71,9 @@ def settings(config: TrainConfig, layers, classes) -> dict:
 def run_train(config: TrainConfig) -> dict:
     """Train a head on config's pairs; returns what OUTPUT/train.json holds. With resume=True it
     continues the run in OUTPUT from last.pt."""
-    from model.backbone import IMAGENET_MEAN, IMAGENET_STD, backbone_config
+    from model.backbone import backbone_config
     from model.classes import load_class_map, save_class_map
+    from model.geometry import IMAGENET_MEAN, IMAGENET_STD
     from model.heads import HeadConfig
     from pipeline import runtime
     from pipeline.data.pairs import list_pairs, split_pairs

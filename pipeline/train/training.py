@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.classes import IGNORE_INDEX
 from model.errors import WeightsError
+from model.geometry import PATCH_SIZE
 from pipeline.data.metrics import confusion_matrix
-from pipeline.train.trainset import IGNORE, MEAN_RGB, PATCH
+from pipeline.train.trainset import MEAN_RGB
 
 STATE_FORMAT = "dinoseg.train-state"
 STATE_VERSION = 1
@@ -64,15 +66,15 @@ def _pad_stack(arrays: list[np.ndarray], value, multiple: int = 1) -> np.ndarray
 def to_tensors(batch: dict, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A numpy batch -> ('features' | 'pixels', input, label int64). Ragged rows (validation on
     whole images) are padded: features with 0, pixels centre-padded to whole patches with the
-    mean colour and then to the largest, labels with IGNORE."""
+    mean colour and then to the largest, labels with IGNORE_INDEX."""
     if "features" in batch:
         feats, labels = batch["features"], batch["label"]
         if feats.dtype == object:
-            feats, labels = _pad_stack(list(feats), 0), _pad_stack(list(labels), IGNORE)
+            feats, labels = _pad_stack(list(feats), 0), _pad_stack(list(labels), IGNORE_INDEX)
         x = torch.as_tensor(np.ascontiguousarray(feats)).to(device).float()
         return "features", x, torch.as_tensor(np.ascontiguousarray(labels)).to(device).long()
     pixels, labels = batch["pixels"], batch["label"]
-    if pixels.dtype == object or pixels.shape[1] % PATCH or pixels.shape[2] % PATCH:
+    if pixels.dtype == object or pixels.shape[1] % PATCH_SIZE or pixels.shape[2] % PATCH_SIZE:
         pixels, labels = _patch_pad(list(pixels), list(labels))
     x = torch.as_tensor(np.ascontiguousarray(pixels)).to(device)
     return "pixels", x, torch.as_tensor(np.ascontiguousarray(labels)).to(device).long()
@@ -84,7 +86,7 @@ def _patch_pad(pixels: list[np.ndarray], labels: list[np.ndarray]):
     out_px, out_lb = [], []
     for px, lb in zip(pixels, labels, strict=True):
         gh, gw, top, left = padded_geometry(*lb.shape)
-        canvas = np.empty((gh * PATCH, gw * PATCH, 3), np.uint8)
+        canvas = np.empty((gh * PATCH_SIZE, gw * PATCH_SIZE, 3), np.uint8)
         canvas[:] = MEAN_RGB
         canvas[top : top + lb.shape[0], left : left + lb.shape[1]] = px
         out_px.append(canvas.transpose(2, 0, 1))
@@ -93,7 +95,7 @@ def _patch_pad(pixels: list[np.ndarray], labels: list[np.ndarray]):
     for i, p in enumerate(out_px):  # the stack's own padding is mean colour too
         px[i, :, p.shape[1] :, :] = np.array(MEAN_RGB, np.uint8)[:, None, None]
         px[i, :, :, p.shape[2] :] = np.array(MEAN_RGB, np.uint8)[:, None, None]
-    return px.transpose(0, 2, 3, 1), _pad_stack(out_lb, IGNORE)
+    return px.transpose(0, 2, 3, 1), _pad_stack(out_lb, IGNORE_INDEX)
 
 
 class FeatureSource:
@@ -123,7 +125,7 @@ class FeatureSource:
 def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy at the label's resolution (logits upsampled bilinearly), ignoring 255."""
     logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, label, weight=weight, ignore_index=IGNORE)
+    return F.cross_entropy(logits, label, weight=weight, ignore_index=IGNORE_INDEX)
 
 
 def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer, scheduler, device,
@@ -147,7 +149,7 @@ def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer,
         maps = source(kind, x)
         with autocast(device, precision):
             logits = head(maps)
-        labelled = bool((label != IGNORE).any())
+        labelled = bool((label != IGNORE_INDEX).any())
         loss = loss_fn(logits.float(), label, weight) if labelled else logits.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,7 +186,7 @@ def validate(head, source: FeatureSource, batches: Iterable[dict], device, num_c
         with autocast(device, precision):
             logits = head(source(kind, x))
         logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1), label, num_classes, IGNORE)
+        conf += confusion_matrix(logits.argmax(1), label, num_classes, IGNORE_INDEX)
     return conf
 
 

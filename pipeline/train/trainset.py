@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from model.classes import IGNORE_INDEX
 from model.errors import DinosegError
-from model.geometry import centre_pad, resized_size
+from model.geometry import IMAGENET_MEAN, PATCH_SIZE, centre_pad, resized_size
 from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
 from pipeline.data.schema import (
     ERROR_FIELDS,
@@ -32,10 +33,8 @@ from pipeline.data.schema import (
 )
 from pipeline.data.sources import ReadBytes
 
-IGNORE = 255
-PATCH = 14
 # ImageNet mean as uint8: padding an image with it is padding the normalised image with 0
-MEAN_RGB = (124, 116, 104)
+MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 class ReadPair:
@@ -68,10 +67,10 @@ def decode_label(data: bytes, num_classes: int) -> np.ndarray:
     classes. A 16-bit ('I;16') mask is taken when every value is a class or 255 (ignore, as in
     8-bit masks; with <= 255 classes 255 cannot be a class id) and refused otherwise, never
     truncated. A 1-bit mask ('1') is 0/1: background and class 1."""
-    if num_classes > IGNORE:
+    if num_classes > IGNORE_INDEX:
         raise DinosegError(
-            f"training supports at most {IGNORE} classes (labels are 8-bit: 0..{IGNORE - 1}, {IGNORE} = ignore) "
-            f"and the class map has {num_classes}: pass a class map with at most {IGNORE} classes."
+            f"training supports at most {IGNORE_INDEX} classes (labels are 8-bit: 0..{IGNORE_INDEX - 1}, {IGNORE_INDEX} = ignore) "
+            f"and the class map has {num_classes}: pass a class map with at most {IGNORE_INDEX} classes."
         )
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -87,12 +86,12 @@ def decode_label(data: bytes, num_classes: int) -> np.ndarray:
         raise DinosegError(f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG.")
     if mask.dtype.kind not in "uib":
         raise DinosegError(f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG.")
-    bad = ((mask >= num_classes) & (mask != IGNORE)) | (mask < 0)
+    bad = ((mask >= num_classes) & (mask != IGNORE_INDEX)) | (mask < 0)
     if bad.any():
         value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
         raise DinosegError(
             f"the mask holds class {value} but the class map has {num_classes} classes "
-            f"(0..{num_classes - 1}, {IGNORE} = ignore): pass the class map these masks were made with."
+            f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore): pass the class map these masks were made with."
         )
     return mask.astype(np.uint8)
 
@@ -107,7 +106,7 @@ def resize_pair(pixels: np.ndarray | None, label: np.ndarray, h: int, w: int):
 
 
 def pad_label(label: np.ndarray, grid_h: int, grid_w: int, top: int, left: int) -> np.ndarray:
-    out = np.full((grid_h * PATCH, grid_w * PATCH), IGNORE, np.uint8)
+    out = np.full((grid_h * PATCH_SIZE, grid_w * PATCH_SIZE), IGNORE_INDEX, np.uint8)
     out[top : top + label.shape[0], left : left + label.shape[1]] = label
     return out
 
@@ -190,7 +189,7 @@ class AugmentConfig:
 
     @property
     def crop_px(self) -> int:
-        return max(1, round(self.crop / PATCH)) * PATCH
+        return max(1, round(self.crop / PATCH_SIZE)) * PATCH_SIZE
 
 
 class AugmentPairs:
@@ -219,7 +218,7 @@ class AugmentPairs:
             rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)))
             rgb[h:, :] = MEAN_RGB
             rgb[:, w:] = MEAN_RGB
-            label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
         y = int(rng.integers(0, label.shape[0] - c + 1))
         x = int(rng.integers(0, label.shape[1] - c + 1))
         rgb, label = rgb[y : y + c, x : x + c], label[y : y + c, x : x + c]
@@ -245,5 +244,5 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def padded_geometry(h: int, w: int) -> tuple[int, int, int, int]:
     """(grid_h, grid_w, top, left) of an image of h x w centre-padded to whole patches."""
-    top, bottom, left, right = centre_pad(h, w, PATCH)
-    return (h + top + bottom) // PATCH, (w + left + right) // PATCH, top, left
+    top, bottom, left, right = centre_pad(h, w, PATCH_SIZE)
+    return (h + top + bottom) // PATCH_SIZE, (w + left + right) // PATCH_SIZE, top, left

@@ -14,11 +14,11 @@ from pipeline.label import PseudoLabelConfig, run_pseudo_label
 from pipeline.segment import SegmentConfig
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.heads import HeadConfig, LinearHead
-from pipeline.label.pseudo import IGNORE, threshold_cutoff
+from model.classes import IGNORE_INDEX as IGNORE
+from pipeline.label.pseudo import threshold_cutoff
 from pipeline.io.masks import decode_mask_png
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
 
-pytestmark = pytest.mark.slow
 SMALL = dict(backbone_weights="random", decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
 
 
@@ -54,6 +54,7 @@ def rows(folder: Path):
     return {r["key"]: r for r in pq.read_table(files).to_pylist()} if files else {}
 
 
+@pytest.mark.slow  # a real Ray
 def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_file):
     out = tmp_path / "out"
     result = run_pseudo_label(config(images, out, head_file, threshold=0.6))
@@ -109,6 +110,7 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
     assert len(pacsv.read_csv(out / "pairs.csv")) == len(selected)
 
 
+@pytest.mark.slow  # a real Ray
 def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images, head_file):
     from pipeline.data.pairs import list_pairs
     from pipeline.train.trainset import decode_label
@@ -155,6 +157,7 @@ def test_cli_and_python_m_share_the_options(tmp_path, capsys):
     assert "--class-balanced 1.5 must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a real Ray
 def test_s3_output_reselects_and_is_read_by_list_pairs(ray_local, images, head_file, s3_bucket):
     import fsspec
 

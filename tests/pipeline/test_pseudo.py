@@ -10,7 +10,8 @@ from PIL import Image
 from model.classes import ClassMap
 from model.errors import DinosegError
 from pipeline.segment.predict import quantize_confidence
-from pipeline.label.pseudo import IGNORE, LEVELS, NEVER, ConfidenceHistogram, SelectConfig, SelectLabels, add_histogram, balanced_cutoffs, select_pixels, summarise_cutoffs, threshold_cutoff
+from model.classes import IGNORE_INDEX as IGNORE
+from pipeline.label.pseudo import LEVELS, NEVER, ConfidenceHistogram, SelectConfig, SelectLabels, add_histogram, balanced_cutoffs, select_pixels, summarise_cutoffs, threshold_cutoff
 from pipeline.io.masks import decode_mask_png, encode_confidence_png, encode_mask_png
 
 CLASSES = ClassMap(("a", "b", "c"), ((10, 10, 10), (200, 0, 0), (0, 200, 0)))

@@ -13,7 +13,9 @@ import torch
 from model.errors import WeightsError
 from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
-from pipeline.train.trainset import IGNORE, MEAN_RGB, PATCH, padded_geometry
+from model.classes import IGNORE_INDEX as IGNORE
+from model.geometry import PATCH_SIZE as PATCH
+from pipeline.train.trainset import MEAN_RGB, padded_geometry
 from pipeline.train.training import STATE_FORMAT, STATE_VERSION, FeatureSource, Schedule, loss_fn, make_optimizer, parse_state, state_bytes, to_tensors, train_epoch, validate
 
 CPU = torch.device("cpu")
