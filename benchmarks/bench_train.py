@@ -41,7 +41,7 @@ def main() -> None:
 
     import ray
 
-    import pipeline.train.data as train_graph
+    import pipeline.train.data as train_data
     from pipeline.data.synthetic import write_synthetic
     from pipeline.train import TrainConfig, run_train
 
@@ -50,12 +50,12 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {}
-    share = train_graph.MEMORY_SHARE
+    share = train_data.MEMORY_SHARE
     try:
         for mode in modes:
             out = tmp / mode
             # "streamed": a cache never held in memory, read from its Parquet parts every epoch
-            train_graph.MEMORY_SHARE = 0.0 if mode == "streamed" else share
+            train_data.MEMORY_SHARE = 0.0 if mode == "streamed" else share
             t0 = time.time()
             info = run_train(TrainConfig(
                 f"{tmp}/data/train/images", f"{tmp}/data/train/masks", f"{tmp}/data/classes.yaml", str(out),
