@@ -17,14 +17,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 
 from model.errors import DinosegError
+from pipeline.io.files import bounded_map
 from pipeline.options import REQUIRED, argument, option, storage_options_option
 
 log = logging.getLogger("dinoseg.evaluate")
@@ -111,7 +110,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     def compare(key: str):
         return _compare(key, pred_paths[key], gt_paths[key], reader, n, classes.ignore_index, unlabeled)
 
-    for done, outcome in enumerate(_bounded_map(compare, common, max(1, config.threads)), 1):
+    for done, outcome in enumerate(bounded_map(compare, common, max(1, config.threads), "dinoseg-evaluate"), 1):
         if isinstance(outcome, np.ndarray):
             confusion += outcome
             counts["pairs"] += 1
@@ -161,19 +160,6 @@ def _default_output(pred: str, storage_options: dict | None) -> str:
     if not fs.isdir(path.rstrip("/") or "/"):
         raise DinosegError(f"PRED '{pred}' is not a folder, so the report has no default place: pass --output.")
     return pred.rstrip("/") + "/evaluation.json"
-
-
-def _bounded_map(fn, items: list, threads: int):
-    """fn over items in a thread pool, results in order, with few pairs in flight: a full
-    pool.map would queue a future per pair, and decoded pairs would wait for the slowest."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="dinoseg-evaluate") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None):

@@ -66,3 +66,20 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         return
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     fs.pipe_file(path, data)  # no makedirs fallback: on s3fs that would create a missing bucket
+
+
+def bounded_map(fn, items, threads: int, name: str = "dinoseg-io"):
+    """fn over items in a thread pool (object-store GETs mostly wait on the network), results in
+    order, with at most 2 x threads in flight: a full pool.map would queue a future per item, and
+    finished results would wait in memory for the slowest."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

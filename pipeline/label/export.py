@@ -10,13 +10,12 @@ skipped, never fatal, unless none is left.
 from __future__ import annotations
 
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Optional
 
 from model.errors import DinosegError
+from pipeline.io.files import bounded_map
 from pipeline.options import argument, option, storage_options_option
 
 log = logging.getLogger("dinoseg.export")
@@ -109,7 +108,7 @@ def _export(config: ExportConfig, exporter, mask_root: str, labels: str, classes
         except (DinosegError, OSError) as e:
             return f"{key}: {e}"
 
-    for done, outcome in enumerate(_bounded_map(prepare, masks, max(1, config.threads)), 1):
+    for done, outcome in enumerate(bounded_map(prepare, masks, max(1, config.threads), "dinoseg-export"), 1):
         if isinstance(outcome, str):
             fail(outcome)
         else:
@@ -216,16 +215,3 @@ def _read_mask(reader, key: str, path: str):
     except Exception as e:  # corrupt, truncated, RGB, not an image at all: the mask is skipped
         why = "not an image" if type(e).__name__ == "UnidentifiedImageError" else f"{type(e).__name__}: {e}"
         return f"{key}: '{path}' cannot be decoded as an index mask ({why})."
-
-
-def _bounded_map(fn, items: list, threads: int):
-    """fn over items in a thread pool, results in order, with few masks in flight: a full
-    pool.map would queue a future per mask, and decoded masks would wait for the slowest."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="dinoseg-export") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()

@@ -33,7 +33,7 @@ from PIL import Image
 from model.classes import ClassMap
 from model.errors import DinosegError
 from pipeline.io.brush_rle import brush_from_runs, runs
-from pipeline.io.files import write_bytes_atomic
+from pipeline.io.files import is_local_url, write_bytes_atomic
 from pipeline.io.masks import PNG_COMPRESS_LEVEL, check_key
 from pipeline.io.rle import rle_encode_labels
 
@@ -121,10 +121,6 @@ def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
 # --- the exporters -----------------------------------------------------------------------------
 
 
-def _is_local(url: str) -> bool:
-    return fsspec.utils.get_protocol(url) in ("file", "local")
-
-
 class _Exporter:
     """Staging: local files that become OUTPUT files at the end. Inside OUTPUT when it is local
     (publishing is a rename on the same disk), a temporary folder otherwise (one upload each)."""
@@ -134,7 +130,7 @@ class _Exporter:
         self.published: list[str] = []
 
     def begin(self) -> None:
-        if _is_local(self.output):
+        if is_local_url(self.output):
             root = LocalFileSystem._strip_protocol(self.output)
             os.makedirs(root, exist_ok=True)
             self.staging = tempfile.mkdtemp(prefix=".export-", dir=root)
@@ -146,7 +142,7 @@ class _Exporter:
 
     def _publish(self, name: str, url: str) -> None:
         src = os.path.join(self.staging, name)
-        if _is_local(url):
+        if is_local_url(url):
             path = LocalFileSystem._strip_protocol(url)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.move(src, path)  # a rename, atomic, when staging and target share a disk
