@@ -5,7 +5,6 @@ Errors a user can cause (`DinosegError`) end in their one-sentence message and e
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
@@ -22,7 +21,9 @@ app = typer.Typer(
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and details.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.runtime import console
+
+    console.configure(verbose)
 
 
 @app.command()

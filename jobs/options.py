@@ -8,7 +8,6 @@ import dataclasses
 import enum
 import importlib
 import inspect
-import logging
 import typing
 from dataclasses import MISSING
 from typing import Any, Callable, Iterable
@@ -99,14 +98,20 @@ def config_command(cls: type, run: Callable[[Any], Any], show: Callable[[Any], s
 
 def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg") -> int:
     """Run a typer app; usage errors are click's (exit 2), user errors one sentence (exit 2)."""
+    from pipeline.runtime import console
+
     try:
         typer_app(args=argv, prog_name=prog)
     except DinosegError as e:
         typer.echo(f"error: {e}", err=True)
-        return 2
+        return 2  # the one sentence stays the only line
     except SystemExit as e:  # click's standalone mode ends every run with SystemExit
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    else:
+        code = 0
+    if code == 0 and console.log_line():
+        typer.echo(console.log_line(), err=True)
+    return code
 
 
 def main(module: str, argv: list[str] | None = None, verbose: bool = True) -> int:
@@ -116,6 +121,7 @@ def main(module: str, argv: list[str] | None = None, verbose: bool = True) -> in
     name = job.__spec__.name if job.__spec__ else module  # "jobs.segment", also when run as __main__
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     single.command()(job.command)
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.runtime import console
+
+    console.configure(verbose)
     return run_command(single, argv, prog=f"python -m {name}")

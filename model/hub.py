@@ -27,7 +27,7 @@ RANDOM_SEED = 0  # the same random backbone in every process: a head trained on 
 def load_backbone(name: str, weights: str | None = None, storage_options: dict | None = None) -> DinoVisionTransformer:
     """A named backbone with its released weights (from the hub) or the weights at `weights`."""
     if weights == RANDOM:
-        log.warning("%s has random weights: its features mean nothing beyond local colour", name)
+        log.info("%s has random weights: its features mean nothing beyond local colour", name)  # asked for by name
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             return build_backbone(name)

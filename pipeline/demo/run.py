@@ -34,7 +34,7 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
     from pipeline.evaluate import EvaluateConfig
     from pipeline.evaluate import run_evaluate as evaluate
     from pipeline.io.files import absolute_output
-    from pipeline.segment import SegmentConfig
+    from pipeline.segment import SegmentConfig, summary_table
     from pipeline.segment import run_segment as segment
     from pipeline.train import TrainConfig
     from pipeline.train import run_train as train
@@ -58,6 +58,7 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
             f"{data}/val/images", seg, model=None, head=f"{run_dir}/head.pt", backbone_weights="random",
             overlays=True, overwrite=True, address=config.address,
         ))
+        echo(summary_table(counts))
     finally:
         if started:
             runtime.stop_ray()

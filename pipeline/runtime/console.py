@@ -1,7 +1,8 @@
 """What a person sees on the console, and where the rest goes: the run's log file.
 
 At the default verbosity the console holds what a person needs: the command's own lines (stage
-headings, summary tables: printed, not logged), our WARNING and ERROR log records, and one
+headings, summary tables: printed, not logged), progress lines (INFO records of the
+`dinoseg.progress` loggers, e.g. training's epochs), our WARNING and ERROR log records, and one
 progress bar per Ray Data run when the terminal is interactive (none in CI or a pipe). Everything
 else goes to the run's log file, `log_path()`, which the CLI names at the end:
 
@@ -34,16 +35,15 @@ log = logging.getLogger(__name__)
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
 LOG_FOLDER = "dinoseg-logs"  # under the temporary folder: one file per process that logs anything
+LOG_LINE_PREFIX = "full log: "  # `log_line()`: the CLI's last line
 HIDDEN_BY_DEFAULT = ("ray", "py.warnings")  # loggers (and their children) kept off the quiet console
+PROGRESS = "dinoseg.progress"  # INFO records of this logger (and its children) are progress lines: always shown
 
 _state: dict = {"configured": False, "verbose": False, "path": None, "handlers": [], "absorbed": False}
 
 
 class _Console(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record comes (pytest's capture, a redirect)."""
-
-    def __init__(self):
-        super().__init__()
 
     @property
     def stream(self):
@@ -54,8 +54,26 @@ class _Console(logging.StreamHandler):
         pass
 
 
-def _hidden(record: logging.LogRecord) -> bool:
-    return any(record.name == n or record.name.startswith(n + ".") for n in HIDDEN_BY_DEFAULT)
+class _ConsoleFormat(logging.Formatter):
+    """Progress lines as they are; other records with their level and logger."""
+
+    def __init__(self):
+        super().__init__(CONSOLE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if _under(record, PROGRESS) and record.levelno == logging.INFO else super().format(record)
+
+
+def _under(record: logging.LogRecord, name: str) -> bool:
+    return record.name == name or record.name.startswith(name + ".")
+
+
+def _quiet_console(record: logging.LogRecord) -> bool:
+    """What the default console shows: warnings and errors, and progress lines; never Ray's own
+    records or Python warnings (those go to the log file)."""
+    if any(_under(record, n) for n in HIDDEN_BY_DEFAULT):
+        return False
+    return record.levelno >= logging.WARNING or _under(record, PROGRESS)
 
 
 def configure(verbose: bool = False, log_file: str | None = None) -> str:
@@ -65,20 +83,22 @@ def configure(verbose: bool = False, log_file: str | None = None) -> str:
     for handler in _state["handlers"]:
         root.removeHandler(handler)
         handler.close()
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
     for handler in list(root.handlers):  # a logging.basicConfig() console: this one replaces it
-        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+        if type(handler) is logging.StreamHandler and handler.stream in consoles:
             root.removeHandler(handler)
     path = log_file or os.path.join(
-        tempfile.gettempdir(), LOG_FOLDER, f"dinoseg-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+        tempfile.gettempdir(), LOG_FOLDER, f"dinoseg-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     to_file = logging.FileHandler(path, delay=True, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter(FILE_FORMAT))
     console = _Console()
-    console.setLevel(logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    console.setLevel(logging.INFO)
+    console.setFormatter(_ConsoleFormat())
     if not verbose:
-        console.addFilter(lambda record: not _hidden(record))
+        console.addFilter(_quiet_console)
     root.addHandler(console)
     root.addHandler(to_file)
     root.setLevel(logging.INFO)
@@ -101,6 +121,12 @@ def log_path() -> str | None:
     """The run's log file, once something was written to it (None before, or without `configure`)."""
     path = _state["path"]
     return path if path and os.path.exists(path) else None
+
+
+def log_line() -> str | None:
+    """The line a command ends with, naming the run's log file (None when nothing was logged)."""
+    path = log_path()
+    return f"{LOG_LINE_PREFIX}{path}" if path else None
 
 
 def interactive() -> bool:
@@ -176,20 +202,28 @@ def _absorb_actor_argument_notice() -> None:
         def __init__(self, arg):
             pass
 
-    log.info("the core worker's notice about actor constructor arguments in the object store follows (see %s)", __name__)
+    log.info(
+        "the core worker's notice about actor constructor arguments in the object store follows (see %s)", __name__
+    )
     for handler in _state["handlers"]:
         handler.flush()
-    sys.stderr.flush()
     try:
+        sys.stderr.flush()
         target = os.open(_state["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    except OSError:
+    except (OSError, ValueError):  # no log file to write to, or a closed stderr: nothing to spend
         return
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: the line goes nowhere anyway
+        os.close(target)
+        return
     try:
         os.dup2(target, 2)
         probe = _ArgumentInTheObjectStore.remote(ray.put(None))  # the line is printed here, synchronously
         ray.kill(probe)
         _state["absorbed"] = True
+    except Exception as e:  # noqa: BLE001 - only a console line is at stake
+        log.debug("could not spend the core worker's notice: %s", e)
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -33,14 +33,19 @@ def fit(worker_loop: Callable[[dict], None], loop_config, name: str, data: dict,
 
 
 def _data_config():
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
     # train is split evenly between workers (DDP needs equal steps); every worker reads the
     # whole validation set and evaluates every world_size-th batch of it, so the order of the
-    # batches must be the same on every worker
-    val = DataConfig.default_ingest_options()
-    val.preserve_order = True
-    return DataConfig(datasets_to_split=["train"], execution_options={"val": val})
+    # batches must be the same on every worker. Built here, not by DataConfig.default_ingest_options,
+    # which sets the deprecated ExecutionOptions.exclude_resources (a RayDeprecationWarning per run).
+    now = DataContext.get_current().execution_options
+    options = {"resource_limits": now.resource_limits, "verbose_progress": now.verbose_progress}
+    return DataConfig(datasets_to_split=["train"], execution_options={
+        "train": ExecutionOptions(preserve_order=now.preserve_order, **options),
+        "val": ExecutionOptions(preserve_order=True, **options),
+    })
 
 
 class Worker:

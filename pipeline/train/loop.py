@@ -25,7 +25,7 @@ from model.geometry import IMAGENET_MEAN, IMAGENET_STD
 from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
 from pipeline.io.records import jsonl, write_text
-from pipeline.train.config import LoopConfig, describe
+from pipeline.train.config import LoopConfig
 from pipeline.train.training import (
     FeatureSource,
     make_optimizer,
@@ -130,7 +130,6 @@ def train_loop(config: dict) -> None:
         history.append(record)
         if rank == 0:
             _save(loop, plain, head_config, classes, optimizer, scheduler, epoch + 1, best, history, improved)
-            log.info(describe(record))
         worker.report({k: v for k, v in record.items() if k != "val_iou"})
 
 

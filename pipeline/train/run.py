@@ -83,6 +83,7 @@ def run_train(config: TrainConfig) -> dict:
     from pipeline.train.config import LoopConfig, steps_per_epoch
     from pipeline.train.data import DataSpec, training_datasets
     from pipeline.train.loop import read_state, train_loop
+    from pipeline.train.progress import EpochLines
     from pipeline.train.training import Schedule
 
     started = time.time()
@@ -145,7 +146,8 @@ def run_train(config: TrainConfig) -> dict:
         spec = DataSpec(train, val, len(classes), config.resolution, config.crop, cache_folder, so,
                         max_megapixels=config.max_megapixels)
         if state is None or state["epoch"] < config.epochs:
-            fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
+            with EpochLines(f"{out}/metrics.jsonl", so):
+                fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
     finally:
         if started_ray:
             runtime.stop_ray()
