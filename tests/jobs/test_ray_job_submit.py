@@ -197,7 +197,9 @@ def test_submit_train_to_a_local_head(ray_head, cluster_env, bucket, tmp_path):
     images, masks = (argv[argv.index("jobs.train") + i].removeprefix("s3://").rstrip("/") for i in (1, 2))
     classes = argv[argv.index("--classes") + 1].removeprefix("s3://")
     output_url = argv[argv.index("--output") + 1].removeprefix("s3://")
-    write_synthetic(str(tmp_path), train=10, val=0, size=56, seed=2)
+    # four pairs: --val-fraction's split keeps three for the two workers (the job's cost is the
+    # backbone's features at the default resolution, per image)
+    write_synthetic(str(tmp_path), train=4, val=0, size=56, seed=2)
     files = {f"{images}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "images").iterdir()}
     files |= {f"{masks}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "masks").iterdir()}
     bucket.pipe(files | {classes: (tmp_path / "classes.yaml").read_bytes()})

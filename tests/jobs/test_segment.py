@@ -18,7 +18,6 @@ from model.errors import DinosegError
 from model.classes import ClassMap
 from model.heads import HeadConfig, LinearHead
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(backbone_weights="random", resolution=56, decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
 
@@ -73,6 +72,7 @@ def read_rows(folder: Path):
     return pq.read_table(files).to_pylist() if files else []
 
 
+@pytest.mark.slow  # a real Ray
 def test_local_folder_with_bad_inputs(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
@@ -93,6 +93,7 @@ def test_local_folder_with_bad_inputs(ray_local, tmp_path, head_file):
     assert info["counts"] == counts and info["model"].startswith("dinov2_vits14")
 
 
+@pytest.mark.slow  # a real Ray
 def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     manifest = tmp_path / "half.txt"  # the "interrupted" run got through two images
@@ -113,6 +114,7 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     assert len(read_rows(out / "errors")) == 3
 
 
+@pytest.mark.slow  # a real Ray
 def test_another_model_does_not_resume_into_an_output(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
@@ -126,6 +128,7 @@ def test_another_model_does_not_resume_into_an_output(ray_local, tmp_path, head_
     assert len(read_rows(out / "predictions")) == 1  # nothing changed
 
 
+@pytest.mark.slow  # a real Ray
 def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_path):
     import fsspec
 
@@ -142,18 +145,6 @@ def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_p
     assert png["path"].endswith("x/one.png") and Image.open(io.BytesIO(png["bytes"])).size == (50, 40)
 
 
-def test_local_mode_without_ray_start(tmp_path, head_file):
-    """`python -m jobs.segment` in a fresh process starts Ray embedded and stops it."""
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "p.jpg").write_bytes(jpeg(33, 44, 7))
-    cmd = [sys.executable, "-m", "jobs.segment", str(tmp_path / "in"), str(tmp_path / "out"), "--head", head_file,
-           "--backbone-weights", "random", "--resolution", "56", "--decode-cpus", "0.25", "--cpus-per-actor", "0.5"]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "predicted" in proc.stdout and Image.open(tmp_path / "out" / "masks" / "p.png").size == (33, 44)
-
-
 def test_bad_options_are_one_sentence(tmp_path, head_file):
     from jobs.options import main
 
@@ -162,6 +153,7 @@ def test_bad_options_are_one_sentence(tmp_path, head_file):
     assert main("jobs.segment", [str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
 
 
+@pytest.mark.slow  # a real Ray
 def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     manifest = tmp_path / "m.txt"  # the same image twice: the second line is an error row, never read
@@ -179,6 +171,7 @@ def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
         assert {e["class_id"] for e in r["rle"]} == present
 
 
+@pytest.mark.slow  # a real Ray
 def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, head_file, monkeypatch):
     """The actor process exits during its first batch; Ray restarts it and retries the batch."""
     import os
@@ -202,21 +195,26 @@ def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, hea
     assert sorted(r["key"] for r in read_rows(tmp_path / "out" / "predictions")) == sorted(GOOD)
 
 
-def test_a_killed_job_rerun_finishes_every_mask_exactly_once(tmp_path, head_file):
-    """SIGKILL the job once its first masks exist, run it again: every image ends with exactly
-    one mask and one prediction row, and no temporary file is left."""
+@pytest.fixture(scope="module")
+def killed_and_rerun(tmp_path_factory, head_file):
+    """`python -m jobs.segment` in a fresh process (it starts Ray embedded), SIGKILLed once its
+    first masks exist, then run again to the end. Returns (inputs, output, masks at the kill, rerun)."""
     import os
     import signal
     import time
 
-    src = tmp_path / "in"
+    tmp = tmp_path_factory.mktemp("killed")
+    src = tmp / "in"
     src.mkdir()
     for i in range(24):
         (src / f"img{i:02d}.jpg").write_bytes(jpeg(96, 64, 100 + i))
-    out = tmp_path / "out"
+    (src / "p.jpg").write_bytes(jpeg(33, 44, 7))
+    out = tmp / "out"
     cmd = [sys.executable, "-m", "jobs.segment", str(src), str(out), "--head", head_file, "--backbone-weights",
            "random", "--resolution", "56", "--batch-size", "2", "--decode-cpus", "0.25", "--cpus-per-actor", "0.5"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # a module fixture runs before the tests' own isolated environment: isolate it here
+    env |= {"DINOSEG_CACHE": str(tmp / "cache"), "DINOSEG_HUB": str(tmp / "no-hub")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
@@ -225,16 +223,33 @@ def test_a_killed_job_rerun_finishes_every_mask_exactly_once(tmp_path, head_file
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     interrupted = len(list((out / "masks").glob("*.png")))
-    assert interrupted >= 2
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return src, out, interrupted, rerun
+
+
+@pytest.mark.slow  # a real Ray
+def test_local_mode_without_ray_start(killed_and_rerun):
+    """`python -m jobs.segment` in a fresh process starts Ray embedded and stops it (the rerun of
+    `killed_and_rerun` is such a process)."""
+    _, out, _, proc = killed_and_rerun
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted" in proc.stdout and Image.open(out / "masks" / "p.png").size == (33, 44)
+
+
+@pytest.mark.slow  # a real Ray
+def test_a_killed_job_rerun_finishes_every_mask_exactly_once(killed_and_rerun):
+    """SIGKILL the job once its first masks exist, run it again: every image ends with exactly
+    one mask and one prediction row, and no temporary file is left."""
+    _, out, interrupted, rerun = killed_and_rerun
+    assert interrupted >= 2
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     masks = sorted(p.stem for p in (out / "masks").glob("*.png"))
-    assert masks == [f"img{i:02d}" for i in range(24)]
+    assert masks == sorted([f"img{i:02d}" for i in range(24)] + ["p"])
     keys = [r["key"] for r in read_rows(out / "predictions")]
     assert sorted(keys) == masks  # one row per image, none twice
     for p in (out / "masks").glob("*.png"):  # every mask whole (a write is a rename of a full file)
         with Image.open(p) as m:
             m.load()
-            assert m.size == (96, 64)
+            assert m.size == ((33, 44) if p.stem == "p" else (96, 64))
     # parts are renamed into place when complete; a temp name only lives for a write's duration
     assert not [p for p in (out / "predictions").iterdir() if not p.name.endswith(".parquet")]
