@@ -61,7 +61,9 @@ def check_pass(rows: pa.Table, pair: PairConfig, storage_options: dict | None, r
     """Read and check every pair (and compute the features of uncached images); yields status
     tables (STATUS columns; failed rows have error fields)."""
     read, decode = ReadPair(storage_options), DecodePair(pair)
-    if features is not None:
+    # every image cached (a re-run, another round on the same images): no model to load, and no
+    # actor pool to start, only the masks to check
+    if features is not None and not all(rows.column("cached").to_pylist()):
         ds = runtime.build(rows, read, decode, ComputeFeatures, features, WriteFeatures(folder, storage_options), resources)
     else:
         batch = resources.read_batch_size
