@@ -55,7 +55,7 @@ def test_the_gpus_a_ray_up_config_allows():
 
     from pipeline.runtime.cluster import launcher_gpus
 
-    config = yaml.safe_load((Path(__file__).parents[2] / "cluster.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[3] / "cluster.yaml").read_text())
     assert launcher_gpus(config) == 0  # as written: `ray up` fills in the resources of each instance type
     config["available_node_types"]["gpu"]["resources"] = {"CPU": 8, "GPU": 1}  # what it fills in for g5.2xlarge
     assert launcher_gpus(config) == 8

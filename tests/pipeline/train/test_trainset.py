@@ -11,11 +11,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.errors import DinosegError
-from pipeline.data.schema import ERROR_FIELDS
 from model.classes import IGNORE_INDEX as IGNORE
+from model.errors import DinosegError
 from model.geometry import PATCH_SIZE as PATCH
-from pipeline.train.trainset import MEAN_RGB, AugmentConfig, AugmentPairs, DecodePair, PairConfig, ReadPair, decode_label, pad_label, padded_geometry, photometric, resize_pair
+from pipeline.data.schema import ERROR_FIELDS
+from pipeline.train.trainset import (
+    MEAN_RGB,
+    AugmentConfig,
+    AugmentPairs,
+    DecodePair,
+    PairConfig,
+    ReadPair,
+    decode_label,
+    pad_label,
+    padded_geometry,
+    photometric,
+    resize_pair,
+)
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:

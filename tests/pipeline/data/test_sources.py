@@ -19,7 +19,7 @@ from model.errors import DinosegError
 from pipeline.data.schema import ERROR_FIELDS
 from pipeline.data.sources import IMAGE_EXTENSIONS, ReadBytes, list_inputs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def image_bytes(fmt="PNG", size=(8, 6), color=(10, 20, 30), mode="RGB", **save) -> bytes:

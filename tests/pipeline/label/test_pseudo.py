@@ -7,12 +7,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.classes import IGNORE_INDEX as IGNORE
 from model.classes import ClassMap
 from model.errors import DinosegError
-from pipeline.segment.predict import quantize_confidence
-from model.classes import IGNORE_INDEX as IGNORE
-from pipeline.label.pseudo import LEVELS, NEVER, ConfidenceHistogram, SelectConfig, SelectLabels, add_histogram, balanced_cutoffs, select_pixels, summarise_cutoffs, threshold_cutoff
 from pipeline.io.masks import decode_mask_png, encode_confidence_png, encode_mask_png
+from pipeline.label.pseudo import (
+    LEVELS,
+    NEVER,
+    ConfidenceHistogram,
+    SelectConfig,
+    SelectLabels,
+    add_histogram,
+    balanced_cutoffs,
+    select_pixels,
+    summarise_cutoffs,
+    threshold_cutoff,
+)
+from pipeline.segment.predict import quantize_confidence
 
 CLASSES = ClassMap(("a", "b", "c"), ((10, 10, 10), (200, 0, 0), (0, 200, 0)))
 

@@ -12,12 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.train.features import CACHE_SCHEMA, CachedSamples, ComputeFeatures, FeatureConfig, SampleConfig, WriteFeatures, cached_sizes, part_files
+from model.classes import IGNORE_INDEX as IGNORE
+from model.geometry import PATCH_SIZE as PATCH
 from pipeline.data.pairs import list_pairs
 from pipeline.data.schema import ERROR_FIELDS
 from pipeline.data.synthetic import write_synthetic
-from model.classes import IGNORE_INDEX as IGNORE
-from model.geometry import PATCH_SIZE as PATCH
+from pipeline.train.features import (
+    CACHE_SCHEMA,
+    CachedSamples,
+    ComputeFeatures,
+    FeatureConfig,
+    SampleConfig,
+    WriteFeatures,
+    cached_sizes,
+    part_files,
+)
 from pipeline.train.trainset import DecodePair, PairConfig, ReadPair, pad_label, padded_geometry
 
 CONFIG = FeatureConfig("dinov2_vits14", (11,), 56, "random", device="cpu", precision="fp32")

@@ -15,7 +15,14 @@ from PIL import Image
 from model.classes import ClassMap, bundled, default_color
 from model.errors import DinosegError
 from pipeline.io.brush_rle import brush_rle, pack_rle
-from pipeline.label.exporters import ExportItem, class_stats, cvat_labelmap, labelstudio_config, make_exporter, stray_values
+from pipeline.label.exporters import (
+    ExportItem,
+    class_stats,
+    cvat_labelmap,
+    labelstudio_config,
+    make_exporter,
+    stray_values,
+)
 
 CLASSES = ClassMap(("sky", "cat", "dog", "tree"), ((70, 130, 180), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
 

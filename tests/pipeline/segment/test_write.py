@@ -1,11 +1,9 @@
-"""The write step and its helpers: mask PNGs, output layout, atomic writes, resume listing,
-WriteMasks (local and on a loopback S3), COCO RLE, run.json and the summary table. No Ray."""
+"""The write step, WriteMasks: PNG/Parquet/RLE/overlay/confidence outputs, rows in the declared
+schemas, failures as write errors, on local disk and a loopback S3; the summary table. No Ray."""
 
 from __future__ import annotations
 
 import io
-import json
-import os
 
 import fsspec
 import numpy as np
@@ -14,17 +12,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from model.classes import ClassMap, bundled, default_color
+from model.classes import bundled
 from model.errors import DinosegError
-from pipeline.io.rle import counts_to_string, rle_decode, rle_encode, rle_encode_labels, string_to_counts
 from pipeline.data.schema import ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD, empty_errors, object_array
-from pipeline.segment.write import ERROR_COLUMNS, WriteConfig, WriteMasks, prediction_columns, summary_table, write_schema
-from pipeline.io.masks import decode_mask_png, encode_mask_png, existing_keys, mask_url, overlay_url
-from pipeline.io.files import write_bytes_atomic
-from pipeline.io.records import write_run_json
+from pipeline.io.masks import decode_mask_png, existing_keys, overlay_url
+from pipeline.io.rle import rle_decode
+from pipeline.segment.write import (
+    ERROR_COLUMNS,
+    WriteConfig,
+    WriteMasks,
+    prediction_columns,
+    summary_table,
+    write_schema,
+)
 
 VOC = bundled("voc2012")
-WIDE = ClassMap(tuple(f"c{i}" for i in range(300)), tuple(default_color(i) for i in range(300)))
 
 
 def blobs(h: int, w: int, n_classes: int, seed: int = 0, cell: int = 8) -> np.ndarray:
@@ -59,119 +61,6 @@ def fail_earlier(batch: dict, i: int) -> None:
 
 def rows(table: pa.Table) -> dict[str, dict]:
     return {r["key"]: r for r in table.to_pylist()}
-
-
-# --- mask PNGs ---------------------------------------------------------------------------------
-
-
-def test_png_round_trip_uint8_keeps_palette_values_and_ignore():
-    mask = blobs(48, 64, len(VOC), seed=1)
-    mask[:5, :7] = 255
-    data = encode_mask_png(mask, VOC)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG" and im.mode == "P" and im.size == (64, 48)
-        palette = im.getpalette()
-    assert palette[: 3 * len(VOC)] == VOC.palette()[: 3 * len(VOC)]
-    assert palette[3 * 255 : 3 * 256] == [255, 255, 255]  # ignore shows white
-    back = decode_mask_png(data)
-    assert back.dtype == np.uint8 and np.array_equal(back, mask) and (back[:5, :7] == 255).all()
-
-
-def test_png_round_trip_uint16_past_256_classes():
-    mask = blobs(40, 30, 300, seed=2)
-    mask[0, 0], mask[-1, -1] = 299, 256
-    data = encode_mask_png(mask, WIDE)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.mode == "I;16"
-    back = decode_mask_png(data)
-    assert back.dtype == np.uint16 and np.array_equal(back, mask)
-
-
-def test_png_accepts_wider_ints_that_fit_and_refuses_masks_that_do_not():
-    mask = blobs(10, 12, 21).astype(np.int64)
-    assert np.array_equal(decode_mask_png(encode_mask_png(mask, VOC)), mask)
-    for bad in (np.full((4, 4), 300, np.uint16), np.full((4, 4), -1, np.int32), np.zeros((4, 4, 3), np.uint8),
-                np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8)):
-        with pytest.raises(DinosegError):
-            encode_mask_png(bad, VOC)
-
-
-# --- layout ------------------------------------------------------------------------------------
-
-
-def test_urls_keep_the_protocol_and_nest_keys():
-    assert mask_url("s3://bkt/out/", "a/b/c") == "s3://bkt/out/masks/a/b/c.png"
-    assert overlay_url("s3://bkt/out", "a/b") == "s3://bkt/out/overlays/a/b.jpg"
-    assert mask_url("/data/out", "img.v2") == "/data/out/masks/img.v2.png"
-
-
-@pytest.mark.parametrize("key", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "./a", "a//b", "a/", "a\\..\\b", "a\x00b"])
-def test_keys_that_could_escape_output_are_refused(key):
-    with pytest.raises(DinosegError):
-        mask_url("/data/out", key)
-    with pytest.raises(DinosegError):
-        overlay_url("s3://bkt/out", key)
-
-
-# --- atomic writes -----------------------------------------------------------------------------
-
-
-def test_atomic_write_creates_folders_leaves_no_temp_file_and_overwrites(tmp_path):
-    url = str(tmp_path / "out" / "masks" / "a" / "b.png")
-    write_bytes_atomic(url, b"first")
-    write_bytes_atomic(url, b"second, longer")
-    assert open(url, "rb").read() == b"second, longer"
-    assert os.listdir(tmp_path / "out" / "masks" / "a") == ["b.png"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    write_bytes_atomic("file://" + str(tmp_path / "c.png"), b"via file://")
-    assert (tmp_path / "c.png").read_bytes() == b"via file://"
-
-
-def test_failed_atomic_write_removes_its_temp_file(tmp_path):
-    (tmp_path / "taken.png").mkdir()  # the target is a folder: the rename fails
-    with pytest.raises(OSError):
-        write_bytes_atomic(str(tmp_path / "taken.png"), b"data")
-    assert os.listdir(tmp_path) == ["taken.png"] and not os.listdir(tmp_path / "taken.png")
-
-
-def test_atomic_write_remote(s3_bucket):
-    bucket, so = s3_bucket
-    url = f"s3://{bucket}/out/masks/x/y.png"
-    write_bytes_atomic(url, b"one", so)
-    write_bytes_atomic(url, b"two", so)
-    assert fsspec.open(url, "rb", **so).open().read() == b"two"
-    write_bytes_atomic("memory://dinoseg-test/masks/deep/k.png", b"mem")  # a filesystem with folders
-    assert fsspec.filesystem("memory").cat_file("/dinoseg-test/masks/deep/k.png") == b"mem"
-
-
-# --- resume listing ----------------------------------------------------------------------------
-
-
-def test_existing_keys_local_nested_ignores_temp_and_other_files(tmp_path):
-    out = str(tmp_path / "out")
-    assert existing_keys(out) == set()  # no output yet
-    for key in ("a", "b/c", "b/d/e.v2"):
-        write_bytes_atomic(mask_url(out, key), b"png")
-    (tmp_path / "out" / "masks" / "b" / ".c2.png.1234abcd.tmp").write_bytes(b"half")
-    (tmp_path / "out" / "masks" / "notes.txt").write_text("x")
-    write_bytes_atomic(overlay_url(out, "z"), b"jpg")
-    assert existing_keys(out) == {"a", "b/c", "b/d/e.v2"}
-    assert existing_keys(out + "/") == existing_keys("file://" + out) == {"a", "b/c", "b/d/e.v2"}
-
-
-def test_existing_keys_s3(s3_bucket):
-    bucket, so = s3_bucket
-    out = f"s3://{bucket}/run1"
-    assert existing_keys(out, so) == set()
-    for key in ("a", "b/c", "b/d/e"):
-        write_bytes_atomic(mask_url(out, key), b"png", so)
-    write_bytes_atomic(f"s3://{bucket}/run1/masksx/f.png", b"png", so)  # a sibling prefix, not masks/
-    assert existing_keys(out, so) == {"a", "b/c", "b/d/e"}
-
-
-# --- WriteMasks --------------------------------------------------------------------------------
 
 
 def test_write_config_checks_masks_option_and_makes_local_output_absolute(tmp_path, monkeypatch):
@@ -324,19 +213,6 @@ def test_write_masks_to_s3_and_to_a_missing_bucket(s3_bucket):
     assert got.column("ok").to_pylist() == [False, False] and set(got.column("stage").to_pylist()) == {"write"}
 
 
-# --- run.json and the summary ------------------------------------------------------------------
-
-
-def test_run_json_local_and_s3(tmp_path, s3_bucket):
-    info = {"args": {"input": "s3://in/"}, "counts": {"inputs": 3}, "model": "m"}
-    url = write_run_json(str(tmp_path / "out"), info)
-    assert json.loads(open(url).read()) == info and os.listdir(tmp_path / "out") == ["run.json"]
-    bucket, so = s3_bucket
-    url = write_run_json(f"s3://{bucket}/out/", info, so)
-    assert url == f"s3://{bucket}/out/run.json"
-    assert json.loads(fsspec.filesystem("s3", **so).cat_file(url)) == info
-
-
 def test_summary_table_checks_that_nothing_is_lost():
     ok = summary_table({"inputs": 1200, "predicted": 1000, "skipped": 150, "failed": 50})
     lines = ok.splitlines()
@@ -347,85 +223,10 @@ def test_summary_table_checks_that_nothing_is_lost():
     assert "MISMATCH" in bad and "+1" in bad
 
 
-# --- COCO RLE ----------------------------------------------------------------------------------
-
-# Strings produced by pycocotools 2.0.11 (mask.encode on the Fortran-ordered uint8 mask).
-KNOWN = [
-    (np.array([[1, 0], [1, 1]]), "021O"),
-    (np.ones((3, 4)), "0<"),
-    (np.zeros((3, 4)), "<"),
-    (np.array([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]), "0162M0:N"),
-    (np.ones((2000, 1100)), "0P^TS2"),
-    (np.zeros((2000, 1100)), "P^TS2"),
-    (np.hstack([np.zeros((1100, 500)), np.ones((1100, 500))]), "`Si`0`Si`0"),
-    (np.random.default_rng(7).random((16, 12)) < 0.4,
-     "1341MN3O00N0O050K00021OO00O0013ON0012OO031KO10120NO0O10O011OO22NO0O0012O0010M100112ONO1043KN5OJ"),
-]
-
-
-@pytest.mark.parametrize("mask, expected", KNOWN, ids=range(len(KNOWN)))
-def test_rle_matches_pycocotools_strings(mask, expected):
-    assert rle_encode(mask) == {"size": list(mask.shape), "counts": expected}
-    assert np.array_equal(rle_decode({"size": list(mask.shape), "counts": expected}), mask.astype(np.uint8))
-
-
-def test_rle_counts_are_column_major():
-    # [[1, 0],
-    #  [1, 1]]  read down column 0 (1, 1) then column 1 (0, 1): 1 1 0 1.
-    # Runs, starting with zeros: 0 zeros, 2 ones, 1 zero, 1 one -> [0, 2, 1, 1]. Row-major
-    # (1 0 1 1) would give [0, 1, 1, 2]. Compressed: 0, 2, 1 as they are, then 1 - 2 = -1.
-    assert string_to_counts("021O") == [0, 2, 1, 1]
-    assert rle_encode(np.array([[1, 0], [1, 1]]))["counts"] == counts_to_string([0, 2, 1, 1])
-    assert rle_encode(np.array([[1, 1], [0, 1]]))["counts"] == counts_to_string([0, 1, 1, 2])
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 5), (64, 48), (0, 5), (3000, 1)])
-@pytest.mark.parametrize("p", [0.0, 0.02, 0.5, 0.98, 1.0])
-def test_rle_round_trips(shape, p):
-    mask = np.random.default_rng(hash((shape, p)) % 2**32).random(shape) < p
-    rle = rle_encode(mask)
-    assert rle["size"] == list(shape) and np.array_equal(rle_decode(rle), mask.astype(np.uint8))
-    assert np.array_equal(rle_decode({**rle, "counts": rle["counts"].encode()}), mask)  # bytes, as pycocotools
-
-
-def test_rle_long_runs_and_large_deltas():
-    mask = np.zeros((3000, 1000), np.uint8)  # a 0-run past 2**20
-    mask[:, -1] = 1
-    mask[0, 0] = 1  # then 1 one, 2,996,999 zeros, 3,000 ones
-    rle = rle_encode(mask)
-    assert string_to_counts(rle["counts"]) == [0, 1, 2_996_999, 3000]
-    assert np.array_equal(rle_decode(rle), mask)
-    counts = [0, 2**40, 3, 1, 2**33, 2**20 + 1, 1]  # deltas far negative and far positive
-    assert string_to_counts(counts_to_string(counts)) == counts
-
-
-def test_rle_uncompressed_list_counts_and_bad_input():
-    assert rle_decode({"size": [2, 3], "counts": [1, 2, 3]}).tolist() == [[0, 1, 0], [1, 0, 0]]
-    for bad in ("0<\x7f", "0_"):  # a character out of range; a value cut off mid-way ('_' has 'more')
-        with pytest.raises(ValueError):
-            string_to_counts(bad)
-    with pytest.raises(ValueError):
-        rle_decode({"size": [3, 4], "counts": "0;"})  # 11 pixels for 12
-    with pytest.raises(ValueError):
-        rle_encode(np.zeros((2, 2, 2)))
-
-
-def test_rle_of_labels_equals_per_class_encoding():
-    mask = blobs(61, 47, 9, seed=3, cell=5)
-    mask[10:20, 5] = 255
-    per_class = rle_encode_labels(mask)
-    assert sorted(per_class) == sorted(np.unique(mask).tolist())
-    for c, counts in per_class.items():
-        assert counts == rle_encode(mask == c)["counts"]
-    assert rle_encode_labels(mask, [42]) == {42: rle_encode(np.zeros_like(mask))["counts"]}
-    wide = blobs(20, 30, 300, seed=4)
-    assert all(s == rle_encode(wide == c)["counts"] for c, s in rle_encode_labels(wide).items())
-
-
 @pytest.mark.parametrize("bits", [8, 16])
 def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bits):
-    from pipeline.segment.predict import quantize_confidence
     from pipeline.io.masks import confidence_url, decode_mask_png
+    from pipeline.segment.predict import quantize_confidence
 
     mask = blobs(20, 30, 21)
     conf = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
@@ -440,12 +241,3 @@ def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bit
     assert existing_keys(cfg.output) == {"c/k"}  # no mask without its confidence map
     with pytest.raises(DinosegError, match="8 or 16"):
         WriteConfig("out", VOC, confidence_bits=4)
-
-
-def test_local_inputs_the_workers_read_become_absolute(tmp_path, monkeypatch):
-    from pipeline.io.files import absolute_input
-
-    monkeypatch.chdir(tmp_path)
-    assert absolute_input("./run/head.pt") == str(tmp_path / "run" / "head.pt")
-    for unchanged in (None, "random", "s3://b/head.pt", "file:///x/head.pt", "/abs/head.pt"):
-        assert absolute_input(unchanged) == unchanged

@@ -12,8 +12,8 @@ from PIL import Image
 
 from model.classes import load_class_map
 from model.errors import DinosegError
-from pipeline.io.masks import decode_mask_png
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, make_sample, sample_size, write_synthetic
+from pipeline.io.masks import decode_mask_png
 
 IGNORE = SYNTHETIC_CLASSES.ignore_index
 

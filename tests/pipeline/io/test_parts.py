@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.parts import RollingParquetWriter, done_keys
 from pipeline.data.schema import ERROR_SCHEMA
+from pipeline.io.parts import RollingParquetWriter, done_keys
 
 
 def rows(keys):

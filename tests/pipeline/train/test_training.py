@@ -10,13 +10,25 @@ import numpy as np
 import pytest
 import torch
 
+from model.classes import IGNORE_INDEX as IGNORE
 from model.errors import WeightsError
+from model.geometry import PATCH_SIZE as PATCH
 from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
-from model.classes import IGNORE_INDEX as IGNORE
-from model.geometry import PATCH_SIZE as PATCH
+from pipeline.train.training import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    FeatureSource,
+    Schedule,
+    loss_fn,
+    make_optimizer,
+    parse_state,
+    state_bytes,
+    to_tensors,
+    train_epoch,
+    validate,
+)
 from pipeline.train.trainset import MEAN_RGB, padded_geometry
-from pipeline.train.training import STATE_FORMAT, STATE_VERSION, FeatureSource, Schedule, loss_fn, make_optimizer, parse_state, state_bytes, to_tensors, train_epoch, validate
 
 CPU = torch.device("cpu")
 
