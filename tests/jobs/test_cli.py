@@ -6,9 +6,9 @@ import typer
 
 from jobs.cli import main
 from jobs.options import all_but, command
-from pipeline.segment import SegmentConfig
 from model.backbone import BACKBONES
 from model.weights import SEGMENTATION_MODELS, describe_models
+from pipeline.segment import SegmentConfig
 
 
 def rows(out: str) -> dict[str, str]:

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from jobs.options import main
-from pipeline.evaluate import EvaluateConfig, run_evaluate
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
+from pipeline.evaluate import EvaluateConfig, run_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ClassMap(("bg", "cat", "dog"), ((0, 0, 0), (255, 0, 0), (0, 255, 0)))

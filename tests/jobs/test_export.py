@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from jobs.options import main
-from pipeline.label import ExportConfig, run_export
 from model.classes import ClassMap, save_class_map
 from model.errors import DinosegError
 from pipeline.io.masks import encode_mask_png
+from pipeline.label import ExportConfig, run_export
 
 CLASSES = ClassMap(("road", "car", "person"), ((128, 64, 128), (0, 0, 142), (220, 20, 60)))
 

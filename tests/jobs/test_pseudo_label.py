@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from jobs.options import main
-from pipeline.label import PseudoLabelConfig, run_pseudo_label
-from pipeline.segment import SegmentConfig
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
-from model.heads import HeadConfig, LinearHead
 from model.classes import IGNORE_INDEX as IGNORE
-from pipeline.label.pseudo import threshold_cutoff
-from pipeline.io.masks import decode_mask_png
+from model.heads import HeadConfig, LinearHead
 from pipeline.data.synthetic import SYNTHETIC_CLASSES, write_synthetic
+from pipeline.io.masks import decode_mask_png
+from pipeline.label import PseudoLabelConfig, run_pseudo_label
+from pipeline.label.pseudo import threshold_cutoff
+from pipeline.segment import SegmentConfig
 
-SMALL = dict(backbone_weights="random", decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
+SMALL = {"backbone_weights": "random", "decode_cpus": 0.25, "cpus_per_actor": 0.5, "actors": 1, "batch_size": 4}
 
 
 @pytest.fixture(scope="module")

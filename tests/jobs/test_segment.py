@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.segment import SegmentConfig, run_segment
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint
-from model.errors import DinosegError
 from model.classes import ClassMap
+from model.errors import DinosegError
 from model.heads import HeadConfig, LinearHead
+from pipeline.segment import SegmentConfig, run_segment
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = dict(backbone_weights="random", resolution=56, decode_cpus=0.25, cpus_per_actor=0.5, actors=1, batch_size=4)
+SMALL = {"backbone_weights": "random", "resolution": 56, "decode_cpus": 0.25, "cpus_per_actor": 0.5, "actors": 1, "batch_size": 4}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,10 @@ def make_inputs(root: Path) -> dict[str, bytes]:
         "notes.txt": b"ignored: not an image extension",
     }
     rgba = Image.new("RGBA", (40, 30), (10, 200, 30, 128))
-    buf = io.BytesIO(); rgba.save(buf, "PNG"); files["sub/deeper/c.PNG"] = buf.getvalue()
-    buf = io.BytesIO(); Image.new("L", (1, 1), 77).save(buf, "PNG"); files["tiny.png"] = buf.getvalue()
+    for name, image in (("sub/deeper/c.PNG", rgba), ("tiny.png", Image.new("L", (1, 1), 77))):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        files[name] = buf.getvalue()
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)

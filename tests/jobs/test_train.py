@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.train import TrainConfig, run_train
 from model.errors import DinosegError
 from pipeline.data.synthetic import write_synthetic
+from pipeline.train import TrainConfig, run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 # a random backbone's features carry local colour: a linear head learns the synthetic shapes
-FAST = dict(backbone_weights="random", resolution=112, crop=112, batch_size=8, lr=0.03, cpus_per_worker=0.5)
+FAST = {"backbone_weights": "random", "resolution": 112, "crop": 112, "batch_size": 8, "lr": 0.03, "cpus_per_worker": 0.5}
 
 
 @pytest.fixture

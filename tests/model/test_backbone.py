@@ -283,7 +283,7 @@ def test_intermediate_int_n_is_last_blocks_normed_without_registers(reg_model_an
     m, x, raw = reg_model_and_reference
     out = m.get_intermediate_layers(x, n=2)
     assert len(out) == 2
-    for got, i in zip(out, (2, 3)):
+    for got, i in zip(out, (2, 3), strict=True):
         assert got.shape == (2, 24, 32)
         torch.testing.assert_close(got, m.norm(raw[i])[:, 1 + R :])
     # the last block, normed, is what forward_features returns
@@ -301,7 +301,7 @@ def test_intermediate_list_n_norm_false_and_class_token(reg_model_and_reference)
 
     pairs = m.get_intermediate_layers(x, n=[1, 3], return_class_token=True)
     assert len(pairs) == 2
-    for (patch, cls), i in zip(pairs, (1, 3)):
+    for (patch, cls), i in zip(pairs, (1, 3), strict=True):
         torch.testing.assert_close(patch, m.norm(raw[i])[:, 1 + R :])
         torch.testing.assert_close(cls, m.norm(raw[i])[:, 0])
         assert cls.shape == (2, 32)

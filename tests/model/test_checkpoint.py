@@ -34,11 +34,11 @@ def random_head_state(config: HeadConfig, seed: int = 0) -> dict[str, torch.Tens
 
 def make_checkpoint(kind: str = "linear", num_classes: int = 3, seed: int = 0, **overrides) -> HeadCheckpoint:
     config = HeadConfig(kind, default_layers(kind, 12), 384, num_classes, hidden=32)
-    fields = dict(
-        backbone="dinov2_vits14", config=config, classes=class_map(num_classes),
-        state_dict=random_head_state(config, seed), resolution=448,
-        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), meta={"epochs": 4, "miou": 0.61, "data": "s3://labels/v2"},
-    )
+    fields = {
+        "backbone": "dinov2_vits14", "config": config, "classes": class_map(num_classes),
+        "state_dict": random_head_state(config, seed), "resolution": 448,
+        "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "meta": {"epochs": 4, "miou": 0.61, "data": "s3://labels/v2"},
+    }
     fields.update(overrides)
     return HeadCheckpoint(**fields)
 

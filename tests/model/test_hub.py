@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hubs import write_hub
 
 from model.checkpoint import HeadCheckpoint, save_head_checkpoint

@@ -92,7 +92,7 @@ def ours_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[prefix + {"ls1": "layer_scale1", "ls2": "layer_scale2"}[name] + ".lambda1"] = value.clone()
         elif name == "attn.qkv":
             q, k, v = value.chunk(3, dim=0)
-            for part, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+            for part, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v), strict=True):
                 out[f"{prefix}attention.{part}.{kind}"] = t.clone()
         elif name == "mlp.w12":
             gate, up = value.chunk(2, dim=0)
@@ -128,16 +128,16 @@ def hf_to_old_hub_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_hf(cfg: BackboneConfig):
-    common = dict(
-        hidden_size=cfg.embed_dim,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads,
-        mlp_ratio=int(cfg.mlp_ratio),
-        image_size=518,
-        patch_size=14,
-        layer_norm_eps=1e-6,
-        use_swiglu_ffn=cfg.ffn == "swiglu",
-    )
+    common = {
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "mlp_ratio": int(cfg.mlp_ratio),
+        "image_size": 518,
+        "patch_size": 14,
+        "layer_norm_eps": 1e-6,
+        "use_swiglu_ffn": cfg.ffn == "swiglu",
+    }
     if cfg.num_register_tokens:
         hf_cfg = Dinov2WithRegistersConfig(num_register_tokens=cfg.num_register_tokens, **common)
         hf_cfg._attn_implementation = "eager"

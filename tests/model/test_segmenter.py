@@ -57,7 +57,7 @@ def test_masks_have_input_size_and_valid_confidence(kind):
     seg = make_segmenter(kind)
     images = [image(100, 150), image(300, 200, 1), image(1, 1), image(20, 900)]
     preds = seg.predict(images)
-    for img, p in zip(images, preds):
+    for img, p in zip(images, preds, strict=True):
         assert p.mask.shape == img.shape[:2] and p.mask.dtype == np.uint8
         assert p.confidence.shape == img.shape[:2] and p.confidence.dtype == np.float32
         assert p.mask.max() < seg.num_classes
@@ -86,7 +86,7 @@ def test_slide_equals_whole_when_one_crop_covers_the_image(kind):
     whole = make_segmenter(kind)
     slide = whole.with_config(mode="slide", crop=512, stride=341)
     images = [image(100, 150), image(200, 90, 2)]
-    for a, b in zip(whole.predict(images), slide.predict(images)):
+    for a, b in zip(whole.predict(images), slide.predict(images), strict=True):
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-6)
 
@@ -135,7 +135,7 @@ def test_batching_does_not_change_results():
     images = [image(100, 150, i) for i in range(5)] + [image(120, 90, 9)]
     together = seg.with_config(batch_size=8).predict(images)
     alone = [seg.with_config(batch_size=1).predict([img])[0] for img in images]
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=True):
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-5)
 

@@ -19,7 +19,14 @@ from model.backbone import BACKBONES, DinoVisionTransformer, backbone_config, bu
 from model.convert import to_meta_layout
 from model.errors import DinosegError, UnknownModelError, WeightsError
 from model.hub import build_segmenter, load_backbone
-from model.weights import SEGMENTATION_MODELS, backbone_file, fetch_hub_file, hub_url, load_checkpoint, segmentation_model
+from model.weights import (
+    SEGMENTATION_MODELS,
+    backbone_file,
+    fetch_hub_file,
+    hub_url,
+    load_checkpoint,
+    segmentation_model,
+)
 
 HUB_FILE = "dinov2_vits14/dinov2_vits14_pretrain.pth"
 

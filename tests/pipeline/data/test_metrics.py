@@ -84,7 +84,7 @@ def test_torch_and_numpy_agree():
     assert scores(got) == scores(expected)
     # by brute force
     brute = np.zeros((5, 5), dtype=np.int64)
-    for t, p in zip(target.ravel(), pred.ravel()):
+    for t, p in zip(target.ravel(), pred.ravel(), strict=True):
         if t != 255:
             brute[t, p] += 1
     assert expected.tolist() == brute.tolist()
@@ -94,7 +94,7 @@ def test_torch_and_numpy_agree():
     got = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 5, 255, unlabeled_index=255)
     assert got.numpy().tolist() == expected.tolist() and scores(got) == scores(expected)
     brute = np.zeros((5, 6), dtype=np.int64)
-    for t, p in zip(target.ravel(), pred.ravel()):
+    for t, p in zip(target.ravel(), pred.ravel(), strict=True):
         if t != 255:
             brute[t, min(int(p), 5)] += 1
     assert expected.tolist() == brute.tolist() and brute[:, 5].sum() > 0
@@ -127,7 +127,7 @@ def test_unsure_predictions_are_misses_in_an_extra_column(as_tensor):
     # without an unsure pixel, the extra column changes nothing
     plain = confusion_matrix(conv(PRED), conv(TARGET), 3, 255, unlabeled_index=255)
     assert plain.tolist() == [row + [0] for row in CM]
-    assert {k: v for k, v in scores(plain).items()} == scores(np.array(CM))
+    assert dict(scores(plain).items()) == scores(np.array(CM))
     assert scores(np.array(CM))["unlabeled_fraction"] == 0.0
 
 

@@ -182,7 +182,7 @@ def test_split_is_a_deterministic_partition_near_the_fraction():
     assert 140 <= len(val) <= 260  # binomial(1000, 0.2): sd ~12.6, this is > 4.5 sd
     # rows stay whole: a key keeps its own image and mask
     for part in (train, val):
-        for k, im, m in zip(part.keys, part.images, part.masks):
+        for k, im, m in zip(part.keys, part.images, part.masks, strict=True):
             i = int(k.split("/")[1])
             assert (im, m) == (f"/img/{i}.jpg", f"/mask/{i}.png")
     again = split_pairs(many(1000), 0.2, seed=0)

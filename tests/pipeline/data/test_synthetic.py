@@ -143,7 +143,7 @@ def test_write_local_reads_back_as_generated(tmp_path):
     again = write_synthetic(str(tmp_path / "again"), train=5, val=2, size=56, seed=3)
     other = write_synthetic(str(tmp_path / "other"), train=5, val=2, size=56, seed=4)
     for split in ("train", "val"):
-        for (_, a, am), (_, b, bm) in zip(read_set(info, split), read_set(again, split)):
+        for (_, a, am), (_, b, bm) in zip(read_set(info, split), read_set(again, split), strict=True):
             assert np.array_equal(a, b) and np.array_equal(am, bm)
     assert not np.array_equal(read_set(info, "train")[0][1], read_set(other, "train")[0][1])
 
@@ -151,7 +151,7 @@ def test_write_local_reads_back_as_generated(tmp_path):
 def test_val_does_not_depend_on_train_count_and_can_be_empty(tmp_path):
     a = write_synthetic(str(tmp_path / "a"), train=1, val=2, size=28)
     b = write_synthetic(str(tmp_path / "b"), train=3, val=2, size=28)
-    for (_, x, xm), (_, y, ym) in zip(read_set(a, "val"), read_set(b, "val")):
+    for (_, x, xm), (_, y, ym) in zip(read_set(a, "val"), read_set(b, "val"), strict=True):
         assert np.array_equal(x, y) and np.array_equal(xm, ym)
     c = write_synthetic(str(tmp_path / "c"), train=1, val=0, size=28)
     assert set(c["images"]) == set(c["masks"]) == {"train"} and not (tmp_path / "c" / "val").exists()

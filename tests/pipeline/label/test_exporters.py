@@ -250,7 +250,7 @@ def test_labelstudio_round_trip(tmp_path):
     export("labelstudio", out, from_name="brush", to_name="img", model_version="v7")
     tasks = json.loads((out / "tasks.json").read_text())
     assert [t["data"]["key"] for t in tasks] == list(masks())
-    for task, (key, m) in zip(tasks, masks().items()):
+    for task, (key, m) in zip(tasks, masks().items(), strict=True):
         assert task["data"]["image"] == f"s3://bucket/img/{key}.jpg"
         (prediction,) = task["predictions"]
         assert prediction["model_version"] == "v7"

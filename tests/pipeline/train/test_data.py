@@ -26,7 +26,7 @@ def labeled_set(tmp_path, n: int = 3) -> Pairs:
 
 def test_a_fully_cached_set_is_checked_without_loading_a_model(ray_local, tmp_path):
     pairs = labeled_set(tmp_path)
-    cached = {url: (42, 28) for url in pairs.images}
+    cached = dict.fromkeys(pairs.images, (42, 28))
     # a backbone that does not exist: loading it in an actor would fail the pass
     features = FeatureConfig("dinov2_nonexistent14", (11,), 56, backbone_weights="random")
     resources = runtime.Resources(decode_cpus=0.25).resolve(runtime.cluster_resources(joined=False))

@@ -227,7 +227,7 @@ def test_crops_of_features_and_labels_line_up(tmp_path):
         out = samples(cache_batch([row, row]))
         assert out["features"].shape == (2, 3, n, n) and out["features"].dtype == np.float16
         assert out["label"].shape == (2, n * PATCH, n * PATCH) and out["label"].dtype == np.uint8
-        for f, lb in zip(out["features"], out["label"]):
+        for f, lb in zip(out["features"], out["label"], strict=True):
             code = f[0].astype(int)
             assert np.array_equal(f[1].astype(int), -code) and (f[2] == 1).all()  # channels cropped alike
             cy, cx = code // 100, code % 100
@@ -301,7 +301,7 @@ def test_cache_and_decode_pair_give_the_same_labels(computer, decoded, tmp_path)
     WriteFeatures(folder)(computed)
     table = pq.read_table(part_files(folder)[0])
     batch = {name: np.array(table[name].to_pylist(), dtype=object) for name in table.column_names}
-    masks = dict(zip(decoded["image"][:4], decoded["mask"][:4]))
+    masks = dict(zip(decoded["image"][:4], decoded["mask"][:4], strict=True))
     out = CachedSamples(SampleConfig(masks, 5))(batch)
     for i in range(4):
         expected = pad_label(decoded["label"][i], *padded_geometry(*decoded["label"][i].shape))

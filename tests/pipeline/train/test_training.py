@@ -64,7 +64,7 @@ def test_poly_and_cosine_decay():
     assert poly.factor(warm + 50, total) == pytest.approx(0.5)  # linear: halfway is half
     assert poly.factor(total - 1, total) == pytest.approx(1 / 100)
     decay = [poly.factor(i, total) for i in range(warm, total + 1)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
     squared = Schedule(warmup=warm / total, kind="poly", power=2.0)
     assert squared.factor(warm + 50, total) == pytest.approx(0.25)
     cosine = Schedule(warmup=warm / total, kind="cosine")

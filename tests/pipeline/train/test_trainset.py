@@ -229,9 +229,9 @@ def test_synthetic_set_decodes_cleanly(tmp_path):
 
     info = write_synthetic(str(tmp_path), train=4, val=0, size=56)
     pairs = list_pairs(info["images"]["train"], info["masks"]["train"])
-    out = run(list(zip(pairs.images, pairs.masks)), PairConfig(num_classes=5, resolution=28))
+    out = run(list(zip(pairs.images, pairs.masks, strict=True)), PairConfig(num_classes=5, resolution=28))
     assert list(out["error_stage"]) == [""] * 4
-    for px, lb, w, h in zip(out["pixels"], out["label"], out["width"], out["height"]):
+    for px, lb, w, h in zip(out["pixels"], out["label"], out["width"], out["height"], strict=True):
         assert min(lb.shape) == 28 and px.shape[:2] == lb.shape
         assert abs(lb.shape[1] / lb.shape[0] - w / h) < 0.05
 
