@@ -121,11 +121,19 @@ def build_hf(backbone: DinoVisionTransformer, device: torch.device):
 
     c = backbone.config
     if c.num_register_tokens:
-        raise SystemExit(f"{c.name}: register variants need Dinov2WithRegistersModel, which this benchmark does not map.")
+        raise SystemExit(
+            f"{c.name}: register variants need Dinov2WithRegistersModel, which this benchmark does not map."
+        )
     hf_config = Dinov2Config(
-        hidden_size=c.embed_dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
-        mlp_ratio=int(c.mlp_ratio), patch_size=c.patch_size, image_size=c.pos_grid * c.patch_size,
-        layer_norm_eps=1e-6, use_swiglu_ffn=c.ffn == "swiglu", qkv_bias=True,
+        hidden_size=c.embed_dim,
+        num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads,
+        mlp_ratio=int(c.mlp_ratio),
+        patch_size=c.patch_size,
+        image_size=c.pos_grid * c.patch_size,
+        layer_norm_eps=1e-6,
+        use_swiglu_ffn=c.ffn == "swiglu",
+        qkv_bias=True,
     )
     hf = Dinov2Model(hf_config)  # default attention implementation (sdpa where available)
     hf.load_state_dict(meta_to_hf(backbone.state_dict(), c), strict=True)
@@ -226,12 +234,20 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: the core count)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per implementation and cell (1 on CPU, 5 on CUDA)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="warm-up iterations per implementation and cell (1 on CPU, 5 on CUDA)"
+    )
     p.add_argument("--min-iters", type=int, default=3, help="timed iterations per implementation and cell, at least")
     p.add_argument("--max-iters", type=int, default=None, help="... and at most (30 on CPU, 1000 on CUDA)")
-    p.add_argument("--min-time", type=float, default=2.5, help="seconds per implementation and cell to reach (if under max-iters)")
-    p.add_argument("--cell-budget", type=float, default=60.0, help="seconds of timed rounds per cell before stopping early")
-    p.add_argument("--long", type=float, default=5.0, help="expected seconds per round from which a cell gets no warm-up")
+    p.add_argument(
+        "--min-time", type=float, default=2.5, help="seconds per implementation and cell to reach (if under max-iters)"
+    )
+    p.add_argument(
+        "--cell-budget", type=float, default=60.0, help="seconds of timed rounds per cell before stopping early"
+    )
+    p.add_argument(
+        "--long", type=float, default=5.0, help="expected seconds per round from which a cell gets no warm-up"
+    )
     p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--tol", type=float, default=1e-3, help="max abs diff of the fp32 logits at 518 allowed")
     p.add_argument("--seed", type=int, default=0)
@@ -286,8 +302,10 @@ def main(argv=None) -> int:
         flags = ", ".join(cpu_flags()) or "none of avx2/avx512/amx"
         machine = f"CPU {cpu_model()} ({platform.machine()}), {core_count()} cores, flags: {flags}"
     emit(f"- machine: {machine}")
-    emit(f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
-         + (f", torch threads {torch.get_num_threads()}" if device.type == "cpu" else ""))
+    emit(
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+        + (f", torch threads {torch.get_num_threads()}" if device.type == "cpu" else "")
+    )
     given = " ".join(sys.argv[1:] if argv is None else argv)
     emit(f"- command: `python benchmarks/bench_backbone.py{' ' + given if given else ''}`")
 
@@ -302,7 +320,9 @@ def main(argv=None) -> int:
     print("matmul peak (start): " + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in peaks_start.items()), flush=True)
 
     run_start = time.perf_counter()
-    classes = ClassMap(tuple(f"class{i}" for i in range(NUM_CLASSES)), tuple(default_color(i) for i in range(NUM_CLASSES)))
+    classes = ClassMap(
+        tuple(f"class{i}" for i in range(NUM_CLASSES)), tuple(default_color(i) for i in range(NUM_CLASSES))
+    )
     rows: list[dict] = []
     checks: list[str] = []
     attn_impl = None
@@ -324,8 +344,10 @@ def main(argv=None) -> int:
             a, b = fp32_ours(x), HFSegmenter(hf, head, c.patch_size, device, "fp32")(x)
         diff = (a - b).abs().max().item()
         ok = diff <= args.tol
-        checks.append(f"{name}: max abs diff of fp32 logits ours vs HF at {CHECK_SIZE}x{CHECK_SIZE} = {diff:.2e} "
-                      f"(logit scale {a.abs().max().item():.2f}, tol {args.tol:g}) -> {'OK' if ok else 'FAIL'}")
+        checks.append(
+            f"{name}: max abs diff of fp32 logits ours vs HF at {CHECK_SIZE}x{CHECK_SIZE} = {diff:.2e} "
+            f"(logit scale {a.abs().max().item():.2f}, tol {args.tol:g}) -> {'OK' if ok else 'FAIL'}"
+        )
         print(checks[-1], flush=True)
         if not ok:
             for line in checks:
@@ -345,12 +367,25 @@ def main(argv=None) -> int:
                     times = time_pair({"ours": ours[prec], "hf": theirs[prec]}, x, device, args, estimate)
                     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
                     ips_ours, ips_hf = batch / t_ours, batch / t_hf
-                    row = {"model": name, "size": size, "precision": prec, "batch": batch, "ours": ips_ours, "hf": ips_hf,
-                               "ratio": ips_ours / ips_hf, "gflops": gflops, "tflops": ips_ours * gflops / 1e3,
-                               "iters": len(times["ours"]), "round_s": t_ours + t_hf}
+                    row = {
+                        "model": name,
+                        "size": size,
+                        "precision": prec,
+                        "batch": batch,
+                        "ours": ips_ours,
+                        "hf": ips_hf,
+                        "ratio": ips_ours / ips_hf,
+                        "gflops": gflops,
+                        "tflops": ips_ours * gflops / 1e3,
+                        "iters": len(times["ours"]),
+                        "round_s": t_ours + t_hf,
+                    }
                     rows.append(row)
-                    print(f"  {name} {size} {prec} b{batch}: ours {ips_ours:.2f} img/s, HF {ips_hf:.2f} img/s, "
-                          f"ratio {row['ratio']:.2f} ({row['iters']} iters each)", flush=True)
+                    print(
+                        f"  {name} {size} {prec} b{batch}: ours {ips_ours:.2f} img/s, HF {ips_hf:.2f} img/s, "
+                        f"ratio {row['ratio']:.2f} ({row['iters']} iters each)",
+                        flush=True,
+                    )
         del ours, theirs, hf, backbone, head
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -361,32 +396,64 @@ def main(argv=None) -> int:
         r["frac"] = r["tflops"] / peaks[r["precision"]]
         r["frac_bf16"] = r["tflops"] / peaks["bf16"] if "bf16" in peaks else None
     tf32 = " (TF32 off)" if device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32 else ""
-    emit(f"- measured matmul peak ({peak_n}x{peak_n} F.linear, best of repeats at the start and the end of the run): "
-         + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in peaks.items()) + tf32
-         + " (start: " + ", ".join(f"{p} {v:.3f}" for p, v in peaks_start.items())
-         + "; end: " + ", ".join(f"{p} {v:.3f}" for p, v in peaks_end.items()) + ")")
+    emit(
+        f"- measured matmul peak ({peak_n}x{peak_n} F.linear, best of repeats at the start and the end of the run): "
+        + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in peaks.items())
+        + tf32
+        + " (start: "
+        + ", ".join(f"{p} {v:.3f}" for p, v in peaks_start.items())
+        + "; end: "
+        + ", ".join(f"{p} {v:.3f}" for p, v in peaks_end.items())
+        + ")"
+    )
     for line in checks:
         emit(f"- check: {line}")
-    emit(f"- HF: transformers Dinov2Model, attn_implementation={attn_impl!r}, last_hidden_state -> drop CLS -> reshape -> the same LinearHead")
-    emit("- GFLOPs/img: model.backbone.count_flops + the head's 1x1 conv, multiply-adds counted x2 "
-         "(norms, softmax, GELU not counted); ours TFLOP/s = ours img/s x GFLOPs/img; "
-         "fraction = ours TFLOP/s / measured matmul peak of the same dtype"
-         + ("; 'of bf16 peak' divides by the bf16 peak" if device.type == "cuda" else ""))
-    emit(f"- timing: ours and HF alternating within each cell, median time per iteration; {args.warmup} warm-up "
-         f"(none where a round was expected to take >= {args.long:g} s), then {args.min_iters}..{args.max_iters} "
-         f"timed iterations per side until >= {args.min_time:g} s per side, fewer where another round would pass "
-         f"{args.cell_budget:g} s (the iters column); total run {time.perf_counter() - run_start:.0f} s")
+    emit(
+        f"- HF: transformers Dinov2Model, attn_implementation={attn_impl!r}, last_hidden_state -> drop CLS -> reshape -> the same LinearHead"
+    )
+    emit(
+        "- GFLOPs/img: model.backbone.count_flops + the head's 1x1 conv, multiply-adds counted x2 "
+        "(norms, softmax, GELU not counted); ours TFLOP/s = ours img/s x GFLOPs/img; "
+        "fraction = ours TFLOP/s / measured matmul peak of the same dtype"
+        + ("; 'of bf16 peak' divides by the bf16 peak" if device.type == "cuda" else "")
+    )
+    emit(
+        f"- timing: ours and HF alternating within each cell, median time per iteration; {args.warmup} warm-up "
+        f"(none where a round was expected to take >= {args.long:g} s), then {args.min_iters}..{args.max_iters} "
+        f"timed iterations per side until >= {args.min_time:g} s per side, fewer where another round would pass "
+        f"{args.cell_budget:g} s (the iters column); total run {time.perf_counter() - run_start:.0f} s"
+    )
     emit()
-    cols = ["model", "size", "precision", "batch", "ours img/s", "HF img/s", "ours/HF", "GFLOPs/img",
-            "ours TFLOP/s", "fraction of measured matmul peak"]
+    cols = [
+        "model",
+        "size",
+        "precision",
+        "batch",
+        "ours img/s",
+        "HF img/s",
+        "ours/HF",
+        "GFLOPs/img",
+        "ours TFLOP/s",
+        "fraction of measured matmul peak",
+    ]
     if device.type == "cuda":
         cols.append("of bf16 peak")
     cols.append("iters")
     emit("| " + " | ".join(cols) + " |")
     emit("|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|")
     for r in rows:
-        cells = [r["model"], str(r["size"]), r["precision"], str(r["batch"]), f"{r['ours']:.2f}", f"{r['hf']:.2f}",
-                 f"{r['ratio']:.2f}", f"{r['gflops']:.1f}", f"{r['tflops']:.3f}", f"{r['frac']:.1%}"]
+        cells = [
+            r["model"],
+            str(r["size"]),
+            r["precision"],
+            str(r["batch"]),
+            f"{r['ours']:.2f}",
+            f"{r['hf']:.2f}",
+            f"{r['ratio']:.2f}",
+            f"{r['gflops']:.1f}",
+            f"{r['tflops']:.3f}",
+            f"{r['frac']:.1%}",
+        ]
         if device.type == "cuda":
             cells.append(f"{r['frac_bf16']:.1%}")
         cells.append(str(r["iters"]))
@@ -398,17 +465,35 @@ def main(argv=None) -> int:
         for size in sorted(set(sizes), reverse=True):
             parts = []
             for batch in batches:
-                cell = {r["precision"]: r for r in rows if r["model"] == name and r["size"] == size and r["batch"] == batch}
+                cell = {
+                    r["precision"]: r for r in rows if r["model"] == name and r["size"] == size and r["batch"] == batch
+                }
                 if "fp32" in cell and "bf16" in cell:
                     parts.append(f"batch {batch}: {cell['bf16']['ours'] / cell['fp32']['ours']:.2f}x")
             if parts:
-                emit(f"- {name} bf16/fp32 (ours) at {size}: " + ", ".join(parts)
-                     + (f" (bf16/fp32 matmul peak ratio {peaks['bf16'] / peaks['fp32']:.2f})" if {"bf16", "fp32"} <= set(peaks) else ""))
+                emit(
+                    f"- {name} bf16/fp32 (ours) at {size}: "
+                    + ", ".join(parts)
+                    + (
+                        f" (bf16/fp32 matmul peak ratio {peaks['bf16'] / peaks['fp32']:.2f})"
+                        if {"bf16", "fp32"} <= set(peaks)
+                        else ""
+                    )
+                )
     worst = min(rows, key=lambda r: r["ratio"]) if rows else None
     if worst:
-        emit(f"- ours/HF: min {worst['ratio']:.2f} ({worst['model']} {worst['size']} {worst['precision']} batch {worst['batch']}), "
-             f"max {max(r['ratio'] for r in rows):.2f}; cells below 1.00: "
-             + (", ".join(f"{r['model']} {r['size']} {r['precision']} b{r['batch']} ({r['ratio']:.2f})" for r in rows if r["ratio"] < 1.0) or "none"))
+        emit(
+            f"- ours/HF: min {worst['ratio']:.2f} ({worst['model']} {worst['size']} {worst['precision']} batch {worst['batch']}), "
+            f"max {max(r['ratio'] for r in rows):.2f}; cells below 1.00: "
+            + (
+                ", ".join(
+                    f"{r['model']} {r['size']} {r['precision']} b{r['batch']} ({r['ratio']:.2f})"
+                    for r in rows
+                    if r["ratio"] < 1.0
+                )
+                or "none"
+            )
+        )
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0

@@ -47,31 +47,50 @@ def main() -> None:
     head = LinearHead(HeadConfig("linear", (11,), 384, len(SYNTHETIC_CLASSES)))
     for p in head.parameters():  # confident enough that the rules keep some pixels and write masks
         p.data.normal_(0, 0.5)
-    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, SYNTHETIC_CLASSES, head.state_dict(),
-                                        resolution=args.resolution), str(tmp / "head.pt"))
+    save_head_checkpoint(
+        HeadCheckpoint("dinov2_vits14", head.config, SYNTHETIC_CLASSES, head.state_dict(), resolution=args.resolution),
+        str(tmp / "head.pt"),
+    )
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    seg = SegmentConfig(f"{tmp}/data/train/images", str(tmp / "out"), model=None, head=str(tmp / "head.pt"),
-                        backbone_weights="random")
+    seg = SegmentConfig(
+        f"{tmp}/data/train/images", str(tmp / "out"), model=None, head=str(tmp / "head.pt"), backbone_weights="random"
+    )
     steps = {}
     try:
-        for name, rule in (("first run (model + selection)", {"threshold": 0.9}),
-                           ("same command again", {"threshold": 0.9}),
-                           ("new rule: class-balanced 0.5", {"class_balanced": 0.5}),
-                           ("new rule: threshold 0.7", {"threshold": 0.7})):
+        for name, rule in (
+            ("first run (model + selection)", {"threshold": 0.9}),
+            ("same command again", {"threshold": 0.9}),
+            ("new rule: class-balanced 0.5", {"class_balanced": 0.5}),
+            ("new rule: threshold 0.7", {"threshold": 0.7}),
+        ):
             t0 = time.time()
             result = run_pseudo_label(PseudoLabelConfig(seg, **rule))
             steps[name] = {"seconds": round(time.time() - t0, 1), "model": result["model"], "counts": result["counts"]}
     finally:
         ray.shutdown()
     first, third = (steps[k]["seconds"] for k in ("first run (model + selection)", "new rule: class-balanced 0.5"))
-    print(f"{args.images} images, short side {args.size}, inference at {args.resolution}, dinov2_vits14 (random) + linear head, "
-          f"CPU: {cpu_model()} ({core_count()} cores)")
+    print(
+        f"{args.images} images, short side {args.size}, inference at {args.resolution}, dinov2_vits14 (random) + linear head, "
+        f"CPU: {cpu_model()} ({core_count()} cores)"
+    )
     for name, s in steps.items():
-        print(f"  {name:<32} {s['seconds']:>7.1f} s   predicted {s['model']['predicted']:>4}  pairs {s['counts']['pairs']:>4}")
+        print(
+            f"  {name:<32} {s['seconds']:>7.1f} s   predicted {s['model']['predicted']:>4}  pairs {s['counts']['pairs']:>4}"
+        )
     print(f"  re-selecting with a new rule: {first / third:.1f}x faster than the first run")
-    print(json.dumps({"images": args.images, "size": args.size, "steps": steps, "ratio_first_to_reselect": round(first / third, 2),
-                      "cpu": cpu_model(), "cores": core_count()}))
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "size": args.size,
+                "steps": steps,
+                "ratio_first_to_reselect": round(first / third, 2),
+                "cpu": cpu_model(),
+                "cores": core_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

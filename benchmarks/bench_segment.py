@@ -54,7 +54,18 @@ if str(ROOT) not in sys.path:
 
 NUM_CLASSES = 21
 # photo-like sizes, cycled (mean ~0.37 megapixels); the mask comes back at this size
-SIZES = [(640, 480), (640, 480), (480, 640), (800, 600), (640, 480), (512, 384), (480, 640), (1024, 768), (600, 600), (640, 427)]
+SIZES = [
+    (640, 480),
+    (640, 480),
+    (480, 640),
+    (800, 600),
+    (640, 480),
+    (512, 384),
+    (480, 640),
+    (1024, 768),
+    (600, 600),
+    (640, 427),
+]
 
 from machine import core_count, cpu_model  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -64,8 +75,6 @@ def decode_module():
     import pipeline.data.decode
 
     return pipeline.data.decode
-
-
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -136,7 +145,9 @@ def write_head(path: Path, backbone: str, resolution: int, seed: int) -> None:
     with torch.no_grad():  # varied classes across the image, so masks are not one flat colour
         head.conv_seg.weight.normal_(0, 0.5)
     classes = bundled("voc2012")
-    save_head_checkpoint(HeadCheckpoint(backbone, head.config, classes, head.state_dict(), resolution=resolution), str(path))
+    save_head_checkpoint(
+        HeadCheckpoint(backbone, head.config, classes, head.state_dict(), resolution=resolution), str(path)
+    )
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -220,8 +231,13 @@ class TreeMemory(threading.Thread):
         self._done.set()
         self.join()
         cpu = sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
-        return {"driver_mib": self.driver / 1024, "tree_rss_mib": self.tree_rss / 1024,
-                "tree_pss_mib": self.tree_pss / 1024, "processes": self.processes, "cpu_s": cpu}
+        return {
+            "driver_mib": self.driver / 1024,
+            "tree_rss_mib": self.tree_rss / 1024,
+            "tree_pss_mib": self.tree_pss / 1024,
+            "processes": self.processes,
+            "cpu_s": cpu,
+        }
 
 
 class GpuUtilisation:
@@ -234,8 +250,18 @@ class GpuUtilisation:
     def __enter__(self):
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "-i", str(self.index), "--query-gpu=utilization.gpu,memory.used",
-                 "--format=csv,noheader,nounits", "-lms", "200"], stdout=subprocess.PIPE, text=True)
+                [
+                    "nvidia-smi",
+                    "-i",
+                    str(self.index),
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             threading.Thread(target=self._read, daemon=True).start()
         return self
 
@@ -258,8 +284,10 @@ class GpuUtilisation:
         util = [u for u, _ in self.samples]
         busy = [i for i, u in enumerate(util) if u > 0] or [0]
         span = util[busy[0] : busy[-1] + 1]
-        return (f"mean {np.mean(util):.0f}% over the run, {np.mean(span):.0f}% over the busy span, "
-                f"peak memory {max(m for _, m in self.samples):.0f} MiB")
+        return (
+            f"mean {np.mean(util):.0f}% over the run, {np.mean(span):.0f}% over the busy span, "
+            f"peak memory {max(m for _, m in self.samples):.0f} MiB"
+        )
 
 
 # ---- (a) and (c), in this process ------------------------------------------------------------
@@ -268,10 +296,20 @@ class GpuUtilisation:
 def job_config(args, input: str, output: str, head: Path):
     from pipeline.segment import SegmentConfig
 
-    return SegmentConfig(input, output, model=None, head=str(head), backbone_weights="random",
-                         resolution=args.resolution, precision=args.precision, batch_size=args.batch_size,
-                         device=args.device, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                         **({} if args.decode_cpus is None else {"decode_cpus": args.decode_cpus}))
+    return SegmentConfig(
+        input,
+        output,
+        model=None,
+        head=str(head),
+        backbone_weights="random",
+        resolution=args.resolution,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        device=args.device,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        **({} if args.decode_cpus is None else {"decode_cpus": args.decode_cpus}),
+    )
 
 
 def build_inprocess(args, head: Path):
@@ -357,8 +395,20 @@ class _ThreadProbe:
         self.after = torch.get_num_threads()
 
     def __call__(self, batch):
-        return {"info": np.array([json.dumps({**self.before, "torch_after_predict_init": self.after,
-                                              "affinity": core_count(), "nice": os.nice(0)})])}
+        return {
+            "info": np.array(
+                [
+                    json.dumps(
+                        {
+                            **self.before,
+                            "torch_after_predict_init": self.after,
+                            "affinity": core_count(),
+                            "nice": os.nice(0),
+                        }
+                    )
+                ]
+            )
+        }
 
 
 def probe_threads(config) -> dict:
@@ -370,13 +420,20 @@ def probe_threads(config) -> dict:
 
     started = runtime.start_ray(config.address)
     try:
-        res = runtime.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
-                              config.batch_size).resolve(runtime.cluster_resources())
+        res = runtime.Resources(
+            config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus, config.batch_size
+        ).resolve(runtime.cluster_resources())
         pc = PredictConfig(None, None, config.head, config.backbone_weights, inference_config(config), config.device)
         # from_items: no read task, whose CPU request could starve beside the actor
         ds = ray.data.from_items([{"row": 0}]).map_batches(
-            _ThreadProbe, fn_constructor_kwargs={"config": pc}, compute=ray.data.ActorPoolStrategy(size=1),
-            batch_size=1, batch_format="numpy", num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
+            _ThreadProbe,
+            fn_constructor_kwargs={"config": pc},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=res.cpus_per_actor,
+            num_gpus=res.gpus_per_actor or None,
+        )
         info = json.loads(ds.take(1)[0]["info"])
         return {"resources": str(res), "cluster": runtime.cluster_resources(), **info}
     finally:
@@ -406,9 +463,10 @@ def spawn(mode: str, config, workdir: Path, tag: str, timeout: float, gpu: int |
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     util = GpuUtilisation(gpu) if gpu is not None else None
     t0 = time.perf_counter()
-    with open(log, "w") as out, (util or _null()):
-        proc = subprocess.Popen([sys.executable, __file__, f"--_{mode}", str(spec)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out, util or _null():
+        proc = subprocess.Popen(
+            [sys.executable, __file__, f"--_{mode}", str(spec)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         memory = TreeMemory(proc.pid)
         memory.start()
         try:
@@ -417,8 +475,10 @@ def spawn(mode: str, config, workdir: Path, tag: str, timeout: float, gpu: int |
             _kill_tree(proc.pid)
             proc.wait()
             memory.stop()
-            sys.exit(f"the {tag} subprocess ran past {timeout:.0f} s and was killed (a hang? the job's "
-                     f"resources are in the log); the end of {log}:\n" + log.read_text(errors="replace")[-4000:])
+            sys.exit(
+                f"the {tag} subprocess ran past {timeout:.0f} s and was killed (a hang? the job's "
+                f"resources are in the log); the end of {log}:\n" + log.read_text(errors="replace")[-4000:]
+            )
     process_wall = time.perf_counter() - t0
     mem = memory.stop()
     text = log.read_text(errors="replace")
@@ -442,15 +502,21 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=112, help="inference short side R")
     p.add_argument("--batch-size", type=int, default=8, help="B: the job's --batch-size and (a)'s batches")
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16")
-    p.add_argument("--images", default="500,2000", help="comma-separated image counts for (b) (memory and steady state)")
+    p.add_argument(
+        "--images", default="500,2000", help="comma-separated image counts for (b) (memory and steady state)"
+    )
     p.add_argument("--bare-images", type=int, default=200, help="images for (a)")
     p.add_argument("--plain-images", type=int, default=200, help="images for (c)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for (a)/(c) (default: what the job's actor gets)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads for (a)/(c) (default: what the job's actor gets)"
+    )
     p.add_argument("--actors", type=int, default=None, help="the job's --actors (default: the job's)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="the job's --cpus-per-actor (default: the job's)")
     p.add_argument("--decode-cpus", type=float, default=None, help="the job's --decode-cpus (default: the job's)")
     p.add_argument("--workdir", default=None, help="keep images (and outputs) here; reused by later runs")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds before a job subprocess counts as hung and is killed")
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a job subprocess counts as hung and is killed"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 20 and 40 images for (b), 16 for (a) and (c)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
@@ -495,10 +561,18 @@ def main(argv=None) -> int:
         gen_s = time.perf_counter() - t0
         head = workdir / f"head_{args.model_backbone}_{args.resolution}.pt"
         write_head(head, args.model_backbone, args.resolution, args.seed)
-        print(f"[{time.perf_counter() - run_start:.0f} s] inputs ready ({gen_s:.0f} s); probing the actor's threads", flush=True)
+        print(
+            f"[{time.perf_counter() - run_start:.0f} s] inputs ready ({gen_s:.0f} s); probing the actor's threads",
+            flush=True,
+        )
 
-        probe = spawn("probe", job_config(args, str(folders[counts[0]]), str(workdir / "probe"), head), workdir, "probe",
-                      min(args.timeout, 300))
+        probe = spawn(
+            "probe",
+            job_config(args, str(folders[counts[0]]), str(workdir / "probe"), head),
+            workdir,
+            "probe",
+            min(args.timeout, 300),
+        )
         threads = args.threads or int(probe["torch_after_predict_init"])
         if device.type == "cpu":
             torch.set_num_threads(threads)
@@ -516,7 +590,9 @@ def main(argv=None) -> int:
             print(f"[{time.perf_counter() - run_start:.0f} s] (b) segment job, {n} images", flush=True)
             out = workdir / f"out_{n}"
             shutil.rmtree(out, ignore_errors=True)
-            jobs[n] = spawn("job", job_config(args, str(folders[n]), str(out), head), workdir, f"job_{n}", args.timeout, gpu)
+            jobs[n] = spawn(
+                "job", job_config(args, str(folders[n]), str(out), head), workdir, f"job_{n}", args.timeout, gpu
+            )
             jobs[n]["run_json"] = json.loads((out / "run.json").read_text())
             if jobs[n]["counts"]["predicted"] != n:
                 sys.exit(f"the job predicted {jobs[n]['counts']} of {n} images: see {jobs[n]['log']}")
@@ -529,60 +605,99 @@ def main(argv=None) -> int:
             machine = f"CPU {cpu_model()} ({platform.machine()}), {core_count()} cores"
         a_ips, c_ips = bare["n"] / bare["wall"], plain["n"] / plain["wall"]
         emit(f"- machine: {machine}; load average at the end {os.getloadavg()[0]:.2f}")
-        emit(f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}; "
-             f"decode from {decode_module().__name__}")
-        emit(f"- model: {args.model_backbone} (random weights) + linear head, {NUM_CLASSES} classes; R={args.resolution}, "
-             f"batch size {args.batch_size}, {precision} on {device}")
-        emit(f"- images: synthetic JPEGs (q90, sizes {', '.join(f'{w}x{h}' for w, h in sorted(set(SIZES)))}, "
-             f"mean {np.mean([w * h for w, h in SIZES]) / 1e6:.2f} MP), on local disk (page cache warm)")
+        emit(
+            f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}; "
+            f"decode from {decode_module().__name__}"
+        )
+        emit(
+            f"- model: {args.model_backbone} (random weights) + linear head, {NUM_CLASSES} classes; R={args.resolution}, "
+            f"batch size {args.batch_size}, {precision} on {device}"
+        )
+        emit(
+            f"- images: synthetic JPEGs (q90, sizes {', '.join(f'{w}x{h}' for w, h in sorted(set(SIZES)))}, "
+            f"mean {np.mean([w * h for w, h in SIZES]) / 1e6:.2f} MP), on local disk (page cache warm)"
+        )
         emit(f"- job resources (Resources.resolve on {probe['cluster']}): {probe['resources']}")
-        emit(f"- threads in the job's actor: OMP_NUM_THREADS={probe['OMP_NUM_THREADS']}, torch {probe['torch']} "
-             f"at start, {probe['torch_after_predict_init']} after Predict.__init__ (CPU affinity {probe['affinity']}, "
-             f"nice {probe.get('nice')}); (a) and (c) ran with {torch.get_num_threads()} torch threads (nice {os.nice(0)})")
+        emit(
+            f"- threads in the job's actor: OMP_NUM_THREADS={probe['OMP_NUM_THREADS']}, torch {probe['torch']} "
+            f"at start, {probe['torch_after_predict_init']} after Predict.__init__ (CPU affinity {probe['affinity']}, "
+            f"nice {probe.get('nice')}); (a) and (c) ran with {torch.get_num_threads()} torch threads (nice {os.nice(0)})"
+        )
         plan = jobs[counts[-1]]["plan"]
         if plan:
             fused = "ActorPoolMapOperator[MapBatches(ReadBytes)" in plan
-            emit(f"- Ray Data plan: {plan}" + (" (read and decode are fused into the predictor actor: same "
-                                               "resources, so they run in turn with inference there)" if fused else ""))
+            emit(
+                f"- Ray Data plan: {plan}"
+                + (
+                    " (read and decode are fused into the predictor actor: same "
+                    "resources, so they run in turn with inference there)"
+                    if fused
+                    else ""
+                )
+            )
         emit(f"- total run {total:.0f} s (inputs {gen_s:.0f} s)")
         emit()
-        emit("| run | images | wall s | images/s | (b)/(a) | (b)/(c) | driver peak RSS MiB | tree peak RSS MiB | tree peak PSS MiB | CPU s | GPU |")
+        emit(
+            "| run | images | wall s | images/s | (b)/(a) | (b)/(c) | driver peak RSS MiB | tree peak RSS MiB | tree peak PSS MiB | CPU s | GPU |"
+        )
         emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        emit(f"| (a) bare Segmenter.predict, batches of {args.batch_size} | {bare['n']} | {bare['wall']:.1f} | {a_ips:.2f} | | | | | | | {bare['gpu']} |")
-        emit(f"| (c) plain loop, one image at a time | {plain['n']} | {plain['wall']:.1f} | {c_ips:.2f} | | | | | | | |")
+        emit(
+            f"| (a) bare Segmenter.predict, batches of {args.batch_size} | {bare['n']} | {bare['wall']:.1f} | {a_ips:.2f} | | | | | | | {bare['gpu']} |"
+        )
+        emit(
+            f"| (c) plain loop, one image at a time | {plain['n']} | {plain['wall']:.1f} | {c_ips:.2f} | | | | | | | |"
+        )
         for n in counts:
             j, m = jobs[n], jobs[n]["memory"]
             ips = n / j["wall"]
-            emit(f"| (b) segment job (run.json: {j['run_json']['images_per_second']:.2f} img/s) | {n} | {j['wall']:.1f} | "
-                 f"{ips:.2f} | {ips / a_ips:.2f} | {ips / c_ips:.2f} | {m['driver_mib']:.0f} | {m['tree_rss_mib']:.0f} | "
-                 f"{m['tree_pss_mib']:.0f} | {m['cpu_s']:.0f} | {j.get('gpu', '')} |")
+            emit(
+                f"| (b) segment job (run.json: {j['run_json']['images_per_second']:.2f} img/s) | {n} | {j['wall']:.1f} | "
+                f"{ips:.2f} | {ips / a_ips:.2f} | {ips / c_ips:.2f} | {m['driver_mib']:.0f} | {m['tree_rss_mib']:.0f} | "
+                f"{m['tree_pss_mib']:.0f} | {m['cpu_s']:.0f} | {j.get('gpu', '')} |"
+            )
         steady = None
         if len(counts) > 1:
             lo, hi = counts[0], counts[-1]
             dt = jobs[hi]["wall"] - jobs[lo]["wall"]
             steady = (hi - lo) / dt if dt > 0 else None  # None: the difference drowned in noise
             cells = f"{steady:.2f} | {steady / a_ips:.2f} | {steady / c_ips:.2f}" if steady else "n/a | | "
-            emit(f"| (b) steady state: ({hi} - {lo}) / (T({hi}) - T({lo})) | {hi - lo} | {dt:.1f} | {cells} | | | | | |")
+            emit(
+                f"| (b) steady state: ({hi} - {lo}) / (T({hi}) - T({lo})) | {hi - lo} | {dt:.1f} | {cells} | | | | | |"
+            )
         emit()
         big = counts[-1]
         end_to_end = big / jobs[big]["wall"]
         shaky = len(counts) > 1 and counts[-1] - counts[0] < 500  # a few seconds apart: noise decides
-        for name, value in (("end to end", end_to_end),
-                            ("steady state" + (" (too few images apart to mean much)" if shaky else ""), steady)):
+        for name, value in (
+            ("end to end", end_to_end),
+            ("steady state" + (" (too few images apart to mean much)" if shaky else ""), steady),
+        ):
             if value is not None:
-                emit(f"- aim (b) >= 0.8 x (a) and >= 1.5 x (c), {name}: (b)/(a) = {value / a_ips:.2f} "
-                     f"({'met' if value >= 0.8 * a_ips else 'not met'}), (b)/(c) = {value / c_ips:.2f} "
-                     f"({'met' if value >= 1.5 * c_ips else 'not met'})")
+                emit(
+                    f"- aim (b) >= 0.8 x (a) and >= 1.5 x (c), {name}: (b)/(a) = {value / a_ips:.2f} "
+                    f"({'met' if value >= 0.8 * a_ips else 'not met'}), (b)/(c) = {value / c_ips:.2f} "
+                    f"({'met' if value >= 1.5 * c_ips else 'not met'})"
+                )
         if len(counts) > 1:
             lo = counts[0]
-            for key, label in (("tree_pss_mib", "tree PSS"), ("tree_rss_mib", "tree RSS"), ("driver_mib", "driver RSS")):
+            for key, label in (
+                ("tree_pss_mib", "tree PSS"),
+                ("tree_rss_mib", "tree RSS"),
+                ("driver_mib", "driver RSS"),
+            ):
                 ratio = jobs[big]["memory"][key] / jobs[lo]["memory"][key]
-                emit(f"- aim peak memory({big}) <= 1.15 x peak memory({lo}), {label}: {ratio:.3f} "
-                     f"({'met' if ratio <= 1.15 else 'not met'})")
-        emit(f"- fixed cost of the job (T({counts[0]}) - {counts[0]} / steady rate): "
-             + (f"{fixed:.1f} s" if steady and (fixed := jobs[counts[0]]["wall"] - counts[0] / steady) > 0 else "n/a")
-             + "; subprocess wall incl. imports: " + ", ".join(f"{jobs[n]['process_wall']:.1f} s ({n})" for n in counts)
-             + "; processes in the job's tree: " + ", ".join(f"{jobs[n]['memory']['processes']} ({n})" for n in counts))
+                emit(
+                    f"- aim peak memory({big}) <= 1.15 x peak memory({lo}), {label}: {ratio:.3f} "
+                    f"({'met' if ratio <= 1.15 else 'not met'})"
+                )
+        emit(
+            f"- fixed cost of the job (T({counts[0]}) - {counts[0]} / steady rate): "
+            + (f"{fixed:.1f} s" if steady and (fixed := jobs[counts[0]]["wall"] - counts[0] / steady) > 0 else "n/a")
+            + "; subprocess wall incl. imports: "
+            + ", ".join(f"{jobs[n]['process_wall']:.1f} s ({n})" for n in counts)
+            + "; processes in the job's tree: "
+            + ", ".join(f"{jobs[n]['memory']['processes']} ({n})" for n in counts)
+        )
         emit("- CPU s: user + system seconds of the job's process tree (2 cores x wall s is the most there is)")
     finally:
         if not args.workdir:

@@ -57,19 +57,36 @@ def main() -> None:
             # "streamed": a cache never held in memory, read from its Parquet parts every epoch
             train_data.MEMORY_SHARE = 0.0 if mode == "streamed" else share
             t0 = time.time()
-            info = run_train(TrainConfig(
-                f"{tmp}/data/train/images", f"{tmp}/data/train/masks", f"{tmp}/data/classes.yaml", str(out),
-                val_images=f"{tmp}/data/val/images", val_masks=f"{tmp}/data/val/masks",
-                backbone=args.backbone, backbone_weights="random", resolution=args.resolution, crop=args.resolution,
-                epochs=args.epochs, batch_size=8, lr=0.03, cache=mode != "no-cache", workers=args.workers,
-                cache_dir=str(tmp / "cache"),
-            ))
+            info = run_train(
+                TrainConfig(
+                    f"{tmp}/data/train/images",
+                    f"{tmp}/data/train/masks",
+                    f"{tmp}/data/classes.yaml",
+                    str(out),
+                    val_images=f"{tmp}/data/val/images",
+                    val_masks=f"{tmp}/data/val/masks",
+                    backbone=args.backbone,
+                    backbone_weights="random",
+                    resolution=args.resolution,
+                    crop=args.resolution,
+                    epochs=args.epochs,
+                    batch_size=8,
+                    lr=0.03,
+                    cache=mode != "no-cache",
+                    workers=args.workers,
+                    cache_dir=str(tmp / "cache"),
+                )
+            )
             wall = time.time() - t0
             epochs = [r["seconds"] for r in info["history"]]
             train_part = [r["train_seconds"] for r in info["history"]]
-            results[mode] = {"wall": round(wall, 1), "epochs": epochs, "train_part": train_part,
-                             "before_training": round(wall - sum(epochs), 1),
-                             "best_miou": info["best"]["miou"]}
+            results[mode] = {
+                "wall": round(wall, 1),
+                "epochs": epochs,
+                "train_part": train_part,
+                "before_training": round(wall - sum(epochs), 1),
+                "best_miou": info["best"]["miou"],
+            }
     finally:
         ray.shutdown()
     later = {m: sum(r["epochs"][1:]) / max(1, len(r["epochs"]) - 1) for m, r in results.items()}
@@ -83,8 +100,10 @@ def main() -> None:
     ratios = {}
     for m in modes[1:]:
         ratios[m] = (later[m] / later[base], later_train[m] / later_train[base])
-        print(f"epochs after the first: {base} {later[base]:.2f} s, {m} {later[m]:.2f} s -> {ratios[m][0]:.1f}x "
-              f"(training part only, without validation: {ratios[m][1]:.1f}x)")
+        print(
+            f"epochs after the first: {base} {later[base]:.2f} s, {m} {later[m]:.2f} s -> {ratios[m][0]:.1f}x "
+            f"(training part only, without validation: {ratios[m][1]:.1f}x)"
+        )
     print(json.dumps({"args": vars(args), "results": results, "ratios_vs_" + base: ratios}))
 
 

@@ -43,8 +43,16 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 def _register() -> None:
     from jobs import demo, evaluate, export, pseudo_label, segment, self_train, synthetic, train
 
-    for name, job in (("segment", segment), ("pseudo-label", pseudo_label), ("train", train), ("self-train", self_train),
-                      ("evaluate", evaluate), ("export", export), ("synthetic", synthetic), ("demo", demo)):
+    for name, job in (
+        ("segment", segment),
+        ("pseudo-label", pseudo_label),
+        ("train", train),
+        ("self-train", self_train),
+        ("evaluate", evaluate),
+        ("export", export),
+        ("synthetic", synthetic),
+        ("demo", demo),
+    ):
         app.command(name)(job.command)
 
 

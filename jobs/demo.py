@@ -8,7 +8,8 @@ from jobs.options import config_command, main
 from pipeline.demo import DemoConfig, run_demo
 
 command = config_command(
-    DemoConfig, lambda config: run_demo(config, echo=typer.echo),
+    DemoConfig,
+    lambda config: run_demo(config, echo=typer.echo),
     doc="Offline demo on the CPU: synthetic data, train a head (random backbone), segment, evaluate.",
 )
 

@@ -6,7 +6,9 @@ from jobs.options import config_command, main
 from pipeline.evaluate import EvaluateConfig, run_evaluate, summary
 
 command = config_command(
-    EvaluateConfig, run_evaluate, summary,
+    EvaluateConfig,
+    run_evaluate,
+    summary,
     doc="Score the masks under PRED against the masks under GT with the same keys: IoU, Dice, accuracy.",
 )
 

@@ -48,8 +48,9 @@ def _parameter(cls: type, f: dataclasses.Field, hint: Any, help_override: dict) 
     help = help_override.get(f.name, meta["help"])
     flags = [meta["flag"]] if meta["flag"] else []
     make = typer.Argument if meta["argument"] else typer.Option
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=make(default, *flags, help=help),
-                             annotation=annotation)
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=make(default, *flags, help=help), annotation=annotation
+    )
 
 
 def _fields(sources: list[Source]):
@@ -68,8 +69,14 @@ def values_for(cls: type, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in names}
 
 
-def command(doc: str, sources: list[Source], make: Callable[[dict], Any], run: Callable[[Any], Any],
-            show: Callable[[Any], str] | None = None, help_override: dict | None = None) -> Callable[..., None]:
+def command(
+    doc: str,
+    sources: list[Source],
+    make: Callable[[dict], Any],
+    run: Callable[[Any], Any],
+    show: Callable[[Any], str] | None = None,
+    help_override: dict | None = None,
+) -> Callable[..., None]:
     """A typer command offering the chosen fields of `sources` (arguments first, in order): it
     parses the values, builds the config with `make(values)`, runs it and echoes `show(result)`."""
     found = list(_fields(sources))
@@ -90,8 +97,9 @@ def command(doc: str, sources: list[Source], make: Callable[[dict], Any], run: C
     return cmd
 
 
-def config_command(cls: type, run: Callable[[Any], Any], show: Callable[[Any], str] | None = None,
-                   doc: str | None = None, **kwargs) -> Callable[..., None]:
+def config_command(
+    cls: type, run: Callable[[Any], Any], show: Callable[[Any], str] | None = None, doc: str | None = None, **kwargs
+) -> Callable[..., None]:
     """A command over every option of one config class."""
     return command(doc or run.__doc__ or "", [(cls, all_but())], lambda values: cls(**values), run, show, **kwargs)
 

@@ -19,7 +19,9 @@ command = command(
     "Pseudo-label every image under INPUT: masks with 255 where the model is unsure, in the layout `dinoseg train` "
     "reads. Re-running resumes; another rule re-selects without the model.",
     [(SegmentConfig, all_but(*SET_BY_PSEUDO_LABEL)), (PseudoLabelConfig, all_but())],
-    pseudo_label_config, run_pseudo_label, pseudo_label_summary,
+    pseudo_label_config,
+    run_pseudo_label,
+    pseudo_label_summary,
     help_override={"output": "Folder or URL for masks/, labels/, pairs.csv, classes.yaml, raw/, run.json."},
 )
 

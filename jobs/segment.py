@@ -6,7 +6,9 @@ from jobs.options import config_command, main
 from pipeline.segment import SegmentConfig, run_segment, summary_table
 
 command = config_command(
-    SegmentConfig, run_segment, summary_table,
+    SegmentConfig,
+    run_segment,
+    summary_table,
     doc="Segment every image under INPUT; masks and rows go under OUTPUT. Re-running resumes.",
 )
 

@@ -18,15 +18,23 @@ RULE = ("threshold", "class_balanced", "min_coverage")
 def self_train_config(values: dict) -> SelfTrainConfig:
     take = lambda names: {k: values.pop(k) for k in names}  # noqa: E731
     own, scale, rule = take(OWN), take(SCALE), take(RULE)
-    return SelfTrainConfig(TrainConfig(**values), rule=PseudoLabelConfig(SegmentConfig("", ""), **rule), scale=scale, **own)
+    return SelfTrainConfig(
+        TrainConfig(**values), rule=PseudoLabelConfig(SegmentConfig("", ""), **rule), scale=scale, **own
+    )
 
 
 command = command(
     "Self-training: pseudo-label the unlabeled images with the best head, retrain on labeled + pseudo-labeled pairs, "
     "keep the best head; a table of rounds at the end.",
-    [(SelfTrainConfig, every(*OWN)), (TrainConfig, all_but("resume", "overwrite")), (SegmentConfig, every(*SCALE)),
-     (PseudoLabelConfig, every(*RULE))],
-    self_train_config, run_self_train, rounds_table,
+    [
+        (SelfTrainConfig, every(*OWN)),
+        (TrainConfig, all_but("resume", "overwrite")),
+        (SegmentConfig, every(*SCALE)),
+        (PseudoLabelConfig, every(*RULE)),
+    ],
+    self_train_config,
+    run_self_train,
+    rounds_table,
 )
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from jobs.options import config_command, main
 from pipeline.data.synthetic import SyntheticConfig, describe, run_synthetic
 
 command = config_command(
-    SyntheticConfig, run_synthetic, describe,
+    SyntheticConfig,
+    run_synthetic,
+    describe,
     doc="Write a small synthetic segmentation set (4 kinds of coloured shapes on textured backgrounds).",
 )
 

@@ -43,8 +43,14 @@ class BackboneConfig:
 def _variant(name: str, dim: int, depth: int, heads: int, ffn: str = "mlp") -> dict:
     plain = BackboneConfig(name, dim, depth, heads, ffn)
     reg = BackboneConfig(
-        f"{name}_reg", dim, depth, heads, ffn,
-        num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True,
+        f"{name}_reg",
+        dim,
+        depth,
+        heads,
+        ffn,
+        num_register_tokens=4,
+        interpolate_offset=0.0,
+        interpolate_antialias=True,
     )
     return {plain.name: plain, reg.name: reg}
 
@@ -113,9 +119,7 @@ class DinoVisionTransformer(nn.Module):
             resize = {"scale_factor": ((h + offset) / grid, (w + offset) / grid)}
         else:
             resize = {"size": (h, w)}
-        patch_pos = F.interpolate(
-            patch_pos, mode="bicubic", antialias=self.config.interpolate_antialias, **resize
-        )
+        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.config.interpolate_antialias, **resize)
         if patch_pos.shape[-2:] != (h, w):  # the offset exists to make this hold
             raise RuntimeError(f"position embedding resized to {tuple(patch_pos.shape[-2:])}, not {(h, w)}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, self.embed_dim)
@@ -218,6 +222,13 @@ def count_flops(config: BackboneConfig, height: int, width: int) -> float:
 
 
 __all__ = [
-    "BACKBONES", "BackboneConfig", "DinoVisionTransformer", "IMAGENET_MEAN", "IMAGENET_STD",
-    "PATCH_SIZE", "backbone_config", "build_backbone", "count_flops",
+    "BACKBONES",
+    "BackboneConfig",
+    "DinoVisionTransformer",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PATCH_SIZE",
+    "backbone_config",
+    "build_backbone",
+    "count_flops",
 ]

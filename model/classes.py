@@ -24,7 +24,9 @@ class ClassMap:
 
     def __post_init__(self):
         if len(self.names) != len(self.colors):
-            raise DinosegError(f"class map has {len(self.names)} names but {len(self.colors)} colours: give each class one colour.")
+            raise DinosegError(
+                f"class map has {len(self.names)} names but {len(self.colors)} colours: give each class one colour."
+            )
         if not self.names:
             raise DinosegError("class map has no classes: list at least one {id, name, color}.")
 
@@ -43,7 +45,10 @@ class ClassMap:
     def to_dict(self) -> dict:
         return {
             "ignore_index": self.ignore_index,
-            "classes": [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(self.names, self.colors, strict=True))],
+            "classes": [
+                {"id": i, "name": n, "color": list(c)}
+                for i, (n, c) in enumerate(zip(self.names, self.colors, strict=True))
+            ],
         }
 
     @classmethod
@@ -52,14 +57,18 @@ class ClassMap:
             entries = sorted(d["classes"], key=lambda c: int(c["id"]))
             ids = [int(c["id"]) for c in entries]
             if ids != list(range(len(ids))):
-                raise DinosegError(f"{source}: class ids must be 0..N-1 without gaps, got {ids[:5]}...: renumber the classes.")
+                raise DinosegError(
+                    f"{source}: class ids must be 0..N-1 without gaps, got {ids[:5]}...: renumber the classes."
+                )
             names = tuple(str(c["name"]) for c in entries)
             colors = tuple(tuple(int(v) for v in c.get("color") or default_color(i)) for i, c in enumerate(entries))
             if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
                 raise DinosegError(f"{source}: every colour must be three integers 0..255.")
             return cls(names, colors, int(d.get("ignore_index", IGNORE_INDEX)))
         except (KeyError, TypeError, ValueError) as e:
-            raise DinosegError(f"{source} is not a class map ({e}): give {{ignore_index, classes: [{{id, name, color}}]}}.") from None
+            raise DinosegError(
+                f"{source} is not a class map ({e}): give {{ignore_index, classes: [{{id, name, color}}]}}."
+            ) from None
 
 
 def default_color(i: int) -> tuple[int, int, int]:
@@ -106,7 +115,11 @@ def save_class_map(classes: ClassMap, url: str, storage_options: dict | None = N
     import fsspec
     import yaml
 
-    text = json.dumps(classes.to_dict(), indent=1) if url.endswith(".json") else yaml.safe_dump(classes.to_dict(), sort_keys=False)
+    text = (
+        json.dumps(classes.to_dict(), indent=1)
+        if url.endswith(".json")
+        else yaml.safe_dump(classes.to_dict(), sort_keys=False)
+    )
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if fsspec.utils.get_protocol(url) in ("file", "local"):
         fs.makedirs(fs._parent(path), exist_ok=True)  # object stores have no folders to make

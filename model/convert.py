@@ -83,7 +83,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         changed = False
         for prefix in _PREFIXES:
             if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 

@@ -21,9 +21,13 @@ def choose_device(requested: str | torch.device | None = None) -> torch.device:
         raise DinosegError(f"Unknown device '{requested}': use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DinosegError(f"Device '{requested}' was asked for but no CUDA GPU is visible: use --device cpu (or auto).")
+            raise DinosegError(
+                f"Device '{requested}' was asked for but no CUDA GPU is visible: use --device cpu (or auto)."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DinosegError(f"Device '{requested}' does not exist ({torch.cuda.device_count()} GPUs visible): pick another index.")
+            raise DinosegError(
+                f"Device '{requested}' does not exist ({torch.cuda.device_count()} GPUs visible): pick another index."
+            )
     return device
 
 

@@ -44,8 +44,12 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
         return cls(
-            kind=d["kind"], layers=tuple(int(i) for i in d["layers"]), embed_dim=int(d["embed_dim"]),
-            num_classes=int(d["num_classes"]), hidden=int(d.get("hidden", 256)), extra=dict(d.get("extra", {})),
+            kind=d["kind"],
+            layers=tuple(int(i) for i in d["layers"]),
+            embed_dim=int(d["embed_dim"]),
+            num_classes=int(d["num_classes"]),
+            hidden=int(d.get("hidden", 256)),
+            extra=dict(d.get("extra", {})),
         )
 
 
@@ -123,7 +127,7 @@ def head_from_mmseg(checkpoint, kind: str, embed_dim: int, depth: int, what: str
             f"{what} is not a DINOv2 segmentation head (no 'decode_head.conv_seg.weight'): "
             "pass one of Meta's *_head.pth files or a head trained by dinoseg."
         )
-    sd = {k[len("decode_head."):]: v for k, v in sd.items() if k.startswith("decode_head.")}
+    sd = {k[len("decode_head.") :]: v for k, v in sd.items() if k.startswith("decode_head.")}
     weight = sd["conv_seg.weight"]
     layers = default_layers(kind, depth)
     config = HeadConfig(kind, layers, embed_dim, num_classes=int(weight.shape[0]))

@@ -63,18 +63,29 @@ def _classes_for(num_classes: int) -> ClassMap:
     for name in BUNDLED:
         if DATASETS[name] == num_classes:
             return bundled(name)
-    return ClassMap(tuple(f"class_{i}" for i in range(num_classes)), tuple(default_color(i) for i in range(num_classes)))
+    return ClassMap(
+        tuple(f"class_{i}" for i in range(num_classes)), tuple(default_color(i) for i in range(num_classes))
+    )
 
 
-def load_head(source: str, backbone: str | None = None, kind: str | None = None,
-              storage_options: dict | None = None) -> LoadedHead:
+def load_head(
+    source: str, backbone: str | None = None, kind: str | None = None, storage_options: dict | None = None
+) -> LoadedHead:
     """A head trained by dinoseg (it names its backbone) or one of Meta's mmseg head files."""
     obj = load_checkpoint(source, storage_options)
     if is_head_checkpoint(obj):
         ckpt = parse_head_checkpoint(obj, source, backbone)
         head = ckpt.build(source)
-        return LoadedHead(head, ckpt.classes, ckpt.backbone, ckpt.resolution, ckpt.mean, ckpt.std,
-                          _checksum(ckpt.state_dict), ckpt.meta)
+        return LoadedHead(
+            head,
+            ckpt.classes,
+            ckpt.backbone,
+            ckpt.resolution,
+            ckpt.mean,
+            ckpt.std,
+            _checksum(ckpt.state_dict),
+            ckpt.meta,
+        )
     if backbone is None:
         raise WeightsError(f"{source} is one of Meta's head files, which do not name their backbone: pass --backbone.")
     cfg = backbone_config(backbone)
@@ -116,7 +127,9 @@ def build_segmenter(
     if config is None or config.resolution is None:  # the resolution the head was trained at
         config = replace(config or InferenceConfig(), resolution=loaded.resolution)
     model_id = model or f"{loaded.backbone}+{head}"
-    return Segmenter(vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std, model_id, loaded.checksum)
+    return Segmenter(
+        vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std, model_id, loaded.checksum
+    )
 
 
 __all__ = ["RANDOM", "LoadedHead", "build_segmenter", "load_backbone", "load_head"]

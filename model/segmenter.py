@@ -30,7 +30,9 @@ META_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # Meta's multi-scale test ratios
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    resolution: int | None = 512  # short side after resizing (Meta's eval: 512 for linear, 640 for ms); None: the head's
+    resolution: int | None = (
+        512  # short side after resizing (Meta's eval: 512 for linear, 640 for ms); None: the head's
+    )
     long_side_ratio: float = 4.0  # long side capped at ratio x resolution (Meta: 2048 for 512)
     mode: str = "whole"  # 'whole' or 'slide'
     crop: int = 512  # sliding window, Meta's 512 / 341
@@ -102,7 +104,9 @@ class Segmenter(nn.Module):
         self.device = choose_device(device)
         self.precision = choose_precision(self.config.precision, self.device)
         if len(classes) != head.config.num_classes:
-            raise DinosegError(f"the head predicts {head.config.num_classes} classes but the class map has {len(classes)}: pass the matching class map.")
+            raise DinosegError(
+                f"the head predicts {head.config.num_classes} classes but the class map has {len(classes)}: pass the matching class map."
+            )
         self.classes = classes
         self.backbone = backbone.requires_grad_(False).eval()
         self.head = head.requires_grad_(False).eval()
@@ -115,7 +119,9 @@ class Segmenter(nn.Module):
         """The same weights with other inference options (the modules are shared, not copied)."""
         mean, std = (self.mean / 255).flatten().tolist(), (self.std / 255).flatten().tolist()
         config = replace(self.config, **changes)
-        return Segmenter(self.backbone, self.head, self.classes, config, self.device, mean, std, self.model_id, self.head_checksum)
+        return Segmenter(
+            self.backbone, self.head, self.classes, config, self.device, mean, std, self.model_id, self.head_checksum
+        )
 
     @property
     def num_classes(self) -> int:
@@ -155,7 +161,9 @@ class Segmenter(nn.Module):
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
             raise ImageInputError("predict() takes a list of images: wrap a single image as [image].")
         if output_sizes is not None and len(output_sizes) != len(images):
-            raise ImageInputError(f"{len(output_sizes)} output sizes for {len(images)} images: give one (H, W) per image.")
+            raise ImageInputError(
+                f"{len(output_sizes)} output sizes for {len(images)} images: give one (H, W) per image."
+            )
         sizes, pieces = [], []
         groups: dict[tuple[int, int], list[tuple[_Piece, torch.Tensor]]] = {}
         for i, image in enumerate(images):
@@ -176,7 +184,9 @@ class Segmenter(nn.Module):
         elif isinstance(image, torch.Tensor):
             ok = image.dtype == torch.uint8
         else:
-            raise ImageInputError(f"image {index} is a {type(image).__name__}: pass uint8 RGB arrays of shape (H, W, 3).")
+            raise ImageInputError(
+                f"image {index} is a {type(image).__name__}: pass uint8 RGB arrays of shape (H, W, 3)."
+            )
         if not ok or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise ImageInputError(
                 f"image {index} has dtype {image.dtype} and shape {tuple(image.shape)}: pass uint8 RGB arrays of shape (H, W, 3)."
@@ -216,8 +226,10 @@ class Segmenter(nn.Module):
                 # logits of a flipped view are flipped back: the window then starts at w - xs - cw,
                 # and the padding before it is the right-hand padding
                 x0, before = (w - xs - cw, right) if flipped else (xs, left)
-                yield _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped,
-                             tuple(crop.shape[-2:])), crop
+                yield (
+                    _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped, tuple(crop.shape[-2:])),
+                    crop,
+                )
 
     def _finish(self, hw: tuple[int, int], pieces: list[_Piece]) -> Prediction:
         h0, w0 = hw
@@ -263,7 +275,9 @@ class Segmenter(nn.Module):
             gy = _grid_coords(ra, rb, h / h0, p.offset[0], cell_y, gh, self.device)
             gx = _grid_coords(ca, cb, w / w0, p.offset[1], cell_x, gw, self.device)
             grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-            sampled = F.grid_sample(p.logits[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            sampled = F.grid_sample(p.logits[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[
+                0
+            ]
             total[:, ra - r0 : rb - r0, ca:cb] += sampled
             if count is not None:
                 count[:, ra - r0 : rb - r0, ca:cb] += 1
@@ -283,4 +297,12 @@ def _grid_coords(start: int, stop: int, scale: float, offset: float, cell: float
     return 2.0 * ((centres + offset) / cell) / size - 1.0
 
 
-__all__ = ["InferenceConfig", "META_MS_SCALES", "Prediction", "Segmenter", "centre_pad", "resized_size", "window_starts"]
+__all__ = [
+    "InferenceConfig",
+    "META_MS_SCALES",
+    "Prediction",
+    "Segmenter",
+    "centre_pad",
+    "resized_size",
+    "window_starts",
+]

@@ -48,7 +48,8 @@ class SegmentationModel:
 
 SEGMENTATION_MODELS: dict[str, SegmentationModel] = {
     f"{b}_{d}_{h}": SegmentationModel(f"{b}_{d}_{h}", b, d, h)
-    for b in BACKBONES if not b.endswith("_reg")  # Meta released heads for the plain backbones only
+    for b in BACKBONES
+    if not b.endswith("_reg")  # Meta released heads for the plain backbones only
     for d in DATASETS
     for h in META_HEADS
 }
@@ -173,7 +174,9 @@ def load_checkpoint(source: str, storage_options: dict | None = None):
         except FileNotFoundError:
             raise WeightsError(f"Weights file {source} does not exist: check the path or URL.") from None
         except Exception as e:
-            raise WeightsError(f"Cannot read {source} ({type(e).__name__}: {e}): check the URL and credentials.") from None
+            raise WeightsError(
+                f"Cannot read {source} ({type(e).__name__}: {e}): check the URL and credentials."
+            ) from None
         return _safe_load(tmp, source)
     finally:
         tmp.unlink(missing_ok=True)
@@ -207,12 +210,14 @@ def _safe_load(path: Path, source: str):
 
 def describe_models() -> list[dict]:
     """Rows for `dinoseg models`: every named model and the hub files it needs."""
-    rows = [
-        {"name": name, "kind": "backbone", "classes": "-", "files": [backbone_file(name)]}
-        for name in BACKBONES
-    ]
+    rows = [{"name": name, "kind": "backbone", "classes": "-", "files": [backbone_file(name)]} for name in BACKBONES]
     rows += [
-        {"name": m.name, "kind": f"segmentation ({m.head})", "classes": f"{m.dataset} ({m.num_classes})", "files": m.files()}
+        {
+            "name": m.name,
+            "kind": f"segmentation ({m.head})",
+            "classes": f"{m.dataset} ({m.num_classes})",
+            "files": m.files(),
+        }
         for m in SEGMENTATION_MODELS.values()
     ]
     return rows

@@ -23,12 +23,27 @@ from model.errors import DinosegError
 REQUIRED: Any = MISSING  # an option the command line must give (`--classes FILE`)
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli_type: type | None = None,
-           cli_default: Any = MISSING, parse: Callable[[Any], Any] | None = None, flag: str | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    cli_type: type | None = None,
+    cli_default: Any = MISSING,
+    parse: Callable[[Any], Any] | None = None,
+    flag: str | None = None,
+) -> Any:
     """A config field that is also `--<name>`. `cli_type`/`cli_default`/`parse`: what the command line
     takes when it differs from the field (a JSON string for a dict, a switch for a bit depth)."""
-    meta = {"help": help, "choices": choices, "cli_type": cli_type, "cli_default": cli_default, "parse": parse,
-            "flag": flag, "argument": False}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "cli_type": cli_type,
+        "cli_default": cli_default,
+        "parse": parse,
+        "flag": flag,
+        "argument": False,
+    }
     if default is MISSING:
         return field(metadata=meta)
     if isinstance(default, (dict, list)):
@@ -39,8 +54,17 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, c
 def argument(help: str, *, cli_default: Any = MISSING) -> Any:
     """A positional command-line argument; required in the config, optional on the command line
     when `cli_default` is given."""
-    return field(metadata={"help": help, "choices": None, "cli_type": None, "cli_default": cli_default, "parse": None,
-                           "flag": None, "argument": True})
+    return field(
+        metadata={
+            "help": help,
+            "choices": None,
+            "cli_type": None,
+            "cli_default": cli_default,
+            "parse": None,
+            "flag": None,
+            "argument": True,
+        }
+    )
 
 
 def parse_storage_options(text: str | dict) -> dict:
@@ -57,10 +81,14 @@ def parse_storage_options(text: str | dict) -> dict:
 
 
 def storage_options_option() -> Any:
-    return option({}, "JSON of fsspec storage options (endpoint, credentials...).", cli_type=str, cli_default="{}",
-                  parse=parse_storage_options)
+    return option(
+        {},
+        "JSON of fsspec storage options (endpoint, credentials...).",
+        cli_type=str,
+        cli_default="{}",
+        parse=parse_storage_options,
+    )
 
 
 def address_option() -> Any:
     return option(None, "Ray cluster address (default RAY_ADDRESS, else local Ray).")
-

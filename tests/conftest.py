@@ -61,8 +61,11 @@ def s3_new_bucket(s3_server):
     import s3fs
 
     client = boto3.client(
-        "s3", endpoint_url=s3_server, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
 
     def new_bucket() -> tuple[str, dict]:

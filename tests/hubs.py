@@ -43,5 +43,7 @@ def write_hub(root: Path, names: list[str], seed: int = 0) -> dict[str, dict]:
             torch.save(written[backbone], path)
         if model:
             channels = backbone_config(backbone).embed_dim * (4 if model.head == "ms" else 1)
-            torch.save(mmseg_head(model.num_classes, channels, seed), root / head_file(backbone, model.dataset, model.head))
+            torch.save(
+                mmseg_head(model.num_classes, channels, seed), root / head_file(backbone, model.dataset, model.head)
+            )
     return written

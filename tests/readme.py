@@ -76,7 +76,9 @@ def run_in_process(argv: list[str], cwd: Path) -> int:
         os.chdir(before)
 
 
-def run_script(argv: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(
+    argv: list[str], cwd: Path, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run a README command as its own process, `./dinoseg` being this checkout's script."""
     if argv[0] == "./dinoseg":
         argv = [str(ROOT / "dinoseg"), *argv[1:]]

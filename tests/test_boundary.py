@@ -49,8 +49,14 @@ def test_the_import_contracts_refuse_a_data_module_that_imports_ray(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
     with open(copy / "pipeline" / "data" / "keys.py", "a") as f:
         f.write("\nimport ray\n")
-    proc = subprocess.run([str(LINT), "--no-cache"], cwd=copy, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(copy)})
+    proc = subprocess.run(
+        [str(LINT), "--no-cache"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(copy)},
+    )
     assert proc.returncode != 0 and "pipeline.data is not allowed to import ray" in proc.stdout
 
 

@@ -34,8 +34,12 @@ def listed_files(block: str) -> set[str]:
 
 
 def test_every_module_of_model_and_pipeline_is_in_the_readme_layout_and_nothing_else():
-    tree = {str(p.relative_to(ROOT)) for top in ("model", "pipeline") for p in (ROOT / top).rglob("*.py")
-            if p.name != "__init__.py"}
+    tree = {
+        str(p.relative_to(ROOT))
+        for top in ("model", "pipeline")
+        for p in (ROOT / top).rglob("*.py")
+        if p.name != "__init__.py"
+    }
     listed = {p for p in listed_files(layout_block()) if p.split("/")[0] in ("model", "pipeline")}
     assert len(tree) > 40  # the scan sees the packages
     assert sorted(tree - listed) == [], "modules the README's Layout does not name"

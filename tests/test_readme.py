@@ -92,7 +92,9 @@ def test_quick_start_through_the_script(tmp_path, hub):
     assert run["counts"] == {"inputs": 4, "predicted": 3, "skipped": 0, "failed": 1}
 
     # without the weights: one sentence that says where to point DINOSEG_HUB, and nothing written
-    offline = run_script(argv, tmp_path, env | {"DINOSEG_HUB": "http://127.0.0.1:9", "DINOSEG_CACHE": str(tmp_path / "c2")})
+    offline = run_script(
+        argv, tmp_path, env | {"DINOSEG_HUB": "http://127.0.0.1:9", "DINOSEG_CACHE": str(tmp_path / "c2")}
+    )
     assert offline.returncode == 2
     message = offline.stderr.strip()
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in offline.stderr
@@ -104,7 +106,11 @@ def test_segment_on_one_machine(ray_local, tmp_path, weights):
     write_photos(tmp_path / "photos")
     (tmp_path / "manifest.csv").write_text("path\n" + "".join(f"photos/{rel}\n" for rel in PHOTOS))
     assert run_in_process(command("./dinoseg segment ./photos ./out-overlays --overlays"), tmp_path) == 0
-    assert sorted(p.name for p in (tmp_path / "out-overlays" / "overlays").rglob("*.jpg")) == ["a.jpg", "b.jpg", "c.jpg"]
+    assert sorted(p.name for p in (tmp_path / "out-overlays" / "overlays").rglob("*.jpg")) == [
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+    ]
     assert run_in_process(command("./dinoseg segment manifest.csv"), tmp_path) == 0
     rows = pq.read_table(tmp_path / "out-manifest" / "predictions").to_pylist()
     assert len(rows) == 3 and all(r["mask_png"]["bytes"] and r["rle"] for r in rows)
@@ -121,15 +127,24 @@ def test_segment_from_and_to_object_storage(tmp_path, hub, s3_server):
     import boto3
 
     bucket = re.match(r"s3://([^/]+)/", command("./dinoseg segment s3://")[2])[1]
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=bucket)  # the README's bucket: other tests of the session use it too
     for item in client.list_objects_v2(Bucket=bucket).get("Contents", []):
         client.delete_object(Bucket=bucket, Key=item["Key"])
     write_photos(tmp_path / "photos")
     for rel in PHOTOS:
         client.put_object(Bucket=bucket, Key=f"photos/{rel}", Body=(tmp_path / "photos" / rel).read_bytes())
-    env = os.environ | {"DINOSEG_HUB": str(hub), "DINOSEG_CACHE": str(tmp_path / "cache"), "AWS_ENDPOINT_URL": s3_server}
+    env = os.environ | {
+        "DINOSEG_HUB": str(hub),
+        "DINOSEG_CACHE": str(tmp_path / "cache"),
+        "AWS_ENDPOINT_URL": s3_server,
+    }
     argv = command("./dinoseg segment s3://")
     done = run_script(argv, tmp_path, env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -143,6 +158,7 @@ def test_segment_from_and_to_object_storage(tmp_path, hub, s3_server):
 @pytest.mark.slow
 def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys):
     """The Train, Evaluate, Pseudo-labels and Export sections, in order, in one folder."""
+
     def run(argv: list[str]) -> str:
         assert run_in_process(argv, tmp_path) == 0, argv
         return capsys.readouterr().out
@@ -159,9 +175,17 @@ def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys)
     assert evaluation["miou"] == pytest.approx(best, abs=0.03) and "mIoU" in printed  # "scores the same"
 
     run(command("./dinoseg synthetic ./more"))
-    run(command("./dinoseg pseudo-label ./more/train/images ./pl --head ./run/head.pt --backbone-weights random --threshold"))
+    run(
+        command(
+            "./dinoseg pseudo-label ./more/train/images ./pl --head ./run/head.pt --backbone-weights random --threshold"
+        )
+    )
     assert len((tmp_path / "pl" / "pairs.csv").read_text().splitlines()) > 1
-    run(command("./dinoseg pseudo-label ./more/train/images ./pl --head ./run/head.pt --backbone-weights random --class-balanced"))
+    run(
+        command(
+            "./dinoseg pseudo-label ./more/train/images ./pl --head ./run/head.pt --backbone-weights random --class-balanced"
+        )
+    )
     thresholds = json.loads((tmp_path / "pl" / "thresholds.json").read_text())
     assert thresholds["rule"] == "class-balanced" and len(thresholds["classes"]) == 5
     assert all(c["kept_fraction"] >= 0.5 for c in thresholds["classes"] if c["predicted_pixels"])

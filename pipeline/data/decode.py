@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_MEGAPIXELS = 100.0  # the default decompression-bomb limit (a 50 MP photo passes)
 
+
 def max_megapixels_option():
     """The --max-megapixels option of every job that decodes images."""
     from pipeline.options import option
@@ -119,8 +120,12 @@ def decode_image(data: bytes, config: DecodeConfig | None = None) -> tuple[np.nd
     except Exception as e:
         claimed = _signature(data)
         if isinstance(e, Image.UnidentifiedImageError) and not claimed:
-            raise DecodeError(f"the file is not a JPEG, PNG, WebP, BMP or TIFF image (it starts with {bytes(data[:16])!r}).") from None
-        raise DecodeError(f"the {claimed or 'image'} header is truncated or corrupt ({type(e).__name__}: {e}).") from None
+            raise DecodeError(
+                f"the file is not a JPEG, PNG, WebP, BMP or TIFF image (it starts with {bytes(data[:16])!r})."
+            ) from None
+        raise DecodeError(
+            f"the {claimed or 'image'} header is truncated or corrupt ({type(e).__name__}: {e})."
+        ) from None
     with img:
         w0, h0 = img.size
         check_pixels(w0, h0, config.max_megapixels)  # before load(): nothing is allocated yet

@@ -58,9 +58,13 @@ def key_from_parts(rel: list[str], path: str, keep_extension: bool = False) -> s
         raise DinosegError(f"'{path}' names no file: list image files, not folders.")
     for c in rel:
         if c == "..":
-            raise DinosegError(f"'{path}' has a '..' component, so its mask could land outside OUTPUT: list it without '..'.")
+            raise DinosegError(
+                f"'{path}' has a '..' component, so its mask could land outside OUTPUT: list it without '..'."
+            )
         if "\x00" in c or "::" in c:
-            raise DinosegError(f"'{path}' holds a NUL or '::', which cannot be part of an output name: rename the file.")
+            raise DinosegError(
+                f"'{path}' holds a NUL or '::', which cannot be part of an output name: rename the file."
+            )
     last = rel[-1] if keep_extension else os.path.splitext(rel[-1])[0]
     return "/".join(rel[:-1] + [last])
 
@@ -78,7 +82,7 @@ def make_key(root: str, path: str, keep_extension: bool = False) -> str:
     if protocol == root_protocol and parts == root_parts:
         rel = parts[-1:]
     elif protocol == root_protocol and parts[: len(root_parts)] == root_parts:
-        rel = parts[len(root_parts):]
+        rel = parts[len(root_parts) :]
     else:
         raise DinosegError(f"'{path}' is not under the input root '{root}': list paths below it.")
     return key_from_parts(rel, path, keep_extension)

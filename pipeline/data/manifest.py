@@ -62,15 +62,21 @@ def _manifest_lines(fs, path: str, input: str) -> Iterator[str]:
                 import pyarrow.parquet as pq
 
                 pf = pq.ParquetFile(f)
-                batches = pf.iter_batches(columns=["path"], batch_size=65536) if "path" in pf.schema_arrow.names else None
+                batches = (
+                    pf.iter_batches(columns=["path"], batch_size=65536) if "path" in pf.schema_arrow.names else None
+                )
             if batches is None:
-                raise DinosegError(f"the manifest '{input}' has no 'path' column: name the column of image paths 'path'.")
+                raise DinosegError(
+                    f"the manifest '{input}' has no 'path' column: name the column of image paths 'path'."
+                )
             for batch in batches:
                 for value in batch.column(0).to_pylist():
                     if value and value.strip():
                         yield value.strip()
     except (OSError, ValueError, KeyError) as e:  # pyarrow's errors are ValueErrors and KeyErrors
-        raise DinosegError(f"cannot read the manifest '{input}' ({type(e).__name__}: {e}): check that it is a valid .{ext} file.") from None
+        raise DinosegError(
+            f"cannot read the manifest '{input}' ({type(e).__name__}: {e}): check that it is a valid .{ext} file."
+        ) from None
 
 
 def _resolve(entry: str, fs, folder: str) -> tuple[str, str, list[str]]:
@@ -125,7 +131,7 @@ def manifest_rows(fs, path: str, input: str) -> Iterator[dict]:
     seen: set[str] = set()
     for entry in _manifest_lines(fs, path, input):
         url, _, parts = _resolve(entry, fs, folder)
-        rel = parts[len(root):]
+        rel = parts[len(root) :]
         try:
             key = key_from_parts(rel, url)
         except DinosegError as e:
@@ -142,7 +148,11 @@ def manifest_rows(fs, path: str, input: str) -> Iterator[dict]:
             other = taken.get(key)
             if other is not None or (is_stem(h) and h not in colliding):
                 by = f"'{other}'" if other else "another entry"
-                yield list_error_row(url, f"its key '{key}' is already used by {by}: rename one of them or list only one.", "KeyCollision")
+                yield list_error_row(
+                    url,
+                    f"its key '{key}' is already used by {by}: rename one of them or list only one.",
+                    "KeyCollision",
+                )
                 continue
             taken[key] = url
         yield input_row(url, key)

@@ -29,7 +29,9 @@ def _first_values(values, limit: int = 5) -> list[int]:
     return [int(v) for v in list(values)[:limit]]
 
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = IGNORE_INDEX, unlabeled_index: int | None = None):
+def confusion_matrix(
+    pred, target, num_classes: int, ignore_index: int | None = IGNORE_INDEX, unlabeled_index: int | None = None
+):
     """The (C, C) int64 confusion matrix of integer masks `pred` and `target` of one shape;
     (C, C+1) with `unlabeled_index`, the predicted value that means 'no class' (column C).
 
@@ -41,7 +43,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
         raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
     n = int(num_classes)
     if unlabeled_index is not None and 0 <= unlabeled_index < n:
-        raise ValueError(f"unlabeled_index {unlabeled_index} is one of the classes 0..{n - 1}: it must be another value.")
+        raise ValueError(
+            f"unlabeled_index {unlabeled_index} is one of the classes 0..{n - 1}: it must be another value."
+        )
     tensor = _torch_tensor_type()
     is_tensor = [tensor is not None and isinstance(x, tensor) for x in (pred, target)]
     if is_tensor[0] != is_tensor[1]:
@@ -49,7 +53,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     if not is_tensor[0]:
         pred, target = np.asarray(pred), np.asarray(target)
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}: they must match.")
+        raise ValueError(
+            f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}: they must match."
+        )
     for name, x in (("pred", pred), ("target", target)):
         floating = (x.dtype.is_floating_point or x.dtype.is_complex) if is_tensor[0] else x.dtype.kind not in "uib"
         if floating:
@@ -65,7 +71,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     ignored = (t == ignore_index) if ignore_index is not None else (t < t)  # (t < t): all False, same type
     bad_target = ((t < 0) | (t >= n)) & ~ignored
     if bool(bad_target.any()):
-        raise ValueError(f"target has values {_first_values(unique(t[bad_target]))} outside 0..{n - 1} that are not the ignore index {ignore_index}.")
+        raise ValueError(
+            f"target has values {_first_values(unique(t[bad_target]))} outside 0..{n - 1} that are not the ignore index {ignore_index}."
+        )
     unlabeled = (p == unlabeled_index) if unlabeled_index is not None else (p < p)
     bad_pred = ((p < 0) | (p >= n)) & ~unlabeled
     if bool(bad_pred.any()):
@@ -102,7 +110,9 @@ def scores(confusion, names=None) -> dict:
     `pixels`, never as a prediction; `unlabeled_fraction` is their share of `pixels`."""
     cm = _as_numpy(confusion)
     if cm.ndim != 2 or cm.shape[0] == 0 or cm.shape[1] - cm.shape[0] not in (0, 1):
-        raise ValueError(f"a confusion matrix must be (C, C) or (C, C+1) with an unlabeled column, got shape {cm.shape}.")
+        raise ValueError(
+            f"a confusion matrix must be (C, C) or (C, C+1) with an unlabeled column, got shape {cm.shape}."
+        )
     n = cm.shape[0]
     unlabeled = int(cm[:, n:].sum())
     if names is not None:
@@ -153,6 +163,10 @@ def format_table(result: dict) -> str:
         f"mIoU {_percent(result['miou'])}  mean Dice {_percent(result['mean_dice'])}  "
         f"pixel accuracy {_percent(result['pixel_accuracy'])}  "
         f"({result.get('classes_scored', n)} of {n} classes scored, {result['pixels']:,} pixels"
-        + (f", {_percent(result['unlabeled_fraction'])}% predicted unlabeled)" if result.get("unlabeled_pixels") else ")")
+        + (
+            f", {_percent(result['unlabeled_fraction'])}% predicted unlabeled)"
+            if result.get("unlabeled_pixels")
+            else ")"
+        )
     )
     return "\n".join(lines)

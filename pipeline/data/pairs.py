@@ -49,7 +49,9 @@ def problem(key: str, image: str, mask: str, stage: str, message: str) -> dict:
     return {"key": key, "image": image, "mask": mask, "stage": stage, "message": message}
 
 
-def list_pairs(images: str, masks: str | None = None, storage_options: dict | None = None, what: str = "training") -> Pairs:
+def list_pairs(
+    images: str, masks: str | None = None, storage_options: dict | None = None, what: str = "training"
+) -> Pairs:
     """The pairs of a labeled set, in key order, with the keys that have one half only as problems."""
     if masks is None:
         if extension(images) not in PAIR_MANIFESTS:
@@ -72,7 +74,9 @@ def list_pairs(images: str, masks: str | None = None, storage_options: dict | No
         else:
             out.problems.append(problem(key, "", mask, "pair", f"mask '{mask}' has no image under '{images}'."))
     if not out and not out.problems:
-        raise DinosegError(f"no {what} images were found under '{images}': check the path (any of .jpg, .png, ... files).")
+        raise DinosegError(
+            f"no {what} images were found under '{images}': check the path (any of .jpg, .png, ... files)."
+        )
     return out
 
 
@@ -81,8 +85,15 @@ def _listing(url: str, storage_options: dict | None, half: str) -> dict:
     out: dict = {}
     for row in list_inputs(url, storage_options):
         if row["error_stage"]:
-            out.setdefault(None, []).append(problem(row["key"], row["path"] if half == "image" else "",
-                                                    row["path"] if half == "mask" else "", "list", row["error_message"]))
+            out.setdefault(None, []).append(
+                problem(
+                    row["key"],
+                    row["path"] if half == "image" else "",
+                    row["path"] if half == "mask" else "",
+                    "list",
+                    row["error_message"],
+                )
+            )
         else:
             out[row["key"]] = row["path"]
     return out
@@ -99,9 +110,13 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
     except FileNotFoundError:
         raise DinosegError(f"the manifest '{url}' does not exist: check the path.") from None
     except Exception as e:
-        raise DinosegError(f"cannot read the manifest '{url}' ({type(e).__name__}: {e}): check that it is a valid file.") from None
+        raise DinosegError(
+            f"cannot read the manifest '{url}' ({type(e).__name__}: {e}): check that it is a valid file."
+        ) from None
     if not {"image", "mask"} <= set(table.column_names):
-        raise DinosegError(f"the manifest '{url}' needs 'image' and 'mask' columns, it has {table.column_names}: rename them.")
+        raise DinosegError(
+            f"the manifest '{url}' needs 'image' and 'mask' columns, it has {table.column_names}: rename them."
+        )
     folder = posixpath.dirname(path)
     out, seen = Pairs(), set()
     for entry, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist(), strict=True):
@@ -111,7 +126,15 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
         if not image or not mask:
             out.problems.append(problem(key, image, mask, "pair", "a manifest row is missing its image or mask entry."))
         elif key in seen:
-            out.problems.append(problem(key, image, mask, "list", f"'{image}' has the key '{key}' of an earlier row (listed twice, or differs only by extension): keep one row per image."))
+            out.problems.append(
+                problem(
+                    key,
+                    image,
+                    mask,
+                    "list",
+                    f"'{image}' has the key '{key}' of an earlier row (listed twice, or differs only by extension): keep one row per image.",
+                )
+            )
         else:
             seen.add(key)
             out.add(key, image, mask)

@@ -61,7 +61,9 @@ def failed(batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray([bool(s) for s in batch["error_stage"]], dtype=bool)
 
 
-def set_error(batch: dict[str, np.ndarray], i: int, stage: str, error: BaseException | str, error_type: str | None = None) -> None:
+def set_error(
+    batch: dict[str, np.ndarray], i: int, stage: str, error: BaseException | str, error_type: str | None = None
+) -> None:
     """Mark row i failed at `stage`, keeping the first failure if it already has one."""
     if batch["error_stage"][i]:
         return

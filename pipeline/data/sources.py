@@ -97,7 +97,6 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
         raise DinosegError(nothing)
 
 
-
 def _input_kind(fs, path: str, input: str) -> str:
     try:
         if fs.isdir(path):
@@ -113,7 +112,9 @@ def _input_kind(fs, path: str, input: str) -> str:
                 "pass a folder, a glob, a manifest or an image."
             )
     except PermissionError as e:
-        raise DinosegError(f"access to '{input}' was denied ({e}): check the credentials and storage options.") from None
+        raise DinosegError(
+            f"access to '{input}' was denied ({e}): check the credentials and storage options."
+        ) from None
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError: a missing bucket says so here
         if not isinstance(e, FileNotFoundError):
             raise DinosegError(f"cannot look at '{input}' ({e}): check the URL and the storage options.") from None
@@ -137,7 +138,9 @@ def _walk_rows(fs, walk_root: str, key_root: str, dir_wanted=None, file_wanted=N
             listing = fs.ls(folder, detail=True)
         except OSError as e:
             if folder == walk_root:
-                raise DinosegError(f"cannot list '{row_url(fs, folder)}' ({e}): check the path and the permissions.") from None
+                raise DinosegError(
+                    f"cannot list '{row_url(fs, folder)}' ({e}): check the path and the permissions."
+                ) from None
             where = row_url(fs, folder)
             message = f"the folder '{where}' could not be listed ({e}): its images are missing from this run; check its permissions."
             yield list_error_row(where, message, type(e).__name__)
@@ -158,7 +161,7 @@ def _folder_rows(fs, paths: list[str], root_parts: list[str]) -> Iterator[dict]:
     """Rows for one folder's files, applying the collision rule within the folder."""
     items = []
     for p in paths:
-        url, rel = row_url(fs, p), split_url(p)[1][len(root_parts):]
+        url, rel = row_url(fs, p), split_url(p)[1][len(root_parts) :]
         try:
             items.append((url, rel, key_from_parts(rel, url)))
         except DinosegError as e:
@@ -176,7 +179,11 @@ def _folder_rows(fs, paths: list[str], root_parts: list[str]) -> Iterator[dict]:
         if counts[key] > 1:
             key = key_from_parts(rel, url, keep_extension=True)
             if key in plain or key in taken:
-                yield list_error_row(url, f"its key '{key}' is already used by another file in its folder: rename one of them.", "KeyCollision")
+                yield list_error_row(
+                    url,
+                    f"its key '{key}' is already used by another file in its folder: rename one of them.",
+                    "KeyCollision",
+                )
                 continue
         taken.add(key)
         yield input_row(url, key)
@@ -187,7 +194,9 @@ def _glob_rows(fs, pattern: str, input: str) -> Iterator[dict]:
     first = next(i for i, c in enumerate(parts) if _GLOB_CHARS.search(c))
     root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
     if not root or not fs.exists(root):
-        raise DinosegError(f"the input '{input}' does not exist: check the path (the part before the first wildcard must exist).")
+        raise DinosegError(
+            f"the input '{input}' does not exist: check the path (the part before the first wildcard must exist)."
+        )
     wild = parts[first:]
     regex = re.compile(glob_translate(pattern))
 

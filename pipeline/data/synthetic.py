@@ -67,8 +67,13 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     light = rng.normal(0, 18, (cells, cells, 1))  # blotches mostly vary in lightness ...
     chroma = rng.normal(0, 5, (cells, cells, 3))  # ... and only a little in colour
     coarse = (light + chroma).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(coarse[..., c])).resize((width, height), Image.BICUBIC))
-                       for c in range(3)], axis=-1)
+    smooth = np.stack(
+        [
+            np.asarray(Image.fromarray(np.ascontiguousarray(coarse[..., c])).resize((width, height), Image.BICUBIC))
+            for c in range(3)
+        ],
+        axis=-1,
+    )
     return base + smooth + rng.normal(0, 4, (height, width, 3)).astype(np.float32)
 
 
@@ -112,8 +117,9 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_synthetic(output: str, train: int = 48, val: int = 16, size: int = 112, seed: int = 0,
-                    storage_options: dict | None = None) -> dict:
+def write_synthetic(
+    output: str, train: int = 48, val: int = 16, size: int = 112, seed: int = 0, storage_options: dict | None = None
+) -> dict:
     """Write the set under OUTPUT (local folder or fsspec URL) and return where it is:
     {"train": n, "val": n, "classes": url, "images": {split: url}, "masks": {split: url}}
     (a split with no images is left out of "images" and "masks").
@@ -159,7 +165,9 @@ class SyntheticConfig:
 
 def run_synthetic(config: SyntheticConfig) -> dict:
     """Write the set `config` describes (`dinoseg synthetic`); returns where its parts went."""
-    return write_synthetic(config.output, config.train, config.val, config.size, config.seed, config.storage_options or None)
+    return write_synthetic(
+        config.output, config.train, config.val, config.size, config.seed, config.storage_options or None
+    )
 
 
 def describe(info: dict) -> str:

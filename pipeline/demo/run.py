@@ -47,29 +47,55 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
     started = runtime.start_ray(config.address)  # one Ray for the three jobs
     try:
         echo(f"2/4 training a linear head, Ray Train, {config.workers} workers, {config.epochs} epochs")
-        trained = train(TrainConfig(
-            f"{data}/train/images", f"{data}/train/masks", f"{data}/classes.yaml", run_dir,
-            val_images=f"{data}/val/images", val_masks=f"{data}/val/masks", backbone_weights="random",
-            resolution=112, crop=112, epochs=config.epochs, batch_size=8, lr=0.03, workers=config.workers,
-            overwrite=True, address=config.address,
-        ))
+        trained = train(
+            TrainConfig(
+                f"{data}/train/images",
+                f"{data}/train/masks",
+                f"{data}/classes.yaml",
+                run_dir,
+                val_images=f"{data}/val/images",
+                val_masks=f"{data}/val/masks",
+                backbone_weights="random",
+                resolution=112,
+                crop=112,
+                epochs=config.epochs,
+                batch_size=8,
+                lr=0.03,
+                workers=config.workers,
+                overwrite=True,
+                address=config.address,
+            )
+        )
         echo("3/4 segmenting the held-out images with that head (Ray Data), with overlays")
-        counts = segment(SegmentConfig(
-            f"{data}/val/images", seg, model=None, head=f"{run_dir}/head.pt", backbone_weights="random",
-            overlays=True, overwrite=True, address=config.address,
-        ))
+        counts = segment(
+            SegmentConfig(
+                f"{data}/val/images",
+                seg,
+                model=None,
+                head=f"{run_dir}/head.pt",
+                backbone_weights="random",
+                overlays=True,
+                overwrite=True,
+                address=config.address,
+            )
+        )
         echo(summary_table(counts))
     finally:
         if started:
             runtime.stop_ray()
     echo("4/4 evaluating the masks against the held-out ground truth")
-    result = evaluate(EvaluateConfig(f"{seg}/masks", f"{data}/val/masks", f"{data}/classes.yaml",
-                                     output=f"{out}/evaluation.json"))
-    echo(f"\nmIoU on the {counts['predicted']} held-out images: {result['miou']:.3f} (guessing scores about 0.2); "
-         f"the best validation mIoU during training was {trained['best']['miou']:.3f}.")
+    result = evaluate(
+        EvaluateConfig(f"{seg}/masks", f"{data}/val/masks", f"{data}/classes.yaml", output=f"{out}/evaluation.json")
+    )
+    echo(
+        f"\nmIoU on the {counts['predicted']} held-out images: {result['miou']:.3f} (guessing scores about 0.2); "
+        f"the best validation mIoU during training was {trained['best']['miou']:.3f}."
+    )
     echo(RANDOM_BACKBONE_NOTE)
-    echo(f"\nWhere to look:\n  {seg}/overlays/   the images with their predicted masks\n"
-         f"  {seg}/masks/      the masks (palette PNG, value = class id)\n"
-         f"  {out}/evaluation.json   per-class IoU, pixel accuracy, Dice\n"
-         f"  {run_dir}/metrics.jsonl  loss and validation mIoU per epoch; {run_dir}/head.pt the head")
+    echo(
+        f"\nWhere to look:\n  {seg}/overlays/   the images with their predicted masks\n"
+        f"  {seg}/masks/      the masks (palette PNG, value = class id)\n"
+        f"  {out}/evaluation.json   per-class IoU, pixel accuracy, Dice\n"
+        f"  {run_dir}/metrics.jsonl  loss and validation mIoU per epoch; {run_dir}/head.pt the head"
+    )
     return {"evaluation": result, "train": trained, "segment": counts, "output": out}

@@ -103,7 +103,9 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         )
 
     n = len(classes)
-    unlabeled = classes.ignore_index if classes.ignore_index >= n else None  # an ignore index that is a class id stays a class
+    unlabeled = (
+        classes.ignore_index if classes.ignore_index >= n else None
+    )  # an ignore index that is a class id stays a class
     confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
     reader = ReadBytes(so)
 
@@ -128,12 +130,17 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
     arguments = asdict(config) | {"output": output, "storage_options": sorted(config.storage_options)}  # no secrets
     result = scores(confusion, classes.names) | {
-        "ignore_index": classes.ignore_index, "counts": counts, "examples": examples, "arguments": arguments,
+        "ignore_index": classes.ignore_index,
+        "counts": counts,
+        "examples": examples,
+        "arguments": arguments,
     }
     try:
         write_bytes_atomic(output, (json.dumps(result, indent=2) + "\n").encode(), so)
     except OSError as e:
-        raise DinosegError(f"cannot write the report to '{output}' ({e}): pass --output with a writable place.") from None
+        raise DinosegError(
+            f"cannot write the report to '{output}' ({e}): pass --output with a writable place."
+        ) from None
     return result
 
 
@@ -178,10 +185,16 @@ def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_inde
         masks.append(mask)
     pred, gt = masks
     if pred.shape != gt.shape:
-        return "size_mismatch", f"{key}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the ground truth {gt.shape[1]}x{gt.shape[0]}."
+        return (
+            "size_mismatch",
+            f"{key}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the ground truth {gt.shape[1]}x{gt.shape[0]}.",
+        )
     stray = _stray(gt, n, ignore_index)
     if stray:
-        return "out_of_range", f"{key}: the ground truth has values {stray} that are not classes 0..{n - 1} or the ignore index {ignore_index}."
+        return (
+            "out_of_range",
+            f"{key}: the ground truth has values {stray} that are not classes 0..{n - 1} or the ignore index {ignore_index}.",
+        )
     stray = _stray(pred, n, unlabeled)
     if stray:
         also = f" or the unsure value {unlabeled}" if unlabeled is not None else ""

@@ -19,8 +19,13 @@ def runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(([0], change)), np.concatenate((change, [flat.size])), flat[np.concatenate(([0], change))]
 
 
-def pack_rle(lengths: np.ndarray, values: np.ndarray, total: int, word_bits: int = BRUSH_WORD_BITS,
-             run_bits: tuple[int, ...] = BRUSH_RUN_BITS) -> np.ndarray:
+def pack_rle(
+    lengths: np.ndarray,
+    values: np.ndarray,
+    total: int,
+    word_bits: int = BRUSH_WORD_BITS,
+    run_bits: tuple[int, ...] = BRUSH_RUN_BITS,
+) -> np.ndarray:
     """thi.ng rle-pack bytes (what Label Studio's brush `rle` holds) of runs of words.
 
     Layout, big-endian bits: 32 bits word count, 5 bits word size - 1, four 4-bit repeat widths

@@ -40,7 +40,9 @@ def encode_mask_png(mask: np.ndarray, classes: ClassMap) -> bytes:
     if m.dtype.kind == "i" or m.dtype.itemsize > (2 if wide else 1):
         lo, hi = (int(m.min()), int(m.max()))
         if lo < 0 or hi > top:
-            raise DinosegError(f"mask values {lo}..{hi} do not fit a {'16' if wide else '8'}-bit PNG for {len(classes)} classes.")
+            raise DinosegError(
+                f"mask values {lo}..{hi} do not fit a {'16' if wide else '8'}-bit PNG for {len(classes)} classes."
+            )
     if wide:
         image = Image.fromarray(np.ascontiguousarray(m, dtype="<u2"))  # mode I;16
     else:
@@ -67,7 +69,9 @@ def check_key(key: str) -> str:
         raise DinosegError(f"empty key {key!r}: every input needs a path relative to INPUT.")
     parts = key.split("/")
     if key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
-        raise DinosegError(f"key {key!r} could write outside OUTPUT ('..', '.', empty or absolute parts, backslashes): rename the input.")
+        raise DinosegError(
+            f"key {key!r} could write outside OUTPUT ('..', '.', empty or absolute parts, backslashes): rename the input."
+        )
     return key
 
 

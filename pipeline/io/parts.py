@@ -24,8 +24,14 @@ def _fs(url: str, storage_options: dict | None):
 class RollingParquetWriter:
     """Append record batches; a new part file starts past `max_bytes` or `max_rows`."""
 
-    def __init__(self, folder: str, schema: pa.Schema, storage_options: dict | None = None,
-                 max_bytes: int = 256 << 20, max_rows: int = 10_000):
+    def __init__(
+        self,
+        folder: str,
+        schema: pa.Schema,
+        storage_options: dict | None = None,
+        max_bytes: int = 256 << 20,
+        max_rows: int = 10_000,
+    ):
         self.folder, self.schema = folder.rstrip("/"), schema
         self.fs, self.root = _fs(self.folder, storage_options)
         self.max_bytes, self.max_rows = max_bytes, max_rows

@@ -93,7 +93,9 @@ def rle_decode(rle: dict) -> np.ndarray:
     counts = rle["counts"]
     counts = string_to_counts(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
     if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)} with negatives {any(c < 0 for c in counts)}; size {h}x{w} needs {h * w}")
+        raise ValueError(
+            f"RLE counts sum to {sum(counts)} with negatives {any(c < 0 for c in counts)}; size {h}x{w} needs {h * w}"
+        )
     values = np.arange(len(counts)) % 2
     flat = np.repeat(values.astype(np.uint8), counts)
     return flat.reshape((w, h)).T.copy()  # column-major back to (h, w), C-contiguous

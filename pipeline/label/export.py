@@ -25,16 +25,28 @@ MAX_EXAMPLES = 5
 @dataclass
 class ExportConfig:
     # a segment / pseudo-label OUTPUT (masks under masks/), or a folder of masks
-    labels: str = argument("OUTPUT folder (or fsspec URL) of `dinoseg segment` or `pseudo-label`; masks are LABELS/masks/<key>.png, or LABELS itself when it has no masks/.")
+    labels: str = argument(
+        "OUTPUT folder (or fsspec URL) of `dinoseg segment` or `pseudo-label`; masks are LABELS/masks/<key>.png, or LABELS itself when it has no masks/."
+    )
     output: str = argument("Folder or fsspec URL prefix to write the export to.")
-    format: str = option("coco", "coco: OUTPUT/annotations.json (one RLE per class per image). "
-                         "cvat: 'Segmentation mask 1.1' (labelmap.txt, ImageSets/Segmentation/default.txt, SegmentationClass/<key>.png). "
-                         "labelstudio: OUTPUT/tasks.json (brush predictions) + OUTPUT/labeling_config.xml.")
-    classes: Optional[str] = option(None, "Class-map file (YAML/JSON) or a bundled name: voc2012, ade20k. Default: LABELS/classes.yaml.")
-    images: Optional[str] = option(None, "Folder or prefix of the original images, paired with the masks by key. "
-                                   "Default: the `path` column of LABELS/predictions/*.parquet and LABELS/labels/*.parquet; "
-                                   "a mask without one is named by its key (e.g. 'a/b', no extension).")
-    zip: bool = option(False, "cvat: also write OUTPUT.zip, the archive CVAT's 'Upload annotations' takes.", flag="--zip")
+    format: str = option(
+        "coco",
+        "coco: OUTPUT/annotations.json (one RLE per class per image). "
+        "cvat: 'Segmentation mask 1.1' (labelmap.txt, ImageSets/Segmentation/default.txt, SegmentationClass/<key>.png). "
+        "labelstudio: OUTPUT/tasks.json (brush predictions) + OUTPUT/labeling_config.xml.",
+    )
+    classes: Optional[str] = option(
+        None, "Class-map file (YAML/JSON) or a bundled name: voc2012, ade20k. Default: LABELS/classes.yaml."
+    )
+    images: Optional[str] = option(
+        None,
+        "Folder or prefix of the original images, paired with the masks by key. "
+        "Default: the `path` column of LABELS/predictions/*.parquet and LABELS/labels/*.parquet; "
+        "a mask without one is named by its key (e.g. 'a/b', no extension).",
+    )
+    zip: bool = option(
+        False, "cvat: also write OUTPUT.zip, the archive CVAT's 'Upload annotations' takes.", flag="--zip"
+    )
     from_name: str = option("tag", "labelstudio: the BrushLabels name in the labeling config.")
     to_name: str = option("image", "labelstudio: the Image name in the labeling config.")
     model_version: str = option("dinoseg", "labelstudio: the predictions' model_version.")
@@ -47,7 +59,9 @@ def summary(result: dict) -> str:
     lines = [f"{k:<9} {counts[k]:>10,}" for k in ("masks", "exported", "failed")]
     lines += [f"    {example}" for example in result["examples"]]
     if result["unnamed"]:
-        lines.append(f"{result['unnamed']:,} masks had no image reference and are named by their key: pass --images to pair them.")
+        lines.append(
+            f"{result['unnamed']:,} masks had no image reference and are named by their key: pass --images to pair them."
+        )
     lines += [f"wrote {url}" for url in result["files"]]
     return "\n".join(lines)
 
@@ -62,8 +76,16 @@ def run_export(config: ExportConfig) -> dict:
     output = absolute_output(config.output).rstrip("/")
     mask_root = _mask_root(labels, so)
     classes = _classes(config.classes, labels, so)
-    exporter = make_exporter(config.format, output, classes, so, zip=config.zip, from_name=config.from_name,
-                             to_name=config.to_name, model_version=config.model_version)
+    exporter = make_exporter(
+        config.format,
+        output,
+        classes,
+        so,
+        zip=config.zip,
+        from_name=config.from_name,
+        to_name=config.to_name,
+        model_version=config.model_version,
+    )
     exporter.begin()  # checks the class map against the format before any listing or reading
     try:
         return _export(config, exporter, mask_root, labels, classes)
@@ -118,9 +140,13 @@ def _export(config: ExportConfig, exporter, mask_root: str, labels: str, classes
         if done % 1000 == 0:
             log.info("exported %d of %d masks", done, len(masks))
     if not counts["exported"]:
-        raise DinosegError(f"none of the {counts['masks']} masks under '{mask_root}' could be exported (e.g. {examples[0]}): fix the masks or the class map.")
+        raise DinosegError(
+            f"none of the {counts['masks']} masks under '{mask_root}' could be exported (e.g. {examples[0]}): fix the masks or the class map."
+        )
     files = exporter.finish()
-    arguments = {k: v for k, v in vars(config).items() if k != "storage_options"} | {"storage_options": sorted(config.storage_options)}
+    arguments = {k: v for k, v in vars(config).items() if k != "storage_options"} | {
+        "storage_options": sorted(config.storage_options)
+    }
     return {"counts": counts, "examples": examples, "unnamed": unnamed, "files": files, "arguments": arguments}
 
 
@@ -135,7 +161,9 @@ def _mask_root(labels: str, storage_options: dict | None) -> str:
             return labels
     except (OSError, ValueError, ImportError) as e:
         raise DinosegError(f"cannot open LABELS '{labels}' ({e}): check the URL and the storage options.") from None
-    raise DinosegError(f"LABELS '{labels}' is not a folder: pass the OUTPUT folder of `dinoseg segment` or `dinoseg pseudo-label`.")
+    raise DinosegError(
+        f"LABELS '{labels}' is not a folder: pass the OUTPUT folder of `dinoseg segment` or `dinoseg pseudo-label`."
+    )
 
 
 def _classes(classes: Optional[str], labels: str, storage_options: dict | None):
@@ -148,7 +176,9 @@ def _classes(classes: Optional[str], labels: str, storage_options: dict | None):
     default = f"{labels}/classes.yaml"
     fs, path = url_to_fs(default, **(storage_options or {}))
     if not fs.isfile(path):
-        raise DinosegError(f"'{default}' does not exist, so the class names are unknown: pass --classes with a class-map file or a bundled name (ade20k, voc2012).")
+        raise DinosegError(
+            f"'{default}' does not exist, so the class names are unknown: pass --classes with a class-map file or a bundled name (ade20k, voc2012)."
+        )
     return load_class_map(default, storage_options)
 
 
@@ -166,7 +196,9 @@ def _list_masks(mask_root: str, storage_options: dict | None) -> tuple[list[tupl
     except DinosegError as e:
         raise DinosegError(f"LABELS: {e}") from None
     if not masks and not failures:
-        raise DinosegError(f"'{mask_root}' holds no mask PNGs: pass the OUTPUT folder of `dinoseg segment` or `dinoseg pseudo-label`.")
+        raise DinosegError(
+            f"'{mask_root}' holds no mask PNGs: pass the OUTPUT folder of `dinoseg segment` or `dinoseg pseudo-label`."
+        )
     return masks, failures
 
 
@@ -195,7 +227,11 @@ def _image_refs(images: Optional[str], labels: str, storage_options: dict | None
                     log.warning("%s has no key/path columns; its rows give no image references", path)
                     continue
                 table = parquet.read(columns=columns).to_pydict()
-            sizes = zip(table["height"], table["width"], strict=True) if "height" in table and "width" in table else repeat(None)
+            sizes = (
+                zip(table["height"], table["width"], strict=True)
+                if "height" in table and "width" in table
+                else repeat(None)
+            )
             # sizes is repeat(None) when the rows have no size: only key and path are parallel lists
             for key, url, size in zip(table["key"], table["path"], sizes, strict=False):
                 refs[key] = (url, tuple(size) if size and None not in size else None)

@@ -81,9 +81,11 @@ def labelstudio_config(classes: ClassMap, from_name: str = "tag", to_name: str =
         f"    <Label value={quoteattr(n)} background={quoteattr('#%02x%02x%02x' % tuple(c))}/>"
         for n, c in zip(classes.names, classes.colors, strict=True)
     )
-    return (f'<View>\n  <Image name={quoteattr(to_name)} value="$image" zoom="true"/>\n'
-            f"  <BrushLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{labels}\n"
-            "  </BrushLabels>\n</View>\n")
+    return (
+        f'<View>\n  <Image name={quoteattr(to_name)} value="$image" zoom="true"/>\n'
+        f"  <BrushLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{labels}\n"
+        "  </BrushLabels>\n</View>\n"
+    )
 
 
 # --- CVAT --------------------------------------------------------------------------------------
@@ -98,16 +100,24 @@ def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
     background = None
     for i, (name, color) in enumerate(zip(classes.names, map(tuple, classes.colors), strict=True)):
         if not name or name != name.strip() or ":" in name or "\n" in name or name.startswith("#"):
-            raise DinosegError(f"class {i} '{name}' cannot be a CVAT label (labelmap.txt splits at ':' and skips '#' lines): rename it ({fix}).")
+            raise DinosegError(
+                f"class {i} '{name}' cannot be a CVAT label (labelmap.txt splits at ':' and skips '#' lines): rename it ({fix})."
+            )
         if color in seen:
-            raise DinosegError(f"classes '{seen[color]}' and '{name}' share the colour {','.join(map(str, color))} and CVAT tells labels apart by colour: give one another colour ({fix}).")
+            raise DinosegError(
+                f"classes '{seen[color]}' and '{name}' share the colour {','.join(map(str, color))} and CVAT tells labels apart by colour: give one another colour ({fix})."
+            )
         seen[color] = name
         is_bg_name = name.lower() == "background"
         if color == (0, 0, 0) and not is_bg_name:
-            raise DinosegError(f"class '{name}' has colour 0,0,0, which CVAT keeps for the background (unlabeled pixels): "
-                               f"give it another colour, or name it 'background' if that is what it is ({fix}).")
+            raise DinosegError(
+                f"class '{name}' has colour 0,0,0, which CVAT keeps for the background (unlabeled pixels): "
+                f"give it another colour, or name it 'background' if that is what it is ({fix})."
+            )
         if is_bg_name and color != (0, 0, 0):
-            raise DinosegError(f"class '{name}' has colour {','.join(map(str, color))}, but CVAT's background is 0,0,0: colour it 0,0,0 or rename it ({fix}).")
+            raise DinosegError(
+                f"class '{name}' has colour {','.join(map(str, color))}, but CVAT's background is 0,0,0: colour it 0,0,0 or rename it ({fix})."
+            )
         background = i if is_bg_name else background
     lines = ["# label:color_rgb:parts:actions"] + ([] if background is not None else ["background:0,0,0::"])
     order = ([background] if background is not None else []) + [i for i in range(len(classes)) if i != background]
@@ -170,8 +180,15 @@ class CocoExporter(_Exporter):
         counts = rle_encode_labels(item.mask, ids)
         image = {"id": 0, "file_name": item.image, "width": int(w), "height": int(h), "dinoseg_key": item.key}
         annotations = [
-            {"id": 0, "image_id": 0, "category_id": int(c) + 1, "segmentation": {"size": [int(h), int(w)], "counts": counts[int(c)]},
-             "area": int(a), "bbox": [int(v) for v in box], "iscrowd": 0}
+            {
+                "id": 0,
+                "image_id": 0,
+                "category_id": int(c) + 1,
+                "segmentation": {"size": [int(h), int(w)], "counts": counts[int(c)]},
+                "area": int(a),
+                "bbox": [int(v) for v in box],
+                "iscrowd": 0,
+            }
             for c, a, box in zip(ids, areas, boxes, strict=True)
         ]
         return image, annotations
@@ -189,9 +206,18 @@ class CocoExporter(_Exporter):
     def finish(self) -> list[str]:
         self._images.close()
         self._annotations.close()
-        categories = [{"id": i + 1, "name": n, "supercategory": "", "dinoseg_class": i} for i, n in enumerate(self.classes.names)]
-        head = {"info": {"description": "dinoseg export", "dinoseg_ignore_index": self.classes.ignore_index,
-                         "category_ids": "COCO category id = dinoseg class index + 1"}, "licenses": [], "categories": categories}
+        categories = [
+            {"id": i + 1, "name": n, "supercategory": "", "dinoseg_class": i} for i, n in enumerate(self.classes.names)
+        ]
+        head = {
+            "info": {
+                "description": "dinoseg export",
+                "dinoseg_ignore_index": self.classes.ignore_index,
+                "category_ids": "COCO category id = dinoseg class index + 1",
+            },
+            "licenses": [],
+            "categories": categories,
+        }
         with self._open("annotations.json") as out:
             out.write(json.dumps(head)[:-1] + ',\n"images": [')  # the head without its closing brace
             for part, tail in (("images.part", '\n],\n"annotations": ['), ("annotations.part", "\n]\n}\n")):
@@ -216,7 +242,9 @@ class CvatExporter(_Exporter):
     def encode(self, item: ExportItem):
         key = check_key(item.key)
         if key != key.strip() or key.startswith("#"):
-            raise DinosegError(f"the key '{key}' cannot be a line of CVAT's image list (leading '#' or spaces are dropped): rename the image.")
+            raise DinosegError(
+                f"the key '{key}' cannot be a line of CVAT's image list (leading '#' or spaces are dropped): rename the image."
+            )
         buf = _png(self.lut[item.mask])
         write_bytes_atomic(f"{self.output}/SegmentationClass/{key}.png", buf, self.so)
         return key, (buf if self._zip is not None else None)
@@ -233,7 +261,9 @@ class CvatExporter(_Exporter):
         self.published.append(f"{self.output}/labelmap.txt")
         if self._zip is not None:
             self._zip.writestr("labelmap.txt", self.labelmap, zipfile.ZIP_DEFLATED)
-            self._zip.write(os.path.join(self.staging, "default.txt"), "ImageSets/Segmentation/default.txt", zipfile.ZIP_DEFLATED)
+            self._zip.write(
+                os.path.join(self.staging, "default.txt"), "ImageSets/Segmentation/default.txt", zipfile.ZIP_DEFLATED
+            )
             self._zip.close()
         self._publish("default.txt", f"{self.output}/ImageSets/Segmentation/default.txt")
         if self._zip is not None:
@@ -254,7 +284,9 @@ class LabelStudioExporter(_Exporter):
     def begin(self) -> None:
         names = self.classes.names
         if len(set(names)) != len(names):
-            raise DinosegError("the class map repeats a name and Label Studio tells labels apart by name: rename the duplicates and pass the file with --classes.")
+            raise DinosegError(
+                "the class map repeats a name and Label Studio tells labels apart by name: rename the duplicates and pass the file with --classes."
+            )
         super().begin()
         self._tasks = self._open("tasks.json")
         self._tasks.write("[")
@@ -271,14 +303,26 @@ class LabelStudioExporter(_Exporter):
                 continue
             sel = labels == c
             rid = hashlib.sha1(f"{item.key}\0{c}".encode()).hexdigest()[:10]  # stable across runs
-            results.append({
-                "id": rid, "from_name": o.get("from_name", "tag"), "to_name": o.get("to_name", "image"), "type": "brushlabels",
-                "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-                "value": {"format": "rle", "rle": brush_from_runs(starts[sel], ends[sel], flat.size).tolist(),
-                          "brushlabels": [self.classes.names[int(c)]]},
-            })
-        task = {"data": {"image": item.image, "key": item.key},
-                "predictions": [{"model_version": o.get("model_version", "dinoseg"), "result": results}]}
+            results.append(
+                {
+                    "id": rid,
+                    "from_name": o.get("from_name", "tag"),
+                    "to_name": o.get("to_name", "image"),
+                    "type": "brushlabels",
+                    "original_width": int(w),
+                    "original_height": int(h),
+                    "image_rotation": 0,
+                    "value": {
+                        "format": "rle",
+                        "rle": brush_from_runs(starts[sel], ends[sel], flat.size).tolist(),
+                        "brushlabels": [self.classes.names[int(c)]],
+                    },
+                }
+            )
+        task = {
+            "data": {"image": item.image, "key": item.key},
+            "predictions": [{"model_version": o.get("model_version", "dinoseg"), "result": results}],
+        }
         return json.dumps(task, separators=(",", ":"))
 
     def add(self, payload: str) -> None:
@@ -289,7 +333,9 @@ class LabelStudioExporter(_Exporter):
         self._tasks.write("\n]\n")
         self._tasks.close()
         self._publish("tasks.json", f"{self.output}/tasks.json")
-        config = labelstudio_config(self.classes, self.options.get("from_name", "tag"), self.options.get("to_name", "image"))
+        config = labelstudio_config(
+            self.classes, self.options.get("from_name", "tag"), self.options.get("to_name", "image")
+        )
         write_bytes_atomic(f"{self.output}/labeling_config.xml", config.encode(), self.so)
         self.published.append(f"{self.output}/labeling_config.xml")
         self.abort()
@@ -302,7 +348,9 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_exporter(fmt: str, output: str, classes: ClassMap, storage_options: dict | None = None, **options) -> _Exporter:
+def make_exporter(
+    fmt: str, output: str, classes: ClassMap, storage_options: dict | None = None, **options
+) -> _Exporter:
     """The exporter for `fmt` (one of FORMATS); options: zip (cvat), from_name, to_name, model_version (labelstudio)."""
     kinds = {"coco": CocoExporter, "cvat": CvatExporter, "labelstudio": LabelStudioExporter}
     if fmt not in kinds:

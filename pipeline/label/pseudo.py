@@ -53,8 +53,12 @@ LABEL_SCHEMA = pa.schema(
         ("labeled_confidence", pa.float32()),  # over the kept pixels (null when none)
     ]
 )
-RESULT_SCHEMA = LABEL_SCHEMA.append(pa.field("ok", pa.bool_())).append(pa.field("stage", pa.string())) \
-    .append(pa.field("error_type", pa.string())).append(pa.field("message", pa.string()))
+RESULT_SCHEMA = (
+    LABEL_SCHEMA.append(pa.field("ok", pa.bool_()))
+    .append(pa.field("stage", pa.string()))
+    .append(pa.field("error_type", pa.string()))
+    .append(pa.field("message", pa.string()))
+)
 HISTOGRAM_SCHEMA = pa.schema([("index", pa.list_(pa.int64())), ("count", pa.list_(pa.int64()))])
 
 
@@ -64,7 +68,9 @@ HISTOGRAM_SCHEMA = pa.schema([("index", pa.list_(pa.int64())), ("count", pa.list
 def threshold_cutoff(threshold: float) -> int:
     """The smallest stored q with q / 65535 >= threshold (the comparison as float64 division)."""
     if not 0.0 <= threshold <= 1.0:
-        raise DinosegError(f"--threshold {threshold} must be between 0 and 1: e.g. 0.9 keeps pixels at 90% confidence or more.")
+        raise DinosegError(
+            f"--threshold {threshold} must be between 0 and 1: e.g. 0.9 keeps pixels at 90% confidence or more."
+        )
     q = min(LEVELS - 1, math.ceil(threshold * CONFIDENCE_SCALE))
     while q > 0 and (q - 1) / CONFIDENCE_SCALE >= threshold:
         q -= 1
@@ -77,7 +83,9 @@ def balanced_cutoffs(histogram: np.ndarray, fraction: float) -> np.ndarray:
     """Per class, the largest q such that pixels at q or above are at least `fraction` of the
     pixels predicted as that class; NEVER for a class nothing was predicted as."""
     if not 0.0 < fraction <= 1.0:
-        raise DinosegError(f"--class-balanced {fraction} must be in (0, 1]: e.g. 0.5 keeps each class's most confident half.")
+        raise DinosegError(
+            f"--class-balanced {fraction} must be in (0, 1]: e.g. 0.5 keeps each class's most confident half."
+        )
     hist = np.asarray(histogram, dtype=np.int64)
     above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[k, q] = pixels of class k at q or more
     need = np.ceil(fraction * above[:, 0] - 1e-9).astype(np.int64)
@@ -107,7 +115,11 @@ def summarise_cutoffs(cutoffs, histogram: np.ndarray | None, classes: ClassMap) 
         if histogram is not None:
             predicted = int(histogram[k].sum())
             kept = int(histogram[k, q:].sum()) if q < NEVER else 0
-            row.update(predicted_pixels=predicted, kept_pixels=kept, kept_fraction=round(kept / predicted, 6) if predicted else None)
+            row.update(
+                predicted_pixels=predicted,
+                kept_pixels=kept,
+                kept_fraction=round(kept / predicted, 6) if predicted else None,
+            )
         rows.append(row)
     return rows
 
@@ -140,8 +152,10 @@ def read_raw(url: str, raw: str, key: str, storage_options: dict | None) -> tupl
     with fsspec.open(confidence_url(raw, key), "rb", **options) as f:
         quantized = decode_mask_png(f.read())
     if quantized.dtype != np.uint16 or quantized.shape != mask.shape:
-        raise DinosegError(f"the confidence map of {key} is {quantized.dtype} {quantized.shape}, not 16-bit at the mask's "
-                           f"size {mask.shape}: re-run the model pass with --overwrite.")
+        raise DinosegError(
+            f"the confidence map of {key} is {quantized.dtype} {quantized.shape}, not 16-bit at the mask's "
+            f"size {mask.shape}: re-run the model pass with --overwrite."
+        )
     return mask, quantized
 
 
@@ -189,15 +203,20 @@ class SelectLabels:
             coverage = float(kept.mean())
             selected = coverage > 0 and coverage >= cfg.min_coverage
             out = {
-                "selected": selected, "coverage": coverage, "mask": "",
+                "selected": selected,
+                "coverage": coverage,
+                "mask": "",
                 "labeled_counts": np.bincount(labels[kept].ravel(), minlength=len(cfg.classes)).astype(np.int64),
                 "mean_confidence": float(quantized.mean()) / CONFIDENCE_SCALE,
                 "labeled_confidence": float(quantized[kept].mean()) / CONFIDENCE_SCALE if kept.any() else None,
             }
             if selected:
                 if cfg.confidence_bits:  # before the mask: the mask marks the pair as complete
-                    write_bytes_atomic(confidence_url(cfg.output, key), encode_confidence_png(quantized, cfg.confidence_bits),
-                                       cfg.storage_options)
+                    write_bytes_atomic(
+                        confidence_url(cfg.output, key),
+                        encode_confidence_png(quantized, cfg.confidence_bits),
+                        cfg.storage_options,
+                    )
                 out["mask"] = mask_url(cfg.output, key)
                 write_bytes_atomic(out["mask"], encode_mask_png(labels, cfg.classes), cfg.storage_options)
             elif bool(batch["was_selected"][i]):  # selected by an earlier rule: no longer a pair
@@ -246,8 +265,9 @@ class ConfidenceHistogram:
             count.append(counts[q])
         index = np.concatenate(index) if index else np.zeros(0, np.int64)
         count = np.concatenate(count) if count else np.zeros(0, np.int64)
-        return pa.Table.from_pydict({"index": [index.astype(np.int64)], "count": [count.astype(np.int64)]},
-                                    schema=HISTOGRAM_SCHEMA)
+        return pa.Table.from_pydict(
+            {"index": [index.astype(np.int64)], "count": [count.astype(np.int64)]}, schema=HISTOGRAM_SCHEMA
+        )
 
 
 def add_histogram(histogram: np.ndarray, index: np.ndarray, count: np.ndarray) -> None:
@@ -255,6 +275,8 @@ def add_histogram(histogram: np.ndarray, index: np.ndarray, count: np.ndarray) -
     map (a mask of another model) are refused."""
     index = np.asarray(index, dtype=np.int64)
     if index.size and index.max() >= histogram.size:
-        raise DinosegError(f"a raw mask holds class {int(index.max()) // LEVELS}, past the {len(histogram)} classes of "
-                           "the model: re-run the model pass with --overwrite.")
+        raise DinosegError(
+            f"a raw mask holds class {int(index.max()) // LEVELS}, past the {len(histogram)} classes of "
+            "the model: re-run the model pass with --overwrite."
+        )
     np.add.at(histogram.reshape(-1), index, np.asarray(count, dtype=np.int64))

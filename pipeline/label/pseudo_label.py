@@ -37,9 +37,16 @@ HISTOGRAM_BATCH = 256
 class PseudoLabelConfig:
     segment: SegmentConfig  # the model pass (its output is replaced by OUTPUT/raw)
     # None and no class_balanced: DEFAULT_THRESHOLD
-    threshold: Optional[float] = option(None, f"Keep a pixel's class when its confidence >= T (default {DEFAULT_THRESHOLD}).")
-    class_balanced: Optional[float] = option(None, "Per-class thresholds: each class keeps its most confident fraction P of its predicted pixels, over the whole collection.")
-    min_coverage: float = option(0.0, "Images with a smaller labeled fraction are listed in labels/ but not written as training pairs.")
+    threshold: Optional[float] = option(
+        None, f"Keep a pixel's class when its confidence >= T (default {DEFAULT_THRESHOLD})."
+    )
+    class_balanced: Optional[float] = option(
+        None,
+        "Per-class thresholds: each class keeps its most confident fraction P of its predicted pixels, over the whole collection.",
+    )
+    min_coverage: float = option(
+        0.0, "Images with a smaller labeled fraction are listed in labels/ but not written as training pairs."
+    )
     confidence: bool = option(False, "Also write confidence/<key>.png (0-255) beside each mask, for soft weighting.")
 
     @property
@@ -50,13 +57,19 @@ class PseudoLabelConfig:
         from pipeline.label.pseudo import threshold_cutoff
 
         if self.threshold is not None and self.class_balanced is not None:
-            raise DinosegError("give --threshold or --class-balanced, not both: they are two rules for the same choice.")
+            raise DinosegError(
+                "give --threshold or --class-balanced, not both: they are two rules for the same choice."
+            )
         if self.class_balanced is not None and not 0 < self.class_balanced <= 1:
-            raise DinosegError(f"--class-balanced {self.class_balanced} must be in (0, 1]: e.g. 0.5 keeps each class's most confident half.")
+            raise DinosegError(
+                f"--class-balanced {self.class_balanced} must be in (0, 1]: e.g. 0.5 keeps each class's most confident half."
+            )
         if self.threshold is not None:
             threshold_cutoff(self.threshold)  # raises on a value outside [0, 1]
         if not 0 <= self.min_coverage <= 1:
-            raise DinosegError(f"--min-coverage {self.min_coverage} must be between 0 and 1 (a fraction of the image's pixels).")
+            raise DinosegError(
+                f"--min-coverage {self.min_coverage} must be between 0 and 1 (a fraction of the image's pixels)."
+            )
         return self
 
     def rule(self) -> dict:
@@ -88,14 +101,24 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
     rule = config.rule()
     started_ray = runtime.start_ray(seg.address)
     try:
-        model_counts = run_segment(replace(
-            seg, output=raw, confidence=16, masks="png", rle=False, overlays=False, max_classes=IGNORE_INDEX,
-            max_classes_reason=f"pseudo-labels are 8-bit masks with {IGNORE_INDEX} = unsure: use a model with at most {IGNORE_INDEX} classes."))
+        model_counts = run_segment(
+            replace(
+                seg,
+                output=raw,
+                confidence=16,
+                masks="png",
+                rle=False,
+                overlays=False,
+                max_classes=IGNORE_INDEX,
+                max_classes_reason=f"pseudo-labels are 8-bit masks with {IGNORE_INDEX} = unsure: use a model with at most {IGNORE_INDEX} classes.",
+            )
+        )
         classes = load_class_map(f"{raw}/classes.yaml", so)
         save_class_map(classes, f"{out}/classes.yaml", so)
         rows = _raw_rows(raw, so)
-        select = pseudo.SelectConfig(out, raw, classes, (0,) * len(classes), config.min_coverage,
-                                     8 if config.confidence else 0, so)
+        select = pseudo.SelectConfig(
+            out, raw, classes, (0,) * len(classes), config.min_coverage, 8 if config.confidence else 0, so
+        )
         histogram = None
         if config.class_balanced is not None:
             histogram = _histogram(rows, select, len(classes), seg.decode_cpus)
@@ -107,8 +130,13 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
         write_json(f"{out}/thresholds.json", thresholds, so)
 
         # the selection is redone when anything that decides it changed; else finished keys are skipped
-        record = {**rule, "min_coverage": config.min_coverage, "confidence": config.confidence,
-                  "cutoffs": list(select.cutoffs), "model": _model_of(raw, so)}
+        record = {
+            **rule,
+            "min_coverage": config.min_coverage,
+            "confidence": config.confidence,
+            "cutoffs": list(select.cutoffs),
+            "model": _model_of(raw, so),
+        }
         if read_json(f"{out}/selection.json", so) != record or seg.overwrite:
             if remove_parts(f"{out}/labels", so):
                 log.info("the selection rule changed: selecting every image again")
@@ -137,7 +165,9 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
             runtime.stop_ray()
 
     result = _finish(out, so, rows, thresholds)
-    result.update(model=model_counts, rule=rule, min_coverage=config.min_coverage, wall_seconds=round(time.time() - started, 3))
+    result.update(
+        model=model_counts, rule=rule, min_coverage=config.min_coverage, wall_seconds=round(time.time() - started, 3)
+    )
     write_run_json(out, {"arguments": _arguments(config), "versions": versions(), **result}, so)
     return result
 
@@ -151,8 +181,18 @@ def _raw_rows(raw: str, so):
     columns = ["path", "key", "width", "height", "mask"]
     table = read_parts(f"{raw}/predictions", columns, so)
     if table is None or not len(table):
-        return pa.table({c: pa.array([], t) for c, t in (("path", pa.string()), ("key", pa.string()), ("width", pa.int32()),
-                                                          ("height", pa.int32()), ("mask", pa.string()))})
+        return pa.table(
+            {
+                c: pa.array([], t)
+                for c, t in (
+                    ("path", pa.string()),
+                    ("key", pa.string()),
+                    ("width", pa.int32()),
+                    ("height", pa.int32()),
+                    ("mask", pa.string()),
+                )
+            }
+        )
     keys = table["key"].to_pylist()
     last = {k: i for i, k in enumerate(keys)}
     return table.take(sorted(last.values())) if len(last) < len(keys) else table
@@ -185,7 +225,9 @@ def _finish(out: str, so, rows, thresholds: dict) -> dict:
     from pipeline.label.pseudo import LABEL_SCHEMA
 
     labels = read_parts(f"{out}/labels", ["path", "key", "selected", "coverage"], so)
-    labels = labels if labels is not None else LABEL_SCHEMA.empty_table().select(["path", "key", "selected", "coverage"])
+    labels = (
+        labels if labels is not None else LABEL_SCHEMA.empty_table().select(["path", "key", "selected", "coverage"])
+    )
     errors = read_parts(f"{out}/errors", ["key"], so)
     failed = 0 if errors is None else len(errors)
     pairs = labels.filter(labels["selected"])
@@ -197,9 +239,13 @@ def _finish(out: str, so, rows, thresholds: dict) -> dict:
     counts = {"images": len(rows), "pairs": len(pairs), "below_coverage": len(labels) - len(pairs), "failed": failed}
     if counts["images"] != len(labels) + failed:
         raise RuntimeError(f"lost images in the selection: {counts}, {len(labels)} label rows")  # must never happen
-    return {"counts": counts, "mean_coverage": None if coverage is None else round(coverage, 6),
-            "pairs_csv": f"{out}/pairs.csv", "output": out,
-            "thresholds": {c["name"]: c["threshold"] for c in thresholds["classes"]}}
+    return {
+        "counts": counts,
+        "mean_coverage": None if coverage is None else round(coverage, 6),
+        "pairs_csv": f"{out}/pairs.csv",
+        "output": out,
+        "thresholds": {c["name"]: c["threshold"] for c in thresholds["classes"]},
+    }
 
 
 def _model_of(raw: str, so) -> list:
@@ -216,7 +262,11 @@ def _arguments(config: PseudoLabelConfig) -> dict:
 def summary(result: dict) -> str:
     m, c = result["model"], result["counts"]
     rule = result["rule"]
-    how = f"confidence >= {rule['threshold']}" if rule["rule"] == "threshold" else f"class-balanced, top {rule['fraction']:.0%} per class"
+    how = (
+        f"confidence >= {rule['threshold']}"
+        if rule["rule"] == "threshold"
+        else f"class-balanced, top {rule['fraction']:.0%} per class"
+    )
     lines = [
         "model pass (raw/):",
         *("  " + line for line in summary_table(m).splitlines()),

@@ -7,6 +7,16 @@ from pipeline.runtime.datasets import arrow_filesystem, build, iter_results, map
 from pipeline.runtime.resources import Resources
 
 __all__ = [
-    "GPU_CEILING", "Resources", "arrow_filesystem", "build", "cluster_resources", "iter_results", "launcher_gpus",
-    "map_rows", "quiet", "start_ray", "stop_ray", "strip_protocol",
+    "GPU_CEILING",
+    "Resources",
+    "arrow_filesystem",
+    "build",
+    "cluster_resources",
+    "iter_results",
+    "launcher_gpus",
+    "map_rows",
+    "quiet",
+    "start_ray",
+    "stop_ray",
+    "strip_protocol",
 ]

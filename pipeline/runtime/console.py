@@ -61,7 +61,11 @@ class _ConsoleFormat(logging.Formatter):
         super().__init__(CONSOLE_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage() if _under(record, PROGRESS) and record.levelno == logging.INFO else super().format(record)
+        return (
+            record.getMessage()
+            if _under(record, PROGRESS) and record.levelno == logging.INFO
+            else super().format(record)
+        )
 
 
 def _under(record: logging.LogRecord, name: str) -> bool:

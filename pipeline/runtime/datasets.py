@@ -42,7 +42,9 @@ def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, reso
     ds = ds.map_batches(
         predict_cls,
         fn_constructor_kwargs={"config": predict_config},
-        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors or resources.actors, max_size=resources.actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=resources.min_actors or resources.actors, max_size=resources.actors
+        ),
         batch_size=resources.batch_size,
         batch_format="numpy",
         num_cpus=resources.cpus_per_actor,

@@ -9,8 +9,16 @@ import tempfile
 from typing import Callable
 
 
-def fit(worker_loop: Callable[[dict], None], loop_config, name: str, data: dict, workers: int, use_gpu: bool,
-        cpus_per_worker: float | None, max_failures: int = 2):
+def fit(
+    worker_loop: Callable[[dict], None],
+    loop_config,
+    name: str,
+    data: dict,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float | None,
+    max_failures: int = 2,
+):
     """Run `worker_loop({"loop": loop_config})` on `workers` Ray Train workers over `data`
     (named Ray datasets: "train" is split between workers, "val" read whole by each)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -42,10 +50,13 @@ def _data_config():
     # which sets the deprecated ExecutionOptions.exclude_resources (a RayDeprecationWarning per run).
     now = DataContext.get_current().execution_options
     options = {"resource_limits": now.resource_limits, "verbose_progress": now.verbose_progress}
-    return DataConfig(datasets_to_split=["train"], execution_options={
-        "train": ExecutionOptions(preserve_order=now.preserve_order, **options),
-        "val": ExecutionOptions(preserve_order=True, **options),
-    })
+    return DataConfig(
+        datasets_to_split=["train"],
+        execution_options={
+            "train": ExecutionOptions(preserve_order=now.preserve_order, **options),
+            "val": ExecutionOptions(preserve_order=True, **options),
+        },
+    )
 
 
 class Worker:

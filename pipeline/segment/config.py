@@ -28,7 +28,9 @@ class SegmentConfig:
     backbone: Optional[str] = option(None, "Backbone name, with --head of one of Meta's head files.")
     head: Optional[str] = option(None, "Head checkpoint URL (trained by dinoseg; it names its backbone).")
     backbone_weights: Optional[str] = option(None, "Where the backbone's weights come from (path or URL).")
-    resolution: Optional[int] = option(None, "Short side the image is resized to (default: the head's training resolution; 512 for Meta's).")
+    resolution: Optional[int] = option(
+        None, "Short side the image is resized to (default: the head's training resolution; 512 for Meta's)."
+    )
     mode: str = option("whole", "whole image, or Meta's sliding window.", choices=MODES)
     crop: int = option(512, "Sliding-window crop.")
     stride: int = option(341, "Sliding-window stride.")
@@ -44,8 +46,13 @@ class SegmentConfig:
     rle: bool = option(False, "Add per-class COCO RLE to the prediction rows.")
     overlays: bool = option(False, "Write overlays/<key>.jpg to look at.")
     # bits of the confidence/<key>.png maps (8 or 16; 0: none); the command line switches 8 on
-    confidence: int = option(0, "Write confidence/<key>.png: the winning class's probability, 0-255.", cli_type=bool,
-                             cli_default=False, parse=_confidence_bits)
+    confidence: int = option(
+        0,
+        "Write confidence/<key>.png: the winning class's probability, 0-255.",
+        cli_type=bool,
+        cli_default=False,
+        parse=_confidence_bits,
+    )
     overwrite: bool = option(False, "Redo keys that an earlier run finished.")
     max_megapixels: float = max_megapixels_option()
     storage_options: dict = storage_options_option()
@@ -63,8 +70,15 @@ def inference_config(config: SegmentConfig):
 
     extra = {"resolution": config.resolution}  # None: the head's (a dinoseg head names it; Meta's: 512)
     tta = {"flip": True, "scales": META_MS_SCALES} if config.tta else {}
-    return InferenceConfig(mode=config.mode, crop=config.crop, stride=config.stride, precision=config.precision,
-                           batch_size=config.batch_size, **extra, **tta).validate()
+    return InferenceConfig(
+        mode=config.mode,
+        crop=config.crop,
+        stride=config.stride,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        **extra,
+        **tta,
+    ).validate()
 
 
 def shrink_for(inference) -> int:

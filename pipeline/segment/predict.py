@@ -15,7 +15,6 @@ from pipeline.segment.config import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class PredictConfig:
     model: str | None = DEFAULT_MODEL  # a named segmentation model, or None with `head`
@@ -73,7 +72,9 @@ class Predict:
             import torch
 
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
-        log.info("predictor ready: %s on %s (%s)", self.segmenter.model_id, self.segmenter.device, self.segmenter.precision)
+        log.info(
+            "predictor ready: %s on %s (%s)", self.segmenter.model_id, self.segmenter.device, self.segmenter.precision
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])

@@ -40,10 +40,17 @@ def run_segment(config: SegmentConfig) -> dict:
     out = config.output.rstrip("/")
     inference = inference_config(config)
     # local files as absolute paths: the actors do not run in this process's folder
-    predict_config = PredictConfig(config.model, config.backbone, absolute_input(config.head),
-                                   absolute_input(config.backbone_weights), inference,
-                                   config.device, keep_image=config.overlays, storage_options=so,
-                                   weights_env=weights_env())
+    predict_config = PredictConfig(
+        config.model,
+        config.backbone,
+        absolute_input(config.head),
+        absolute_input(config.backbone_weights),
+        inference,
+        config.device,
+        keep_image=config.overlays,
+        storage_options=so,
+        weights_env=weights_env(),
+    )
     # Load the model once on the driver first: a wrong name, path or weights file fails here in one
     # sentence, before any cluster work, and the classes are known for writing masks.
     # On the CPU: the driver (a cluster's head node) may have no GPU even when the actors do.
@@ -75,8 +82,15 @@ def run_segment(config: SegmentConfig) -> dict:
     for row in list_inputs(config.input, so):
         counts["inputs"] += 1
         if row["error_stage"]:  # unsafe path, key collision...: an error row, never read
-            listing_errors.append({"path": row["path"], "key": row["key"], "stage": row["error_stage"],
-                                   "error_type": row["error_type"], "message": row["error_message"]})
+            listing_errors.append(
+                {
+                    "path": row["path"],
+                    "key": row["key"],
+                    "stage": row["error_stage"],
+                    "error_type": row["error_type"],
+                    "message": row["error_message"],
+                }
+            )
         elif row["key"] in done:
             counts["skipped"] += 1
         else:
@@ -84,21 +98,47 @@ def run_segment(config: SegmentConfig) -> dict:
             keys.append(row["key"])
     errors.write(pa.Table.from_pylist(listing_errors, schema=ERROR_SCHEMA))
     counts["failed"] += len(listing_errors)
-    rows = pa.table({"path": paths, "key": keys, "error_stage": [""] * len(keys),
-                     "error_type": [""] * len(keys), "error_message": [""] * len(keys)})
+    rows = pa.table(
+        {
+            "path": paths,
+            "key": keys,
+            "error_stage": [""] * len(keys),
+            "error_type": [""] * len(keys),
+            "error_message": [""] * len(keys),
+        }
+    )
     del paths, keys, listing_errors
 
     started_ray = False
     try:
         if len(rows):  # nothing left to do (a finished run re-run) needs no Ray at all
             started_ray = runtime.start_ray(config.address)
-            resources = runtime.Resources(config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus,
-                                        config.batch_size).resolve(runtime.cluster_resources(joined=not started_ray))
+            resources = runtime.Resources(
+                config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus, config.batch_size
+            ).resolve(runtime.cluster_resources(joined=not started_ray))
             log.info("resources: %s", resources)
-            write = WriteMasks(WriteConfig(out, classes, config.masks, config.rle, config.overlays, model_id, checksum, so,
-                                           confidence_bits=config.confidence))
-            ds = runtime.build(rows, ReadBytes(so), Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
-                             Predict, predict_config, write, resources)
+            write = WriteMasks(
+                WriteConfig(
+                    out,
+                    classes,
+                    config.masks,
+                    config.rle,
+                    config.overlays,
+                    model_id,
+                    checksum,
+                    so,
+                    confidence_bits=config.confidence,
+                )
+            )
+            ds = runtime.build(
+                rows,
+                ReadBytes(so),
+                Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
+                Predict,
+                predict_config,
+                write,
+                resources,
+            )
             for table in runtime.iter_results(ds):
                 ok = table["ok"]
                 done_rows = table.filter(ok).select(schema.names)
@@ -115,8 +155,11 @@ def run_segment(config: SegmentConfig) -> dict:
     elapsed = time.time() - started
     info = {
         "arguments": asdict(config) | {"storage_options": sorted(config.storage_options)},  # no secrets
-        "model": model_id, "head_checksum": checksum, "versions": versions(),
-        "counts": counts, "wall_seconds": round(elapsed, 3),
+        "model": model_id,
+        "head_checksum": checksum,
+        "versions": versions(),
+        "counts": counts,
+        "wall_seconds": round(elapsed, 3),
         "images_per_second": round(counts["predicted"] / elapsed, 3) if elapsed else None,
     }
     write_run_json(out, info, so)

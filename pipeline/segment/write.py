@@ -159,7 +159,9 @@ class WriteMasks:
             present = np.flatnonzero(np.bincount(mask.ravel()))
             stray = present[(present >= len(self.classes)) & (present != self.classes.ignore_index)]
             if stray.size:
-                raise DinosegError(f"mask of {key} has values {stray[:5].tolist()} outside its {len(self.classes)} classes and not the ignore index.")
+                raise DinosegError(
+                    f"mask of {key} has values {stray[:5].tolist()} outside its {len(self.classes)} classes and not the ignore index."
+                )
             out: dict = {"mask": ""}
             if cfg.overlays:  # before the mask: an existing mask means the row is done
                 jpg = self._overlay(np.asarray(batch["image"][i]), mask)

@@ -27,6 +27,7 @@ from pipeline.train import TrainConfig, run_train
 
 log = logging.getLogger("dinoseg.self_train")
 
+
 @dataclass
 class SelfTrainConfig:
     train: TrainConfig  # round 0's run; later rounds change images/masks/output
@@ -54,17 +55,25 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     try:
         labeled = list_pairs(base.images, base.masks, so)
         if labeled.problems:
-            log.warning("%d labeled keys have a problem (e.g. %s) and are left out", len(labeled.problems), labeled.problems[0]["message"])
+            log.warning(
+                "%d labeled keys have a problem (e.g. %s) and are left out",
+                len(labeled.problems),
+                labeled.problems[0]["message"],
+            )
         if base.val_images:
             val_images, val_masks = base.val_images, base.val_masks
         else:  # split once, so every round scores on the same images and no pseudo-label lands in validation
             labeled, val = split_pairs(labeled, base.val_fraction, base.seed)
             if not len(val):
-                raise DinosegError("self-training needs a validation set: pass --val-images/--val-masks or a larger --val-fraction.")
+                raise DinosegError(
+                    "self-training needs a validation set: pass --val-images/--val-masks or a larger --val-fraction."
+                )
             val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
             _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
         val_set = set(list_pairs(val_images, val_masks, so, what="validation").images)
-        base = replace(base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True)
+        base = replace(
+            base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True
+        )
         best = None
         for r in range(config.rounds + 1):
             started = time.time()
@@ -76,11 +85,19 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                 pairs = list_pairs(pseudo["pairs_csv"], None, so)
                 scored = [i for i, image in enumerate(pairs.images) if image in val_set]
                 if scored:  # an image that is also scored on must not train on its own pseudo-label
-                    log.warning("%d unlabeled images are validation images too: left out of round %d's pairs", len(scored), r)
+                    log.warning(
+                        "%d unlabeled images are validation images too: left out of round %d's pairs", len(scored), r
+                    )
                     pairs = pairs.subset(sorted(set(range(len(pairs))) - set(scored)))
                 sources.append(pairs)
-                record.update(pseudo_head=pseudo["head_checksum"], pseudo_pairs=len(pairs), rule=pseudo["rule"], thresholds=pseudo["thresholds"],
-                              mean_coverage=pseudo["mean_coverage"], below_coverage=pseudo["counts"]["below_coverage"])
+                record.update(
+                    pseudo_head=pseudo["head_checksum"],
+                    pseudo_pairs=len(pairs),
+                    rule=pseudo["rule"],
+                    thresholds=pseudo["thresholds"],
+                    mean_coverage=pseudo["mean_coverage"],
+                    below_coverage=pseudo["counts"]["below_coverage"],
+                )
             manifest, digest = _manifest(f"{folder}/pairs.csv", sources, so, digest=True)
             # a round re-run on other pairs (new labels, rule or images, or pseudo-labels of a retrained
             # earlier round) trains again from scratch; on the same inputs it resumes, or returns the
@@ -89,11 +106,15 @@ def run_self_train(config: SelfTrainConfig) -> dict:
             changed = read_json(f"{folder}/inputs.json", so) != inputs
             if changed:
                 write_json(f"{folder}/inputs.json", inputs, so, indent=None)
-            run_config = replace(base, images=manifest, masks=None, output=f"{folder}/train", resume=not changed, overwrite=changed)
+            run_config = replace(
+                base, images=manifest, masks=None, output=f"{folder}/train", resume=not changed, overwrite=changed
+            )
             try:
                 info = run_train(run_config)
             except DinosegError as e:
-                raise DinosegError(f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)") from None
+                raise DinosegError(
+                    f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)"
+                ) from None
             miou = (info.get("best") or {}).get("miou")
             record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
             improved = miou is not None and (best is None or miou > best["val_miou"])
@@ -102,17 +123,28 @@ def run_self_train(config: SelfTrainConfig) -> dict:
             if improved:
                 best = record
             if best is None:
-                raise DinosegError("round 0 produced no validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
+                raise DinosegError(
+                    "round 0 produced no validation mIoU: check the validation set (see round-0/train/problems.jsonl)."
+                )
             write_text(f"{out}/rounds.jsonl", jsonl(rounds), so)
             if r > 0 and not improved:
-                log.info("round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"])
+                log.info(
+                    "round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"]
+                )
                 break
     finally:
         if started_ray:
             runtime.stop_ray()
     if best is None:
-        raise DinosegError("no round produced a validation mIoU: check the validation set (see round-0/train/problems.jsonl).")
-    result = {"rounds": rounds, "best_round": best["round"], "best_val_miou": best["val_miou"], "head": f"{out}/head.pt"}
+        raise DinosegError(
+            "no round produced a validation mIoU: check the validation set (see round-0/train/problems.jsonl)."
+        )
+    result = {
+        "rounds": rounds,
+        "best_round": best["round"],
+        "best_val_miou": best["val_miou"],
+        "head": f"{out}/head.pt",
+    }
     _copy(best["head"], result["head"], so)
     write_json(f"{out}/self_train.json", result, so)
     return result
@@ -127,8 +159,15 @@ def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -
     earlier = read_parts(f"{output}/raw/predictions", ["head_checksum"], base.storage_options or None)
     overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {checksum}
     seg = SegmentConfig(
-        config.unlabeled, output, model=None, head=head, backbone_weights=base.backbone_weights,
-        max_megapixels=base.max_megapixels, storage_options=base.storage_options, address=base.address, overwrite=overwrite,
+        config.unlabeled,
+        output,
+        model=None,
+        head=head,
+        backbone_weights=base.backbone_weights,
+        max_megapixels=base.max_megapixels,
+        storage_options=base.storage_options,
+        address=base.address,
+        overwrite=overwrite,
         **{k: v for k, v in config.scale.items() if v is not None},
     )
     return run_pseudo_label(replace(rule, segment=seg)) | {"head_checksum": checksum}
@@ -171,7 +210,9 @@ def rounds_table(result: dict) -> str:
         shown = "-" if not th else (f"{min(values):.3f}..{max(values):.3f}" if values else "none")
         cov = "-" if r.get("mean_coverage") is None else f"{r['mean_coverage']:.1%}"
         miou = "-" if r["val_miou"] is None else f"{r['val_miou']:.4f}"
-        lines.append(f"{r['round']:>5}  {r['labeled_pairs']:>7,}  {r['pseudo_pairs']:>6,}  {cov:>8}  {shown:<28}  {miou:>8}"
-                     + ("  *" if r["best"] else ""))
+        lines.append(
+            f"{r['round']:>5}  {r['labeled_pairs']:>7,}  {r['pseudo_pairs']:>6,}  {cov:>8}  {shown:<28}  {miou:>8}"
+            + ("  *" if r["best"] else "")
+        )
     lines.append(f"best: round {result['best_round']} (val mIoU {result['best_val_miou']:.4f}); head: {result['head']}")
     return "\n".join(lines)

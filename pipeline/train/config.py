@@ -22,8 +22,23 @@ if TYPE_CHECKING:
 
 
 # options that must match for --resume to continue a run (the rest may change, e.g. workers)
-RESUME_KEYS = ("backbone", "backbone_weights", "head", "layers", "resolution", "crop", "epochs", "batch_size", "lr",
-               "weight_decay", "warmup", "schedule", "class_weights", "cache", "class_names")
+RESUME_KEYS = (
+    "backbone",
+    "backbone_weights",
+    "head",
+    "layers",
+    "resolution",
+    "crop",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "class_weights",
+    "cache",
+    "class_names",
+)
 
 
 HEADS = ("linear", "ms", "conv")
@@ -33,14 +48,18 @@ SCHEDULES = ("poly", "cosine")
 @dataclass
 class TrainConfig:
     images: str = argument("Folder/URL prefix of training images, or a .csv/.parquet manifest with image,mask columns.")
-    masks: Optional[str] = argument("Folder/URL prefix of index-mask PNGs, paired with the images by key.", cli_default=None)
+    masks: Optional[str] = argument(
+        "Folder/URL prefix of index-mask PNGs, paired with the images by key.", cli_default=None
+    )
     classes: str = option(REQUIRED, "Class map file (YAML/JSON) or a bundled name (voc2012, ade20k).")
     output: str = option(REQUIRED, "Folder or URL for head.pt, last.pt, metrics.jsonl, classes.yaml, train.json.")
     val_images: Optional[str] = option(None, "Validation images (else --val-fraction of the training pairs).")
     val_masks: Optional[str] = option(None, "Validation masks.")
     val_fraction: float = option(0.1, "Share of the pairs kept for validation when no --val-images (0: none).")
     backbone: str = option("dinov2_vits14", "Frozen backbone (see `dinoseg models`).")
-    backbone_weights: Optional[str] = option(None, "Backbone weights path/URL (default: the released ones); 'random' offline.")
+    backbone_weights: Optional[str] = option(
+        None, "Backbone weights path/URL (default: the released ones); 'random' offline."
+    )
     head: str = option("linear", "linear (last block), ms (last 4 blocks), conv.", choices=HEADS)
     # comma-separated block indices; default: Meta's for the head
     layers: Optional[str] = option(None, "Block indices the head reads, e.g. 8,9,10,11 (default: the head's).")
@@ -53,7 +72,9 @@ class TrainConfig:
     warmup: float = option(0.04, "Linear warm-up, as a fraction of all steps.")
     schedule: str = option("poly", "Decay after warm-up.", choices=SCHEDULES)
     class_weights: Optional[str] = option(None, "Cross-entropy weight per class, comma-separated.")
-    cache: bool = option(True, "Cache backbone features once (fast epochs; crop+flip only). --no-cache: full augmentation.")
+    cache: bool = option(
+        True, "Cache backbone features once (fast epochs; crop+flip only). --no-cache: full augmentation."
+    )
     cache_dir: Optional[str] = option(None, "Where the feature cache lives (default OUTPUT/cache).")
     workers: Optional[int] = option(None, "Ray Train workers (default: one per GPU, else 1).")
     cpus_per_worker: Optional[float] = option(None, "CPUs reserved per worker.")
@@ -97,5 +118,7 @@ def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
 def describe(record: dict) -> str:
     miou = record.get("val_miou")
     val = f"val mIoU {miou:.4f}" if isinstance(miou, float) else "no validation"
-    return (f"epoch {record['epoch']}/{record['epochs']}: loss {record['train_loss']:.4f}, {val}, "
-            f"lr {record['lr']:.2e}, {record['seconds']:.1f}s")
+    return (
+        f"epoch {record['epoch']}/{record['epochs']}: loss {record['train_loss']:.4f}, {val}, "
+        f"lr {record['lr']:.2e}, {record['seconds']:.1f}s"
+    )

@@ -44,27 +44,41 @@ STATUS = ("path", "key", "image", "mask", "width", "height", "error_stage", "err
 
 def pairs_table(pairs: Pairs, cached: dict | None = None) -> pa.Table:
     sizes = [(cached or {}).get(url) for url in pairs.images]
-    return pa.table({
-        "path": pairs.images, "key": pairs.keys, "image": pairs.images, "mask": pairs.masks,
-        "cached": [s is not None for s in sizes],
-        "width": [s[0] if s else 0 for s in sizes], "height": [s[1] if s else 0 for s in sizes],
-        **{f: [""] * len(pairs) for f in ("error_stage", "error_type", "error_message")},
-    })
+    return pa.table(
+        {
+            "path": pairs.images,
+            "key": pairs.keys,
+            "image": pairs.images,
+            "mask": pairs.masks,
+            "cached": [s is not None for s in sizes],
+            "width": [s[0] if s else 0 for s in sizes],
+            "height": [s[1] if s else 0 for s in sizes],
+            **{f: [""] * len(pairs) for f in ("error_stage", "error_type", "error_message")},
+        }
+    )
 
 
 def _status(batch: dict) -> dict:
     return {k: batch[k] for k in STATUS}
 
 
-def check_pass(rows: pa.Table, pair: PairConfig, storage_options: dict | None, resources: runtime.Resources,
-               features: FeatureConfig | None = None, folder: str | None = None):
+def check_pass(
+    rows: pa.Table,
+    pair: PairConfig,
+    storage_options: dict | None,
+    resources: runtime.Resources,
+    features: FeatureConfig | None = None,
+    folder: str | None = None,
+):
     """Read and check every pair (and compute the features of uncached images); yields status
     tables (STATUS columns; failed rows have error fields)."""
     read, decode = ReadPair(storage_options), DecodePair(pair)
     # every image cached (a re-run, another round on the same images): no model to load, and no
     # actor pool to start, only the masks to check
     if features is not None and not all(rows.column("cached").to_pylist()):
-        ds = runtime.build(rows, read, decode, ComputeFeatures, features, WriteFeatures(folder, storage_options), resources)
+        ds = runtime.build(
+            rows, read, decode, ComputeFeatures, features, WriteFeatures(folder, storage_options), resources
+        )
     else:
         batch = resources.read_batch_size
         ds = datasets.stages(datasets.from_rows(rows, 4 * batch), [read, decode], batch, resources.decode_cpus)
@@ -102,7 +116,9 @@ def training_datasets(spec: DataSpec) -> dict:
         for name, pairs, crop in (("train", spec.train, cells), ("val", spec.val, None)):
             if not len(pairs):
                 continue
-            cfg = SampleConfig(dict(zip(pairs.images, pairs.masks, strict=True)), spec.num_classes, crop, storage_options=so)
+            cfg = SampleConfig(
+                dict(zip(pairs.images, pairs.masks, strict=True)), spec.num_classes, crop, storage_options=so
+            )
             ds = datasets.stages(datasets.shuffled(cache) if crop else cache, [CachedSamples(cfg)], 16, cpus)
             out[name] = datasets.held(ds) if held and not crop else ds  # validation is the same every epoch
         return datasets.quiet(out)
@@ -116,7 +132,11 @@ def training_datasets(spec: DataSpec) -> dict:
             ds = datasets.shuffled(ds)
             steps = [ReadPair(so), DecodePair(pair), AugmentPairs(AugmentConfig(spec.crop, spec.resolution))]
         else:
-            steps = [ReadPair(so), DecodePair(PairConfig(spec.num_classes, spec.resolution, max_megapixels=spec.max_megapixels)), _samples]
+            steps = [
+                ReadPair(so),
+                DecodePair(PairConfig(spec.num_classes, spec.resolution, max_megapixels=spec.max_megapixels)),
+                _samples,
+            ]
         out[name] = datasets.stages(ds, steps, 16, cpus)
     return datasets.quiet(out)
 
@@ -134,7 +154,9 @@ def fits_in_memory(files: list[str], storage_options: dict | None, object_store_
     stored = sum(fs.size(f) for f in files)
     # features are fp16 Parquet with little to compress: in memory about their size on disk
     budget = MEMORY_SHARE * object_store_bytes
-    log.info("feature cache: %.1f MB on disk, %s", stored / 1e6, "held in memory" if stored <= budget else "read every epoch")
+    log.info(
+        "feature cache: %.1f MB on disk, %s", stored / 1e6, "held in memory" if stored <= budget else "read every epoch"
+    )
     return stored <= budget
 
 

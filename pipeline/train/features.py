@@ -37,14 +37,21 @@ from pipeline.train.trainset import (
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = pa.schema([
-    ("image", pa.string()),  # the image's URL: the cache key
-    ("width", pa.int32()), ("height", pa.int32()),  # original size (the mask's)
-    ("resized_h", pa.int32()), ("resized_w", pa.int32()),  # after the short-side resize
-    ("pad_top", pa.int16()), ("pad_left", pa.int16()),  # centre padding to whole patches
-    ("grid_h", pa.int32()), ("grid_w", pa.int32()), ("channels", pa.int32()),
-    ("features", pa.large_binary()),  # float16 (channels, grid_h, grid_w), C order
-])
+CACHE_SCHEMA = pa.schema(
+    [
+        ("image", pa.string()),  # the image's URL: the cache key
+        ("width", pa.int32()),
+        ("height", pa.int32()),  # original size (the mask's)
+        ("resized_h", pa.int32()),
+        ("resized_w", pa.int32()),  # after the short-side resize
+        ("pad_top", pa.int16()),
+        ("pad_left", pa.int16()),  # centre padding to whole patches
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("channels", pa.int32()),
+        ("features", pa.large_binary()),  # float16 (channels, grid_h, grid_w), C order
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, 
     for url in part_files(folder, storage_options):
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             t = pq.read_table(f, columns=["image", "width", "height"])
-        out.update(zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist(), strict=True), strict=True))
+        out.update(
+            zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist(), strict=True), strict=True)
+        )
     return out
 
 
@@ -119,7 +128,10 @@ class ComputeFeatures:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k not in ("pixels", "label")}
         n = len(out["path"])
-        ints = {c: np.zeros(n, np.int64) for c in ("resized_h", "resized_w", "pad_top", "pad_left", "grid_h", "grid_w", "channels")}
+        ints = {
+            c: np.zeros(n, np.int64)
+            for c in ("resized_h", "resized_w", "pad_top", "pad_left", "grid_h", "grid_w", "channels")
+        }
         feats = [b""] * n
         groups: dict[tuple[int, int], list[int]] = {}
         bad = failed(batch)
@@ -134,7 +146,13 @@ class ComputeFeatures:
                     maps = self._forward([batch["pixels"][i] for i in chunk], gh, gw, top, left)
                 except Exception as e:  # out of memory, a bad image: cost these rows, not the pass
                     for i in chunk:
-                        set_error(out, i, "features", f"could not compute features ({type(e).__name__}: {e}).", type(e).__name__)
+                        set_error(
+                            out,
+                            i,
+                            "features",
+                            f"could not compute features ({type(e).__name__}: {e}).",
+                            type(e).__name__,
+                        )
                     continue
                 for i, m in zip(chunk, maps, strict=True):
                     feats[i] = m.tobytes()
@@ -150,7 +168,9 @@ class ComputeFeatures:
 
         from model.device import autocast
 
-        x = torch.stack([torch.from_numpy(np.array(im)) for im in images]).to(self.device)  # copies: Ray hands read-only views
+        x = torch.stack([torch.from_numpy(np.array(im)) for im in images]).to(
+            self.device
+        )  # copies: Ray hands read-only views
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
         h, w = x.shape[-2:]
         x = F.pad(x, (left, gw * PATCH_SIZE - w - left, top, gh * PATCH_SIZE - h - top))
@@ -177,10 +197,17 @@ class WriteFeatures:
             buf = io.BytesIO()
             pq.write_table(pa.table(cols, schema=CACHE_SCHEMA), buf, compression="zstd")
             try:
-                write_bytes_atomic(f"{self.folder}/part-{uuid.uuid4().hex}.parquet", buf.getvalue(), self.storage_options)
+                write_bytes_atomic(
+                    f"{self.folder}/part-{uuid.uuid4().hex}.parquet", buf.getvalue(), self.storage_options
+                )
             except Exception as e:
                 for i in rows:
-                    set_error(out, i, "write", f"could not write to the feature cache {self.folder} ({type(e).__name__}: {e}).")
+                    set_error(
+                        out,
+                        i,
+                        "write",
+                        f"could not write to the feature cache {self.folder} ({type(e).__name__}: {e}).",
+                    )
         return out
 
 
@@ -222,8 +249,10 @@ class CachedSamples:
             feats.append(np.ascontiguousarray(f))
             labels.append(np.ascontiguousarray(label))
         if cfg.crop_cells:
-            return {"features": np.stack(feats) if feats else np.zeros((0, 1, 1, 1), np.float16),
-                    "label": np.stack(labels) if labels else np.zeros((0, 1, 1), np.uint8)}
+            return {
+                "features": np.stack(feats) if feats else np.zeros((0, 1, 1, 1), np.float16),
+                "label": np.stack(labels) if labels else np.zeros((0, 1, 1), np.uint8),
+            }
         return {"features": object_array(feats), "label": object_array(labels)}
 
     def _label(self, data: bytes, batch, i: int) -> np.ndarray:
@@ -236,14 +265,20 @@ class CachedSamples:
             log.warning("mask of %s is unusable now (%s); its pixels are ignored this epoch", batch["image"][i], e)
             label = np.full((h, w), IGNORE_INDEX, np.uint8)
         _, label = resize_pair(None, label, h, w)
-        return pad_label(label, int(batch["grid_h"][i]), int(batch["grid_w"][i]), int(batch["pad_top"][i]), int(batch["pad_left"][i]))
+        return pad_label(
+            label, int(batch["grid_h"][i]), int(batch["grid_w"][i]), int(batch["pad_top"][i]), int(batch["pad_left"][i])
+        )
 
     def _crop(self, f: np.ndarray, label: np.ndarray):
         n = self.config.crop_cells
         c, gh, gw = f.shape
         if gh < n or gw < n:  # a small map: pad to the crop (zero features, ignored labels)
             f = np.pad(f, ((0, 0), (0, max(n - gh, 0)), (0, max(n - gw, 0))))
-            label = np.pad(label, ((0, max(n - gh, 0) * PATCH_SIZE), (0, max(n - gw, 0) * PATCH_SIZE)), constant_values=IGNORE_INDEX)
+            label = np.pad(
+                label,
+                ((0, max(n - gh, 0) * PATCH_SIZE), (0, max(n - gw, 0) * PATCH_SIZE)),
+                constant_values=IGNORE_INDEX,
+            )
             gh, gw = f.shape[1:]
         y, x = int(self.rng.integers(0, gh - n + 1)), int(self.rng.integers(0, gw - n + 1))
         f = f[:, y : y + n, x : x + n]

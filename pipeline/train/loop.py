@@ -92,8 +92,14 @@ def train_loop(config: dict) -> None:
 
         backbone = load_backbone(loop.backbone, loop.backbone_weights, loop.storage_options)
         backbone.requires_grad_(False).eval().to(device)
-        source = FeatureSource(head_config.layers, head_config.embed_dim, backbone, loop.settings.get("mean"),
-                               loop.settings.get("std"), precision)
+        source = FeatureSource(
+            head_config.layers,
+            head_config.embed_dim,
+            backbone,
+            loop.settings.get("mean"),
+            loop.settings.get("std"),
+            precision,
+        )
     weight = torch.tensor(loop.class_weights, dtype=torch.float32, device=device) if loop.class_weights else None
     train_shard = worker.shard("train")
     val_shard = worker.shard("val") if _has_val(loop) else None
@@ -101,8 +107,9 @@ def train_loop(config: dict) -> None:
 
     for epoch in range(start, loop.epochs):
         t0 = time.time()
-        batches = train_shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
-                                           local_shuffle_buffer_size=max(64, 4 * loop.batch_size))
+        batches = train_shard.iter_batches(
+            batch_size=loop.batch_size, batch_format="numpy", local_shuffle_buffer_size=max(64, 4 * loop.batch_size)
+        )
         stats = train_epoch(model, source, batches, optimizer, scheduler, device, weight, head_precision)
         t_train = time.time() - t0
         loss = epoch_loss(stats, device)
@@ -111,16 +118,32 @@ def train_loop(config: dict) -> None:
             dist.all_reduce(loss)
             for b in plain.buffers():  # every worker validates (and rank 0 saves) rank 0's BN statistics
                 dist.broadcast(b, 0)
-        record = {"epoch": epoch + 1, "epochs": loop.epochs, "train_loss": mean_loss(loss),
-                  "train_samples": int(loss[2]), "lr": float(scheduler.get_last_lr()[0])}
+        record = {
+            "epoch": epoch + 1,
+            "epochs": loop.epochs,
+            "train_loss": mean_loss(loss),
+            "train_samples": int(loss[2]),
+            "lr": float(scheduler.get_last_lr()[0]),
+        }
         if val_shard is not None:
-            conf = validate(plain, source, val_shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy"),
-                            device, head_config.num_classes, head_precision, take=lambda i: i % world == rank)
+            conf = validate(
+                plain,
+                source,
+                val_shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy"),
+                device,
+                head_config.num_classes,
+                head_precision,
+                take=lambda i: i % world == rank,
+            )
             if distributed:
                 dist.all_reduce(conf)
             result = scores(conf.cpu().numpy(), list(classes.names))
-            record |= {"val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"],
-                       "val_mean_dice": result["mean_dice"], "val_iou": result["iou"]}
+            record |= {
+                "val_miou": result["miou"],
+                "val_pixel_accuracy": result["pixel_accuracy"],
+                "val_mean_dice": result["mean_dice"],
+                "val_iou": result["iou"],
+            }
         record["seconds"] = round(time.time() - t0, 3)
         record["train_seconds"] = round(t_train, 3)
         miou = record.get("val_miou")
@@ -136,7 +159,9 @@ def train_loop(config: dict) -> None:
 def epoch_loss(stats: dict, device) -> torch.Tensor:
     """(loss sum, samples with a loss, samples) of this worker, to all-reduce with SUM: a worker
     with no batches adds zeros, not its NaN mean."""
-    return torch.tensor([stats["loss_sum"], stats["loss_samples"], stats["train_samples"]], dtype=torch.float64, device=device)
+    return torch.tensor(
+        [stats["loss_sum"], stats["loss_samples"], stats["train_samples"]], dtype=torch.float64, device=device
+    )
 
 
 def mean_loss(reduced: torch.Tensor) -> float:
@@ -157,19 +182,35 @@ def _precision(requested: str, device) -> str:
 def _save(loop: LoopConfig, head, head_config, classes, optimizer, scheduler, epoch, best, history, improved) -> None:
     out, so = loop.output.rstrip("/"), loop.storage_options
     ckpt = HeadCheckpoint(
-        backbone=loop.backbone, config=head_config, classes=classes,
-        state_dict={k: v.detach().cpu() for k, v in head.state_dict().items()}, resolution=loop.resolution,
-        mean=tuple(loop.settings.get("mean", IMAGENET_MEAN)), std=tuple(loop.settings.get("std", IMAGENET_STD)),
-        meta={"epoch": epoch, "val_miou": history[-1].get("val_miou"), "backbone_weights": loop.backbone_weights or "released",
-              "run_id": loop.run_id},
+        backbone=loop.backbone,
+        config=head_config,
+        classes=classes,
+        state_dict={k: v.detach().cpu() for k, v in head.state_dict().items()},
+        resolution=loop.resolution,
+        mean=tuple(loop.settings.get("mean", IMAGENET_MEAN)),
+        std=tuple(loop.settings.get("std", IMAGENET_STD)),
+        meta={
+            "epoch": epoch,
+            "val_miou": history[-1].get("val_miou"),
+            "backbone_weights": loop.backbone_weights or "released",
+            "run_id": loop.run_id,
+        },
     )
     from model.checkpoint import save_head_checkpoint
 
     if improved:
         save_head_checkpoint(ckpt, f"{out}/head.pt", so)
     write_text(f"{out}/metrics.jsonl", jsonl(history), so)
-    state = {"run_id": loop.run_id, "epoch": epoch, "head": ckpt.to_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "best": best, "history": history, "settings": loop.settings}
+    state = {
+        "run_id": loop.run_id,
+        "epoch": epoch,
+        "head": ckpt.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best": best,
+        "history": history,
+        "settings": loop.settings,
+    }
     from pipeline.io.files import write_bytes_atomic
 
     write_bytes_atomic(f"{out}/last.pt", state_bytes(state), so)

@@ -19,15 +19,18 @@ from pipeline.train.config import RESUME_KEYS, TrainConfig
 
 log = logging.getLogger("dinoseg.train")
 
+
 def _check(config: TrainConfig) -> None:
-    bad = [(config.epochs >= 1, f"--epochs {config.epochs} must be at least 1"),
-           (config.batch_size >= 1, f"--batch-size {config.batch_size} must be at least 1"),
-           (config.lr > 0, f"--lr {config.lr} must be positive"),
-           (config.weight_decay >= 0, f"--weight-decay {config.weight_decay} must not be negative"),
-           (0 <= config.warmup < 1, f"--warmup {config.warmup} must be a fraction in [0, 1)"),
-           (config.resolution >= 14 and config.crop >= 14, "--resolution and --crop must be at least 14 pixels"),
-           (config.workers is None or config.workers >= 1, f"--workers {config.workers} must be at least 1"),
-           (not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; pass one")]
+    bad = [
+        (config.epochs >= 1, f"--epochs {config.epochs} must be at least 1"),
+        (config.batch_size >= 1, f"--batch-size {config.batch_size} must be at least 1"),
+        (config.lr > 0, f"--lr {config.lr} must be positive"),
+        (config.weight_decay >= 0, f"--weight-decay {config.weight_decay} must not be negative"),
+        (0 <= config.warmup < 1, f"--warmup {config.warmup} must be a fraction in [0, 1)"),
+        (config.resolution >= 14 and config.crop >= 14, "--resolution and --crop must be at least 14 pixels"),
+        (config.workers is None or config.workers >= 1, f"--workers {config.workers} must be at least 1"),
+        (not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; pass one"),
+    ]
     for ok, message in bad:
         if not ok:
             raise DinosegError(message + ".")
@@ -45,7 +48,9 @@ def _layers(config: TrainConfig, depth: int) -> tuple[int, ...]:
     except ValueError:
         raise DinosegError(f"--layers '{config.layers}' is not a list of block indices: pass e.g. 8,9,10,11.") from None
     if any(not -depth <= i < depth for i in layers) or len({i % depth for i in layers}) != len(layers):
-        raise DinosegError(f"--layers {config.layers}: {config.backbone} has blocks 0..{depth - 1}; give distinct indices in range.")
+        raise DinosegError(
+            f"--layers {config.layers}: {config.backbone} has blocks 0..{depth - 1}; give distinct indices in range."
+        )
     return tuple(sorted(i % depth for i in layers))
 
 
@@ -55,9 +60,13 @@ def _class_weights(config: TrainConfig, n: int) -> tuple[float, ...] | None:
     try:
         weights = tuple(float(v) for v in config.class_weights.split(","))
     except ValueError:
-        raise DinosegError(f"--class-weights '{config.class_weights}' is not a comma-separated list of numbers.") from None
+        raise DinosegError(
+            f"--class-weights '{config.class_weights}' is not a comma-separated list of numbers."
+        ) from None
     if len(weights) != n or any(w < 0 for w in weights):
-        raise DinosegError(f"--class-weights gives {len(weights)} weights for {n} classes: give one non-negative weight per class.")
+        raise DinosegError(
+            f"--class-weights gives {len(weights)} weights for {n} classes: give one non-negative weight per class."
+        )
     return weights
 
 
@@ -90,13 +99,19 @@ def run_train(config: TrainConfig) -> dict:
     _check(config)
     # local paths as absolute ones: Ray's workers (a joined cluster's, or a Ray started in another
     # folder) do not run in this process's folder
-    config = replace(config, output=absolute_output(config.output), backbone_weights=absolute_input(config.backbone_weights),
-                     cache_dir=absolute_output(config.cache_dir) if config.cache_dir else None)
+    config = replace(
+        config,
+        output=absolute_output(config.output),
+        backbone_weights=absolute_input(config.backbone_weights),
+        cache_dir=absolute_output(config.cache_dir) if config.cache_dir else None,
+    )
     so = config.storage_options or None
     out = config.output.rstrip("/")
     classes = load_class_map(config.classes, so)
     if len(classes) > 255:  # labels are 8-bit in training (255 = ignore); fail here, not per pair
-        raise DinosegError(f"{config.classes} has {len(classes)} classes; training supports at most 255: merge classes or split the map.")
+        raise DinosegError(
+            f"{config.classes} has {len(classes)} classes; training supports at most 255: merge classes or split the map."
+        )
     bb = backbone_config(config.backbone)
     layers = _layers(config, bb.depth)
     weights = _class_weights(config, len(classes))
@@ -129,22 +144,48 @@ def run_train(config: TrainConfig) -> dict:
         counts = {"train_pairs": len(train), "val_pairs": len(val), "problems": len(problems)}
         _report_problems(problems, out, so)
         if not len(train):
-            raise DinosegError(f"no usable training pairs are left ({len(problems)} problems, see {out}/problems.jsonl): fix the data and re-run.")
+            raise DinosegError(
+                f"no usable training pairs are left ({len(problems)} problems, see {out}/problems.jsonl): fix the data and re-run."
+            )
         # GPU workers an autoscaler has not started yet count: Ray Train asks for them
         use_gpu = bool(cluster.get("GPU", 0) or cluster.get(runtime.GPU_CEILING, 0))
         workers = config.workers or max(1, int(cluster.get("GPU", 0)))
         if len(train) < workers:
             raise DinosegError(f"{len(train)} training pairs for {workers} workers: use fewer --workers or more data.")
         per_worker = max(1, config.batch_size // workers)
-        cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, (cluster.get("CPU", 1) - 1) / workers)))
-        loop = LoopConfig(
-            out, run_id, head.to_dict(), classes.to_dict(), config.backbone, config.backbone_weights, config.resolution,
-            config.cache, config.epochs, per_worker, steps_per_epoch(len(train), workers, per_worker),
-            Schedule(config.lr, config.weight_decay, config.warmup, config.schedule), weights, config.precision,
-            config.seed, run_settings | {"val_pairs": len(val)}, so, weights_env=weights_env(),
+        cpus = config.cpus_per_worker or (
+            1.0 if use_gpu else max(0.25, min(1.0, (cluster.get("CPU", 1) - 1) / workers))
         )
-        spec = DataSpec(train, val, len(classes), config.resolution, config.crop, cache_folder, so,
-                        max_megapixels=config.max_megapixels)
+        loop = LoopConfig(
+            out,
+            run_id,
+            head.to_dict(),
+            classes.to_dict(),
+            config.backbone,
+            config.backbone_weights,
+            config.resolution,
+            config.cache,
+            config.epochs,
+            per_worker,
+            steps_per_epoch(len(train), workers, per_worker),
+            Schedule(config.lr, config.weight_decay, config.warmup, config.schedule),
+            weights,
+            config.precision,
+            config.seed,
+            run_settings | {"val_pairs": len(val)},
+            so,
+            weights_env=weights_env(),
+        )
+        spec = DataSpec(
+            train,
+            val,
+            len(classes),
+            config.resolution,
+            config.crop,
+            cache_folder,
+            so,
+            max_megapixels=config.max_megapixels,
+        )
         if state is None or state["epoch"] < config.epochs:
             with EpochLines(f"{out}/metrics.jsonl", so):
                 fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
@@ -153,10 +194,16 @@ def run_train(config: TrainConfig) -> dict:
             runtime.stop_ray()
     final = read_state(out, so)
     info = {
-        "run_id": run_id, "arguments": run_settings, "versions": versions(), "counts": counts,
-        "workers": workers, "epochs_done": final["epoch"] if final else 0,
-        "best": final["best"] if final else None, "history": final["history"] if final else [],
-        "wall_seconds": round(time.time() - started, 3), "head": f"{out}/head.pt",
+        "run_id": run_id,
+        "arguments": run_settings,
+        "versions": versions(),
+        "counts": counts,
+        "workers": workers,
+        "epochs_done": final["epoch"] if final else 0,
+        "best": final["best"] if final else None,
+        "history": final["history"] if final else [],
+        "wall_seconds": round(time.time() - started, 3),
+        "head": f"{out}/head.pt",
     }
     write_text(f"{out}/train.json", json.dumps(info, indent=2, default=str) + "\n", so)
     return info
@@ -204,18 +251,31 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
     features = folder = None
     cached = {}
     if config.cache:
-        features = FeatureConfig(config.backbone, tuple(layers), config.resolution, config.backbone_weights,
-                                 precision=config.precision, storage_options=so, weights_env=weights_env())
+        features = FeatureConfig(
+            config.backbone,
+            tuple(layers),
+            config.resolution,
+            config.backbone_weights,
+            precision=config.precision,
+            storage_options=so,
+            weights_env=weights_env(),
+        )
         folder = features.folder(config.cache_dir or f"{config.output.rstrip('/')}/cache")
         cached = cached_sizes(folder, so)
-    pair = PairConfig(len(classes), config.resolution if config.cache else None, max_megapixels=config.max_megapixels,
-                      keep=config.cache)
+    pair = PairConfig(
+        len(classes),
+        config.resolution if config.cache else None,
+        max_megapixels=config.max_megapixels,
+        keep=config.cache,
+    )
     resources = runtime.Resources(decode_cpus=0.25).resolve(cluster)
     good, problems = set(), []
     for table in check_pass(pairs_table(everything, cached), pair, so, resources, features, folder):
         for row in table.to_pylist():
             if row["error_stage"]:
-                problems.append(problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"]))
+                problems.append(
+                    problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
+                )
             else:
                 good.add(row["image"])
     keep = lambda p: p.subset([i for i, url in enumerate(p.images) if url in good])  # noqa: E731

@@ -115,7 +115,9 @@ class FeatureSource:
         from model.device import autocast
 
         if self.backbone is None:
-            raise RuntimeError("pixels arrived but no backbone is loaded: the training data and the cache setting disagree")
+            raise RuntimeError(
+                "pixels arrived but no backbone is loaded: the training data and the cache setting disagree"
+            )
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
         with torch.no_grad(), autocast(x.device, self.precision):
             maps = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
@@ -128,8 +130,17 @@ def loss_fn(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | No
     return F.cross_entropy(logits, label, weight=weight, ignore_index=IGNORE_INDEX)
 
 
-def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer, scheduler, device,
-                weight=None, precision="fp32", on_step=None) -> dict:
+def train_epoch(
+    head,
+    source: FeatureSource,
+    batches: Iterable[dict],
+    optimizer,
+    scheduler,
+    device,
+    weight=None,
+    precision="fp32",
+    on_step=None,
+) -> dict:
     """One pass over `batches`. A batch with no labelled pixel (all 255) has no loss: it is left
     out of the epoch's loss, and it still takes its place in the schedule (the scheduler steps
     once per batch, so the lr follows the planned steps) and in DDP's gradient all-reduce (a
@@ -163,8 +174,12 @@ def train_epoch(head, source: FeatureSource, batches: Iterable[dict], optimizer,
             count += len(label)
         if on_step:
             on_step()
-    return {"train_loss": total / count if count else float("nan"), "train_samples": samples,
-            "loss_sum": total, "loss_samples": count}
+    return {
+        "train_loss": total / count if count else float("nan"),
+        "train_samples": samples,
+        "loss_sum": total,
+        "loss_samples": count,
+    }
 
 
 def _any_gradient(optimizer) -> bool:
@@ -172,8 +187,15 @@ def _any_gradient(optimizer) -> bool:
 
 
 @torch.no_grad()
-def validate(head, source: FeatureSource, batches: Iterable[dict], device, num_classes: int,
-             precision="fp32", take=lambda i: True) -> torch.Tensor:
+def validate(
+    head,
+    source: FeatureSource,
+    batches: Iterable[dict],
+    device,
+    num_classes: int,
+    precision="fp32",
+    take=lambda i: True,
+) -> torch.Tensor:
     """The confusion matrix over the batches this worker takes (`take(batch_index)`)."""
     from model.device import autocast
 
@@ -201,7 +223,9 @@ def state_bytes(state: dict) -> bytes:
 
 def parse_state(obj, source: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
-        raise WeightsError(f"{source} is not a dinoseg training state: resume from the last.pt that `dinoseg train` wrote.")
+        raise WeightsError(
+            f"{source} is not a dinoseg training state: resume from the last.pt that `dinoseg train` wrote."
+        )
     if obj.get("version", 0) > STATE_VERSION:
         raise WeightsError(f"{source} was written by a newer dinoseg: upgrade dinoseg to resume it.")
     return obj

@@ -76,16 +76,22 @@ def decode_label(data: bytes, num_classes: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode in ("RGB", "RGBA"):
-                raise DinosegError("the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG.")
+                raise DinosegError(
+                    "the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG."
+                )
             mask = np.array(img)  # '1' -> bool (0/1), 'P'/'L' -> uint8, 'I;16' -> uint16, 'I' -> int32
     except DinosegError:
         raise
     except Exception as e:
         raise DinosegError(f"the mask is not a readable image ({type(e).__name__}: {e}).") from None
     if mask.ndim != 2:
-        raise DinosegError(f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG.")
+        raise DinosegError(
+            f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG."
+        )
     if mask.dtype.kind not in "uib":
-        raise DinosegError(f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG.")
+        raise DinosegError(
+            f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG."
+        )
     bad = ((mask >= num_classes) & (mask != IGNORE_INDEX)) | (mask < 0)
     if bad.any():
         value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
@@ -167,7 +173,9 @@ class DecodePair:
             if self.config.keep:
                 if self.config.resolution and rgb is not None:
                     r = self.config.resolution
-                    rgb, label = resize_pair(rgb, label, *resized_size(*label.shape, r, self.config.long_side_ratio * r))
+                    rgb, label = resize_pair(
+                        rgb, label, *resized_size(*label.shape, r, self.config.long_side_ratio * r)
+                    )
                 pixels[i], labels[i] = (rgb if rgb is not None else pixels[i]), label
         out["width"], out["height"] = widths, heights
         if self.config.keep:

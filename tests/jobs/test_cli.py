@@ -83,8 +83,14 @@ def test_segment_options_become_one_config_that_pseudo_label_and_self_train_shar
 
     seen = {}
     typer_app = typer.Typer()
-    typer_app.command()(command("", [(SegmentConfig, all_but())], lambda values: seen.setdefault("config", SegmentConfig(**values)),
-                                lambda config: None))
+    typer_app.command()(
+        command(
+            "",
+            [(SegmentConfig, all_but())],
+            lambda values: seen.setdefault("config", SegmentConfig(**values)),
+            lambda config: None,
+        )
+    )
     argv = ["in", "out", "--head", "h.pt", "--mode", "slide", "--confidence", "--storage-options", '{"anon": true}']
     assert run_command(typer_app, argv) == 0
     config = seen["config"]

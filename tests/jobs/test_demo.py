@@ -65,13 +65,14 @@ def test_the_patterns_catch_what_the_demo_printed_before():
     assert not_ours("\n".join(ours)) == []
 
 
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """(console, OUTPUT) of the README's demo command, run in a fresh folder as its own process."""
     cwd = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONWARNINGS")}
-    env.update(DINOSEG_CACHE=str(cwd / "cache"), DINOSEG_HUB=str(cwd / "no-hub"), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
+    env.update(
+        DINOSEG_CACHE=str(cwd / "cache"), DINOSEG_HUB=str(cwd / "no-hub"), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25"
+    )
     argv = command("./dinoseg demo")
     proc = run_script(argv, cwd, env=env, timeout=600)
     console = proc.stdout + proc.stderr  # a person's terminal shows both

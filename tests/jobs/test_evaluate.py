@@ -68,7 +68,14 @@ def test_known_scores_and_report(dirs):
     assert result["pixel_accuracy"] == pytest.approx(3 / 5) and result["pixels"] == 5
     assert result["unlabeled_fraction"] == 0.0
     assert result["names"] == ["bg", "cat", "dog"]
-    assert result["counts"] == {"pairs": 2, "only_pred": 0, "only_gt": 0, "size_mismatch": 0, "unreadable": 0, "out_of_range": 0}
+    assert result["counts"] == {
+        "pairs": 2,
+        "only_pred": 0,
+        "only_gt": 0,
+        "size_mismatch": 0,
+        "unreadable": 0,
+        "out_of_range": 0,
+    }
     report = json.loads((pred / "evaluation.json").read_text())
     assert report == json.loads(json.dumps(result))
     assert report["arguments"]["output"] == str(pred / "evaluation.json")
@@ -79,26 +86,40 @@ def test_known_scores_and_report(dirs):
 
 def test_skips_are_counted_and_never_fatal(dirs):
     pred, gt, classes = dirs
-    write(pred, {
-        "only/in_pred": png([[0]]),
-        "small": png([[0, 1], [1, 0]]),
-        "rgb": png([[0, 1, 2]], "RGB"),
-        "wide_pred": png([[0, 7, 1]]),  # 7 is neither a class nor 'unsure' (255) in a prediction
-        "bad_gt": png([[0, 1, 2]]),
-    })
-    write(gt, {
-        "x/only_in_gt": png([[0]], "L"), "y": png([[1]], "L"),
-        "small": png([[0, 1, 1], [1, 0, 0], [0, 0, 0]], "L"),
-        "rgb": png([[0, 1, 2]], "L"),
-        "wide_pred": png([[0, 1, 1]], "L"),
-        "bad_gt": png([[0, 7, 255]], "L"),  # 7 is neither a class nor the ignore index
-        "corrupt.png": b"this is not a PNG",
-    })
+    write(
+        pred,
+        {
+            "only/in_pred": png([[0]]),
+            "small": png([[0, 1], [1, 0]]),
+            "rgb": png([[0, 1, 2]], "RGB"),
+            "wide_pred": png([[0, 7, 1]]),  # 7 is neither a class nor 'unsure' (255) in a prediction
+            "bad_gt": png([[0, 1, 2]]),
+        },
+    )
+    write(
+        gt,
+        {
+            "x/only_in_gt": png([[0]], "L"),
+            "y": png([[1]], "L"),
+            "small": png([[0, 1, 1], [1, 0, 0], [0, 0, 0]], "L"),
+            "rgb": png([[0, 1, 2]], "L"),
+            "wide_pred": png([[0, 1, 1]], "L"),
+            "bad_gt": png([[0, 7, 255]], "L"),  # 7 is neither a class nor the ignore index
+            "corrupt.png": b"this is not a PNG",
+        },
+    )
     write(pred, {"corrupt.png": png([[0]])})
     result = run_evaluate(EvaluateConfig(str(pred), str(gt), str(classes)))
     assert result["miou"] == pytest.approx(4 / 9)  # only the two good pairs count
     assert result["iou"] == pytest.approx(IOU)
-    assert result["counts"] == {"pairs": 2, "only_pred": 1, "only_gt": 2, "size_mismatch": 1, "unreadable": 2, "out_of_range": 2}
+    assert result["counts"] == {
+        "pairs": 2,
+        "only_pred": 1,
+        "only_gt": 2,
+        "size_mismatch": 1,
+        "unreadable": 2,
+        "out_of_range": 2,
+    }
     ex = result["examples"]
     assert ex["only_pred"] == ["only/in_pred"] and ex["only_gt"] == ["x/only_in_gt", "y"]
     assert ex["size_mismatch"] == ["small: the prediction is 2x2, the ground truth 3x3."]
@@ -187,7 +208,9 @@ def test_wrong_paths_and_options_are_one_sentence(tmp_path, dirs, capsys):
     err = error_of([str(pred), str(tmp_path / "nope"), "--classes", str(classes)], capsys)
     assert err.startswith("error: GT:") and "does not exist" in err
     assert "class map" in error_of([str(pred), str(gt), "--classes", str(tmp_path / "no.yaml")], capsys)
-    assert "storage-options" in error_of([str(pred), str(gt), "--classes", str(classes), "--storage-options", "{"], capsys)
+    assert "storage-options" in error_of(
+        [str(pred), str(gt), "--classes", str(classes), "--storage-options", "{"], capsys
+    )
     assert not (pred / "evaluation.json").exists()
 
 
@@ -199,7 +222,9 @@ def test_gt_on_s3_and_report_on_s3(dirs, s3_bucket):
     fs = fsspec.filesystem("s3", **so)
     for path in gt.rglob("*.png"):
         fs.pipe_file(f"{bucket}/gt/{path.relative_to(gt).as_posix()}", path.read_bytes())
-    result = run_evaluate(EvaluateConfig(str(pred), f"s3://{bucket}/gt", str(classes), f"s3://{bucket}/eval/report.json", so))
+    result = run_evaluate(
+        EvaluateConfig(str(pred), f"s3://{bucket}/gt", str(classes), f"s3://{bucket}/eval/report.json", so)
+    )
     assert result["iou"] == pytest.approx(IOU) and result["counts"]["pairs"] == 2
     report = json.loads(fs.cat_file(f"{bucket}/eval/report.json"))
     assert report["miou"] == pytest.approx(4 / 9)
@@ -209,8 +234,13 @@ def test_gt_on_s3_and_report_on_s3(dirs, s3_bucket):
 
 def test_python_dash_m(dirs):
     pred, gt, classes = dirs
-    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", str(pred), str(gt), "--classes", str(classes)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", str(pred), str(gt), "--classes", str(classes)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mIoU 44.44" in proc.stdout
     assert (pred / "evaluation.json").exists()

@@ -98,8 +98,14 @@ def test_cvat_through_main_with_zip(labels, tmp_path):
         assert (back == m).all()
     assert sorted((out / "ImageSets" / "Segmentation" / "default.txt").read_text().split()) == ["b", "city/a"]
     with zipfile.ZipFile(tmp_path / "cvat.zip") as z:
-        assert sorted(z.namelist()) == sorted(["labelmap.txt", "ImageSets/Segmentation/default.txt",
-                                               "SegmentationClass/b.png", "SegmentationClass/city/a.png"])
+        assert sorted(z.namelist()) == sorted(
+            [
+                "labelmap.txt",
+                "ImageSets/Segmentation/default.txt",
+                "SegmentationClass/b.png",
+                "SegmentationClass/city/a.png",
+            ]
+        )
 
 
 def test_images_option_pairs_by_key_and_masks_folder_without_masks_subfolder(labels, tmp_path):
@@ -107,7 +113,9 @@ def test_images_option_pairs_by_key_and_masks_folder_without_masks_subfolder(lab
     (images / "city").mkdir(parents=True)
     (images / "city" / "a.webp").write_bytes(b"")
     bare = labels / "masks"  # LABELS given as the mask folder itself: no classes.yaml there
-    result = run_export(ExportConfig(str(bare), str(tmp_path / "o"), "coco", classes=str(labels / "classes.yaml"), images=str(images)))
+    result = run_export(
+        ExportConfig(str(bare), str(tmp_path / "o"), "coco", classes=str(labels / "classes.yaml"), images=str(images))
+    )
     data = json.loads((tmp_path / "o" / "annotations.json").read_text())
     names = {img["dinoseg_key"]: img["file_name"] for img in data["images"]}
     assert names == {"city/a": str(images / "city" / "a.webp"), "b": "b"}  # no image for 'b': its key
@@ -132,7 +140,9 @@ def test_no_classes_says_pass_classes(labels, tmp_path):
     (labels / "classes.yaml").unlink()
     with pytest.raises(DinosegError, match="pass --classes"):
         run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco"))
-    assert run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco", classes="voc2012"))["counts"]["exported"] == 3  # 7 is a VOC class
+    assert (
+        run_export(ExportConfig(str(labels), str(tmp_path / "o"), "coco", classes="voc2012"))["counts"]["exported"] == 3
+    )  # 7 is a VOC class
 
 
 def test_nothing_exportable_writes_nothing(tmp_path):
@@ -148,7 +158,13 @@ def test_nothing_exportable_writes_nothing(tmp_path):
 def test_cvat_rejects_a_class_map_it_cannot_import(labels, tmp_path, capsys):
     clash = ClassMap(("road", "car"), ((1, 1, 1), (1, 1, 1)))
     save_class_map(clash, str(labels / "clash.yaml"))
-    assert main("jobs.export", [str(labels), str(tmp_path / "o"), "--format", "cvat", "--classes", str(labels / "clash.yaml")]) == 2
+    assert (
+        main(
+            "jobs.export",
+            [str(labels), str(tmp_path / "o"), "--format", "cvat", "--classes", str(labels / "clash.yaml")],
+        )
+        == 2
+    )
     assert "share the colour 1,1,1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # checked before any mask is read
 
@@ -158,11 +174,22 @@ def test_unknown_format(labels, tmp_path, capsys):
     assert "unknown format 'yolo'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt, files", [
-    ("coco", ["annotations.json"]),
-    ("cvat", ["labelmap.txt", "ImageSets/Segmentation/default.txt", "SegmentationClass/b.png", "SegmentationClass/city/a.png"]),
-    ("labelstudio", ["tasks.json", "labeling_config.xml"]),
-])
+@pytest.mark.parametrize(
+    "fmt, files",
+    [
+        ("coco", ["annotations.json"]),
+        (
+            "cvat",
+            [
+                "labelmap.txt",
+                "ImageSets/Segmentation/default.txt",
+                "SegmentationClass/b.png",
+                "SegmentationClass/city/a.png",
+            ],
+        ),
+        ("labelstudio", ["tasks.json", "labeling_config.xml"]),
+    ],
+)
 def test_remote_output_is_uploaded(labels, fmt, files):
     import fsspec
 

@@ -29,7 +29,9 @@ def head_file(tmp_path_factory):
     for p in head.parameters():
         p.data.normal_(0, 0.5)
     path = tmp_path_factory.mktemp("head") / "head.pt"
-    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, SYNTHETIC_CLASSES, head.state_dict(), resolution=56), str(path))
+    save_head_checkpoint(
+        HeadCheckpoint("dinov2_vits14", head.config, SYNTHETIC_CLASSES, head.state_dict(), resolution=56), str(path)
+    )
     return str(path)
 
 
@@ -91,8 +93,10 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
     third = run_pseudo_label(config(images, out, head_file, class_balanced=0.5, min_coverage=0.5, confidence=True))
     assert third["model"]["predicted"] == 0
     thresholds = json.loads((out / "thresholds.json").read_text())
-    raw = [(decode_mask_png(p.read_bytes()), decode_mask_png((out / "raw" / "confidence" / p.name).read_bytes()))
-           for p in (out / "raw" / "masks").glob("*.png")]
+    raw = [
+        (decode_mask_png(p.read_bytes()), decode_mask_png((out / "raw" / "confidence" / p.name).read_bytes()))
+        for p in (out / "raw" / "masks").glob("*.png")
+    ]
     for c in thresholds["classes"]:  # the highest threshold that keeps at least half of the class
         q = np.concatenate([conf[mask == c["id"]] for mask, conf in raw])
         assert c["predicted_pixels"] == q.size
@@ -151,7 +155,10 @@ def test_bad_rules_fail_before_any_work(tmp_path, images, head_file):
 def test_cli_and_python_m_share_the_options(tmp_path, capsys):
     from jobs.cli import main as dinoseg
 
-    assert dinoseg(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"]) == 2
+    assert (
+        dinoseg(["pseudo-label", str(tmp_path), str(tmp_path / "o"), "--threshold", "0.5", "--class-balanced", "0.2"])
+        == 2
+    )
     assert "not both" in capsys.readouterr().err
     assert main("jobs.pseudo_label", [str(tmp_path), str(tmp_path / "o"), "--class-balanced", "1.5"]) == 2
     assert "--class-balanced 1.5 must be in (0, 1]" in capsys.readouterr().err
@@ -182,7 +189,6 @@ def _export_round_trips(out, tmp_path):
     """`export --format coco` reads a pseudo-label output as it is; pycocotools decodes the masks."""
     from pycocotools import mask as mask_utils
 
-
     assert main("jobs.export", [str(out), str(tmp_path / "coco"), "--format", "coco"]) == 0
     coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
     by_id = {im["id"]: im for im in coco["images"]}
@@ -191,4 +197,6 @@ def _export_round_trips(out, tmp_path):
     for ann in coco["annotations"]:
         key = Path(by_id[ann["image_id"]]["file_name"]).stem
         mask = decode_mask_png((out / "masks" / f"{key}.png").read_bytes())
-        assert np.array_equal(mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8))
+        assert np.array_equal(
+            mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8)
+        )

@@ -66,12 +66,17 @@ def cluster_env(tmp_path_factory, s3_server):
     home = tmp_path_factory.mktemp("home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "DINOSEG_"))}
     env |= {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "HOME": str(home),
         # token auth, with a token of this test's (a private HOME has no ~/.ray/auth_token): the
         # head requires it and the job CLI sends it only with RAY_AUTH_MODE=token
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-        "DINOSEG_HUB": str(hub), "DINOSEG_CACHE": str(home / "cache"),
-        "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "DINOSEG_HUB": str(hub),
+        "DINOSEG_CACHE": str(home / "cache"),
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # epochs of a few images: see graph.start_ray
     }
@@ -85,13 +90,26 @@ def ray_head(cluster_env):
     dashboard = free_port()
     log = open(f"{temp}.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-         # not the default 52365, which this session's own Ray agent already holds: a head whose
-         # agent cannot bind it takes no jobs ("No available agent to submit job")
-         f"--dashboard-agent-listen-port={free_port()}",
-         "--disable-usage-stats"],
-        env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}",
+            # not the default 52365, which this session's own Ray agent already holds: a head whose
+            # agent cannot bind it takes no jobs ("No available agent to submit job")
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=cluster_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 120, head, f"{temp}.log")
@@ -114,12 +132,14 @@ def ray_head(cluster_env):
 def stop_jobs(address: str, env: dict) -> None:
     """Stop the jobs still running on the head: Ray starts each job's entrypoint in a session of
     its own, which killing the head's process group would leave running (after a failed test)."""
-    script = ("import sys, time; from ray.job_submission import JobSubmissionClient\n"
-              "c = JobSubmissionClient(sys.argv[1])\n"
-              "live = [j.submission_id for j in c.list_jobs() if j.submission_id and not j.status.is_terminal()]\n"
-              "[c.stop_job(j) for j in live]\n"
-              "end = time.time() + 30\n"
-              "while live and time.time() < end and not all(c.get_job_status(j).is_terminal() for j in live): time.sleep(1)\n")
+    script = (
+        "import sys, time; from ray.job_submission import JobSubmissionClient\n"
+        "c = JobSubmissionClient(sys.argv[1])\n"
+        "live = [j.submission_id for j in c.list_jobs() if j.submission_id and not j.status.is_terminal()]\n"
+        "[c.stop_job(j) for j in live]\n"
+        "end = time.time() + 30\n"
+        "while live and time.time() < end and not all(c.get_job_status(j).is_terminal() for j in live): time.sleep(1)\n"
+    )
     done = subprocess.run([sys.executable, "-c", script, address], env=env, capture_output=True, text=True, timeout=60)
     if done.returncode:  # the teardown goes on; what may be left running is said
         sys.stderr.write(f"could not stop the head's jobs; a job's driver may still run: {done.stderr[-2000:]}\n")
@@ -136,8 +156,13 @@ def signal_group(pid: int, sig: int) -> None:
 def bucket(s3_server):
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=BUCKET)
     s3fs.S3FileSystem.clear_instance_cache()
     return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server})
@@ -150,8 +175,9 @@ def submit(argv: list[str], address: str, env: dict) -> str:
     env = env | {"RAY_ADDRESS": address}
     deadline = time.time() + 60
     while True:
-        done = subprocess.run([str(BIN / "ray"), *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=480)
+        done = subprocess.run(
+            [str(BIN / "ray"), *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=480
+        )
         output = plain(done.stdout + done.stderr)
         # the dashboard can answer before the head's job agent has registered; the job was not
         # created then, so submitting again is what the message asks for
@@ -178,8 +204,13 @@ def jpeg(seed: int, w: int = 72, h: int = 56) -> bytes:
 
 
 def test_submit_segment_to_a_local_head(ray_head, cluster_env, bucket):
-    bucket.pipe({f"{BUCKET}/photos/a.jpg": jpeg(0), f"{BUCKET}/photos/sub/b.jpg": jpeg(1, 40, 64),
-                 f"{BUCKET}/photos/broken.jpg": b"not an image"})
+    bucket.pipe(
+        {
+            f"{BUCKET}/photos/a.jpg": jpeg(0),
+            f"{BUCKET}/photos/sub/b.jpg": jpeg(1, 40, 64),
+            f"{BUCKET}/photos/broken.jpg": b"not an image",
+        }
+    )
     argv = command("ray job submit --working-dir . -- python -m jobs.segment")
     submit(argv, ray_head, cluster_env)
     out = argv[argv.index("jobs.segment") + 2].removeprefix("s3://").rstrip("/")
@@ -204,7 +235,9 @@ def test_submit_train_to_a_local_head(ray_head, cluster_env, bucket, tmp_path):
     files |= {f"{masks}/{p.name}": p.read_bytes() for p in (tmp_path / "train" / "masks").iterdir()}
     bucket.pipe(files | {classes: (tmp_path / "classes.yaml").read_bytes()})
     submit(argv, ray_head, cluster_env)
-    assert {"head.pt", "last.pt", "metrics.jsonl", "train.json"} <= {p.rsplit("/", 1)[-1] for p in bucket.ls(output_url)}
+    assert {"head.pt", "last.pt", "metrics.jsonl", "train.json"} <= {
+        p.rsplit("/", 1)[-1] for p in bucket.ls(output_url)
+    }
     info = json.loads(bucket.cat(f"{output_url}/train.json"))
     assert info["workers"] == int(argv[argv.index("--workers") + 1])
     assert info["epochs_done"] == int(argv[argv.index("--epochs") + 1]) and info["best"] is not None

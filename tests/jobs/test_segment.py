@@ -19,7 +19,14 @@ from model.heads import HeadConfig, LinearHead
 from pipeline.segment import SegmentConfig, run_segment
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = {"backbone_weights": "random", "resolution": 56, "decode_cpus": 0.25, "cpus_per_actor": 0.5, "actors": 1, "batch_size": 4}
+SMALL = {
+    "backbone_weights": "random",
+    "resolution": 56,
+    "decode_cpus": 0.25,
+    "cpus_per_actor": 0.5,
+    "actors": 1,
+    "batch_size": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,9 @@ def head_file(tmp_path_factory):
         p.data.normal_(0, 0.5)
     classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
     path = tmp_path_factory.mktemp("head") / "head.pt"
-    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(path))
+    save_head_checkpoint(
+        HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(path)
+    )
     return str(path)
 
 
@@ -110,7 +119,9 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     keys = [r["key"] for r in read_rows(out / "predictions")]
     assert sorted(keys) == sorted(GOOD)  # every mask exactly once
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written files
-    redo = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL))
+    redo = run_segment(
+        SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL)
+    )
     assert redo["predicted"] == 5 and redo["skipped"] == 0
     assert sorted(r["key"] for r in read_rows(out / "predictions")) == sorted(GOOD)  # still once each
     assert len(read_rows(out / "errors")) == 3
@@ -124,7 +135,9 @@ def test_another_model_does_not_resume_into_an_output(ray_local, tmp_path, head_
     other = tmp_path / "other.pt"
     head = LinearHead(HeadConfig("linear", (11,), 384, 4))  # another head: default initialisation
     classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
-    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(other))
+    save_head_checkpoint(
+        HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(other)
+    )
     with pytest.raises(DinosegError, match="another model.*--overwrite"):
         run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=str(other), **SMALL))
     assert len(read_rows(out / "predictions")) == 1  # nothing changed
@@ -137,8 +150,17 @@ def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_p
     bucket, so = s3_bucket
     fs = fsspec.filesystem("s3", **so)
     fs.pipe({f"{bucket}/in/x/one.jpg": jpeg(50, 40, 5), f"{bucket}/in/two.jpg": jpeg(20, 30, 6)})
-    counts = run_segment(SegmentConfig(f"s3://{bucket}/in", f"s3://{bucket}/out", model=None, head=head_file,
-                               masks="both", storage_options=so, **SMALL))
+    counts = run_segment(
+        SegmentConfig(
+            f"s3://{bucket}/in",
+            f"s3://{bucket}/out",
+            model=None,
+            head=head_file,
+            masks="both",
+            storage_options=so,
+            **SMALL,
+        )
+    )
     assert counts == {"inputs": 2, "predicted": 2, "skipped": 0, "failed": 0}
     assert fs.exists(f"{bucket}/out/masks/x/one.png") and fs.exists(f"{bucket}/out/run.json")
     files = fs.glob(f"{bucket}/out/predictions/*.parquet")
@@ -150,7 +172,13 @@ def test_s3_in_and_out_with_parquet_masks(ray_local, s3_bucket, head_file, tmp_p
 def test_bad_options_are_one_sentence(tmp_path, head_file):
     from jobs.options import main
 
-    assert main("jobs.segment", [str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"]) == 2
+    assert (
+        main(
+            "jobs.segment",
+            [str(tmp_path / "missing"), str(tmp_path / "out"), "--head", head_file, "--backbone-weights", "random"],
+        )
+        == 2
+    )
     assert main("jobs.segment", [str(tmp_path), str(tmp_path / "out"), "--storage-options", "{not json"]) == 2
     assert main("jobs.segment", [str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
 
@@ -159,9 +187,13 @@ def test_bad_options_are_one_sentence(tmp_path, head_file):
 def test_listing_errors_overlays_and_rle(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     manifest = tmp_path / "m.txt"  # the same image twice: the second line is an error row, never read
-    manifest.write_text(f"{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'sub' / 'b.jpg'}\n")
+    manifest.write_text(
+        f"{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'a.jpg'}\n{tmp_path / 'in' / 'sub' / 'b.jpg'}\n"
+    )
     out = tmp_path / "out"
-    counts = run_segment(SegmentConfig(str(manifest), str(out), model=None, head=head_file, overlays=True, rle=True, **SMALL))
+    counts = run_segment(
+        SegmentConfig(str(manifest), str(out), model=None, head=head_file, overlays=True, rle=True, **SMALL)
+    )
     assert counts == {"inputs": 3, "predicted": 2, "skipped": 0, "failed": 1}
     errors = read_rows(out / "errors")
     assert len(errors) == 1 and errors[0]["stage"] == "list"
@@ -191,7 +223,9 @@ def test_a_predictor_that_dies_mid_batch_loses_no_input(ray_local, tmp_path, hea
 
     monkeypatch.setattr(pipeline.segment.predict, "Predict", DiesOnce)
     make_inputs(tmp_path / "in")
-    counts = run_segment(SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL))
+    counts = run_segment(
+        SegmentConfig(str(tmp_path / "in"), str(tmp_path / "out"), model=None, head=head_file, **SMALL)
+    )
     assert marker.exists()  # it really died
     assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
     assert sorted(r["key"] for r in read_rows(tmp_path / "out" / "predictions")) == sorted(GOOD)
@@ -212,13 +246,31 @@ def killed_and_rerun(tmp_path_factory, head_file):
         (src / f"img{i:02d}.jpg").write_bytes(jpeg(96, 64, 100 + i))
     (src / "p.jpg").write_bytes(jpeg(33, 44, 7))
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "jobs.segment", str(src), str(out), "--head", head_file, "--backbone-weights",
-           "random", "--resolution", "56", "--batch-size", "2", "--decode-cpus", "0.25", "--cpus-per-actor", "0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.segment",
+        str(src),
+        str(out),
+        "--head",
+        head_file,
+        "--backbone-weights",
+        "random",
+        "--resolution",
+        "56",
+        "--batch-size",
+        "2",
+        "--decode-cpus",
+        "0.25",
+        "--cpus-per-actor",
+        "0.5",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # a module fixture runs before the tests' own isolated environment: isolate it here
     env |= {"DINOSEG_CACHE": str(tmp / "cache"), "DINOSEG_HUB": str(tmp / "no-hub")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and len(list((out / "masks").glob("*.png"))) < 2:
         time.sleep(0.2)

@@ -22,7 +22,14 @@ from pipeline.train import TrainConfig, run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 # a random backbone's features carry local colour: a linear head learns the synthetic shapes
-FAST = {"backbone_weights": "random", "resolution": 112, "crop": 112, "batch_size": 8, "lr": 0.03, "cpus_per_worker": 0.5}
+FAST = {
+    "backbone_weights": "random",
+    "resolution": 112,
+    "crop": 112,
+    "batch_size": 8,
+    "lr": 0.03,
+    "cpus_per_worker": 0.5,
+}
 
 
 @pytest.fixture
@@ -61,7 +68,12 @@ def test_no_cache_reports_bad_pairs_and_trains_on_the_rest(ray_local, small, tmp
     assert info["counts"] == {"train_pairs": 12, "val_pairs": 4, "problems": 5}
     problems = {p["key"]: p for p in lines(out / "problems.jsonl")}
     assert {k: p["stage"] for k, p in problems.items()} == {
-        "lonely": "pair", "wrong_size": "mask", "corrupt": "decode", "rgb": "mask", "class9": "mask"}
+        "lonely": "pair",
+        "wrong_size": "mask",
+        "corrupt": "decode",
+        "rgb": "mask",
+        "class9": "mask",
+    }
     assert "10x10" in problems["wrong_size"]["message"] and "RGB" in problems["rgb"]["message"]
     assert "class 9" in problems["class9"]["message"]
     assert not (out / "cache").exists()  # --no-cache computes no features ahead
@@ -72,14 +84,37 @@ def test_no_cache_reports_bad_pairs_and_trains_on_the_rest(ray_local, small, tmp
 @pytest.mark.slow  # a real Ray
 def test_a_killed_run_resumes_from_last_pt(small, tmp_path, capsys):
     out = tmp_path / "run"
-    args = [f"{small}/train/images", f"{small}/train/masks", "--val-images", f"{small}/val/images", "--val-masks",
-            f"{small}/val/masks", "--classes", f"{small}/classes.yaml", "--output", str(out), "--backbone-weights",
-            "random", "--resolution", "56", "--crop", "56", "--batch-size", "4", "--epochs", "3", "--workers", "1",
-            "--cpus-per-worker", "0.5"]
+    args = [
+        f"{small}/train/images",
+        f"{small}/train/masks",
+        "--val-images",
+        f"{small}/val/images",
+        "--val-masks",
+        f"{small}/val/masks",
+        "--classes",
+        f"{small}/classes.yaml",
+        "--output",
+        str(out),
+        "--backbone-weights",
+        "random",
+        "--resolution",
+        "56",
+        "--crop",
+        "56",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--workers",
+        "1",
+        "--cpus-per-worker",
+        "0.5",
+    ]
     cmd = [sys.executable, "-m", "jobs.train", *args]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
         time.sleep(0.2)
@@ -136,7 +171,11 @@ def test_option_errors_are_one_sentence(tmp_path, small):
     with pytest.raises(DinosegError, match="class weights|--class-weights"):
         run_train(config(small, tmp_path / "o", class_weights="1,2"))
     with pytest.raises(DinosegError, match="no masks"):
-        run_train(TrainConfig(f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"))
+        run_train(
+            TrainConfig(
+                f"{small}/train/images", None, f"{small}/classes.yaml", str(tmp_path / "o"), backbone_weights="random"
+            )
+        )
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
@@ -144,8 +183,15 @@ def test_the_summary_of_a_run_without_validation_pairs():
     from pipeline.train import summary
 
     # a small pair set can leave --val-fraction's hash split empty: epochs then have no mIoU
-    info = {"history": [{"epoch": 1, "train_loss": 1.5, "seconds": 2.0}, {"epoch": 2, "train_loss": 0.5, "val_miou": None, "seconds": 1.0}],
-            "counts": {"train_pairs": 22, "val_pairs": 0, "problems": 0}, "best": {"miou": None, "epoch": 2}, "head": "run/head.pt"}
+    info = {
+        "history": [
+            {"epoch": 1, "train_loss": 1.5, "seconds": 2.0},
+            {"epoch": 2, "train_loss": 0.5, "val_miou": None, "seconds": 1.0},
+        ],
+        "counts": {"train_pairs": 22, "val_pairs": 0, "problems": 0},
+        "best": {"miou": None, "epoch": 2},
+        "head": "run/head.pt",
+    }
     lines = summary(info).splitlines()
     assert lines[1].split() == ["1", "1.5000", "-", "2.0"] and lines[2].split()[2] == "-"
     assert "0 validation" in lines[3] and not any("best validation" in line for line in lines)

@@ -50,14 +50,23 @@ def expected_shapes(name: str) -> dict[str, tuple]:
     if ffn == "swiglu":
         mlp = {"mlp.w12.weight": (8192, d), "mlp.w12.bias": (8192,), "mlp.w3.weight": (d, 4096), "mlp.w3.bias": (d,)}
     else:
-        mlp = {"mlp.fc1.weight": (4 * d, d), "mlp.fc1.bias": (4 * d,), "mlp.fc2.weight": (d, 4 * d), "mlp.fc2.bias": (d,)}
+        mlp = {
+            "mlp.fc1.weight": (4 * d, d),
+            "mlp.fc1.bias": (4 * d,),
+            "mlp.fc2.weight": (d, 4 * d),
+            "mlp.fc2.bias": (d,),
+        }
     for i in range(depth):
         block = {
-            "norm1.weight": (d,), "norm1.bias": (d,),
-            "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
-            "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+            "norm1.weight": (d,),
+            "norm1.bias": (d,),
+            "attn.qkv.weight": (3 * d, d),
+            "attn.qkv.bias": (3 * d,),
+            "attn.proj.weight": (d, d),
+            "attn.proj.bias": (d,),
             "ls1.gamma": (d,),
-            "norm2.weight": (d,), "norm2.bias": (d,),
+            "norm2.weight": (d,),
+            "norm2.bias": (d,),
             **mlp,
             "ls2.gamma": (d,),
         }
@@ -84,6 +93,7 @@ def tiny(cfg: BackboneConfig, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------------
 # variants and keys
+
 
 def test_the_eight_variants_have_design_dimensions():
     assert sorted(BACKBONES) == sorted(ALL_NAMES)
@@ -152,6 +162,7 @@ def test_real_giant_strict_loads_a_state_dict_of_its_shapes():
 # ---------------------------------------------------------------------------------------------
 # position embeddings
 
+
 def _grid(pos_embed: torch.Tensor) -> torch.Tensor:
     d = pos_embed.shape[-1]
     return pos_embed[:, 1:].float().reshape(1, 37, 37, d).permute(0, 3, 1, 2)
@@ -174,7 +185,9 @@ def test_plain_pos_embed_uses_meta_scale_factor_with_offset(hw):
     h, w = hw
     m = tiny(TINY)
     got = m.interpolate_pos_encoding(h, w)
-    grid = F.interpolate(_grid(m.pos_embed), scale_factor=((h + 0.1) / 37, (w + 0.1) / 37), mode="bicubic", antialias=False)
+    grid = F.interpolate(
+        _grid(m.pos_embed), scale_factor=((h + 0.1) / 37, (w + 0.1) / 37), mode="bicubic", antialias=False
+    )
     want = _flatten(m.pos_embed[:, :1], grid)
     assert got.shape == (1, 1 + h * w, 32)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -219,6 +232,7 @@ def test_pos_embed_interpolation_runs_in_fp32_for_bf16_models():
 # ---------------------------------------------------------------------------------------------
 # tokens
 
+
 def _first_block_input(m, x):
     seen = []
     handle = m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
@@ -261,6 +275,7 @@ def test_input_not_multiple_of_14_raises(shape):
 
 # ---------------------------------------------------------------------------------------------
 # get_intermediate_layers
+
 
 @pytest.fixture(scope="module")
 def reg_model_and_reference():
@@ -358,6 +373,7 @@ def test_invalid_n_raises(n, reg_model_and_reference):
 
 # ---------------------------------------------------------------------------------------------
 # attention and cost
+
 
 @torch.no_grad()
 def test_attention_goes_through_sdpa(monkeypatch):

@@ -35,9 +35,14 @@ def random_head_state(config: HeadConfig, seed: int = 0) -> dict[str, torch.Tens
 def make_checkpoint(kind: str = "linear", num_classes: int = 3, seed: int = 0, **overrides) -> HeadCheckpoint:
     config = HeadConfig(kind, default_layers(kind, 12), 384, num_classes, hidden=32)
     fields = {
-        "backbone": "dinov2_vits14", "config": config, "classes": class_map(num_classes),
-        "state_dict": random_head_state(config, seed), "resolution": 448,
-        "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "meta": {"epochs": 4, "miou": 0.61, "data": "s3://labels/v2"},
+        "backbone": "dinov2_vits14",
+        "config": config,
+        "classes": class_map(num_classes),
+        "state_dict": random_head_state(config, seed),
+        "resolution": 448,
+        "mean": (0.5, 0.4, 0.3),
+        "std": (0.2, 0.25, 0.3),
+        "meta": {"epochs": 4, "miou": 0.61, "data": "s3://labels/v2"},
     }
     fields.update(overrides)
     return HeadCheckpoint(**fields)
@@ -145,7 +150,9 @@ def test_class_count_mismatch(declared):
     """Weights for 5 classes, a class map of 3 (declared as 3 or as 5 in the head config)."""
     config5 = HeadConfig("linear", (11,), 384, 5)
     ckpt = make_checkpoint(
-        config=HeadConfig("linear", (11,), 384, declared), classes=class_map(3), state_dict=random_head_state(config5),
+        config=HeadConfig("linear", (11,), 384, declared),
+        classes=class_map(3),
+        state_dict=random_head_state(config5),
     )
     with pytest.raises(WeightsError) as e:
         parse_head_checkpoint(ckpt.to_dict(), "head.pt")
@@ -153,10 +160,14 @@ def test_class_count_mismatch(declared):
     assert f"head for 5 classes but names 3 and declares {declared}" in message
 
 
-@pytest.mark.parametrize("overrides", [
-    {"meta": {"miou": np.float64(0.61), "epochs": np.int64(4)}},
-    {"mean": np.array([0.5, 0.4, 0.3], dtype=np.float32)},
-], ids=["numpy-meta", "numpy-mean"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"meta": {"miou": np.float64(0.61), "epochs": np.int64(4)}},
+        {"mean": np.array([0.5, 0.4, 0.3], dtype=np.float32)},
+    ],
+    ids=["numpy-meta", "numpy-mean"],
+)
 def test_a_head_file_dinoseg_writes_is_one_it_can_read(tmp_path, overrides):
     path = tmp_path / "head.pt"
     try:
@@ -198,8 +209,12 @@ def mmseg_head(channels: int, num_classes: int = 21, seed: int = 0) -> dict:
     """The layout of Meta's *_head.pth: an mmseg checkpoint with a BNHead's decode_head."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "meta": {"mmseg_version": "0.27.0", "CLASSES": tuple(f"c{i}" for i in range(num_classes)),
-                 "PALETTE": [[i, i, i] for i in range(num_classes)], "iter": 40000},
+        "meta": {
+            "mmseg_version": "0.27.0",
+            "CLASSES": tuple(f"c{i}" for i in range(num_classes)),
+            "PALETTE": [[i, i, i] for i in range(num_classes)],
+            "iter": 40000,
+        },
         "state_dict": {
             "decode_head.conv_seg.weight": torch.randn(num_classes, channels, 1, 1, generator=g),
             "decode_head.conv_seg.bias": torch.randn(num_classes, generator=g),

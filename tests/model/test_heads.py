@@ -40,8 +40,13 @@ def test_state_dict_keys_match_mmseg_after_prefix():
     head = LinearHead(HeadConfig("linear", (11,), 384, 21))
     keys = set(head.state_dict())
     assert keys == {
-        "conv_seg.weight", "conv_seg.bias", "bn.weight", "bn.bias",
-        "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+        "conv_seg.weight",
+        "conv_seg.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
     }
     assert head.conv_seg.weight.shape == (21, 384, 1, 1)
     ms = LinearHead(HeadConfig("ms", (8, 9, 10, 11), 384, 21))

@@ -84,7 +84,10 @@ def test_random_backbone_needs_no_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOSEG_HUB", str(tmp_path / "nothing-here"))
     head = LinearHead(HeadConfig("linear", (11,), 384, 2))
     path = str(tmp_path / "h.pt")
-    save_head_checkpoint(HeadCheckpoint("dinov2_vits14", head.config, ClassMap(("a", "b"), ((0, 0, 0), (1, 1, 1))), head.state_dict()), path)
+    save_head_checkpoint(
+        HeadCheckpoint("dinov2_vits14", head.config, ClassMap(("a", "b"), ((0, 0, 0), (1, 1, 1))), head.state_dict()),
+        path,
+    )
     seg = build_segmenter(head=path, backbone_weights=RANDOM, config=InferenceConfig(resolution=56))
     assert seg.predict([photo(30, 40)])[0].mask.shape == (30, 40)
 

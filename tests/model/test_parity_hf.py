@@ -34,13 +34,20 @@ REG_S = BackboneConfig(
 )
 PLAIN_G = BackboneConfig("swiglu_shallow", 96, 2, 3, ffn="swiglu")
 REG_G = BackboneConfig(
-    "swiglu_reg_shallow", 96, 2, 3, ffn="swiglu",
-    num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True,
+    "swiglu_reg_shallow",
+    96,
+    2,
+    3,
+    ffn="swiglu",
+    num_register_tokens=4,
+    interpolate_offset=0.0,
+    interpolate_antialias=True,
 )
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -76,8 +83,12 @@ def ours_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "norm.bias": "layernorm.bias",
     }
     per_block = {
-        "norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj",
-        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w3": "mlp.down_proj",
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "mlp.w3": "mlp.down_proj",
     }
     out = {}
     for key, value in sd.items():
@@ -180,6 +191,7 @@ def image_nonsquare():
 # ---------------------------------------------------------------------------------------------
 # forward parity
 
+
 @pytest.mark.parametrize("cfg", [PLAIN_S, REG_S, PLAIN_G, REG_G], ids=lambda c: c.name)
 @torch.no_grad()
 def test_last_hidden_state_matches_hf_at_518(cfg, image518):
@@ -229,6 +241,7 @@ def test_swiglu_hidden_width_matches_transformers():
 # ---------------------------------------------------------------------------------------------
 # intermediate layers
 
+
 @torch.no_grad()
 def test_get_intermediate_layers_match_hf_hidden_states(image_nonsquare):
     cfg = dataclasses.replace(REG_S, depth=3)
@@ -251,8 +264,9 @@ def test_get_intermediate_layers_match_hf_hidden_states(image_nonsquare):
 # ---------------------------------------------------------------------------------------------
 # the reverse mapping: model.convert
 
+
 def _assert_same_state_dict(got, want):
-    assert set(got) == set(want), (set(got) ^ set(want))
+    assert set(got) == set(want), set(got) ^ set(want)
     for k in want:
         assert got[k].shape == want[k].shape, k
         assert torch.equal(got[k], want[k]), k

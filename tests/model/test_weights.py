@@ -175,7 +175,8 @@ def test_hub_file_names_follow_meta():
     assert backbone_file("dinov2_vits14") == HUB_FILE
     assert backbone_file("dinov2_vitg14_reg") == "dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
     assert segmentation_model("dinov2_vitl14_ade20k_ms").files() == [
-        "dinov2_vitl14/dinov2_vitl14_pretrain.pth", "dinov2_vitl14/dinov2_vitl14_ade20k_ms_head.pth",
+        "dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+        "dinov2_vitl14/dinov2_vitl14_ade20k_ms_head.pth",
     ]
 
 
@@ -276,7 +277,12 @@ def test_unreadable_files_are_one_sentence(tmp_path, vits14_file, kind):
     elif kind == "csv":
         path.write_text("a,b\n1,2\n")
     elif kind == "jpeg":
-        path.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+        path.write_bytes(
+            b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"
+            + torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     else:
         path.write_bytes(b"")
     with pytest.raises(WeightsError) as e:
@@ -321,7 +327,10 @@ def test_wrong_shape_names_the_key(tmp_path, vits14_state_dict):
 def vits14_reg_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights-reg") / "dinov2_vits14_reg4_pretrain.pth"
     g = torch.Generator().manual_seed(7)  # random in every tensor, as conftest's vits14_state_dict
-    torch.save({k: torch.randn(v.shape, generator=g) for k, v in build_backbone("dinov2_vits14_reg").state_dict().items()}, path)
+    torch.save(
+        {k: torch.randn(v.shape, generator=g) for k, v in build_backbone("dinov2_vits14_reg").state_dict().items()},
+        path,
+    )
     return path
 
 
@@ -365,7 +374,8 @@ def _layout(sd: dict, name: str):
         return {f"backbone.{k}": v for k, v in sd.items()}
     if name == "teacher":  # Meta's teacher_checkpoint.pth: backbone and DINO/iBOT heads
         heads = {
-            "dino_head.mlp.0.weight": torch.randn(16, 384), "dino_head.mlp.0.bias": torch.randn(16),
+            "dino_head.mlp.0.weight": torch.randn(16, 384),
+            "dino_head.mlp.0.bias": torch.randn(16),
             "dino_head.last_layer.weight_g": torch.randn(32, 1),
             "ibot_head.mlp.0.weight": torch.randn(16, 384),
         }

@@ -84,7 +84,9 @@ def test_other_modes():
     rgb, _, _ = decode_image(buf.getvalue())
     assert rgb[0, :, 1].tolist() == [0, 1, 255, 255, 0]
     for fmt in ("BMP", "WEBP", "TIFF"):
-        rgb, w, h = decode_image(image_bytes(fmt, (5, 3), (200, 100, 50), **({"lossless": True} if fmt == "WEBP" else {})))
+        rgb, w, h = decode_image(
+            image_bytes(fmt, (5, 3), (200, 100, 50), **({"lossless": True} if fmt == "WEBP" else {}))
+        )
         assert (w, h) == (5, 3) and rgb.shape == (3, 5, 3) and rgb[1, 2].tolist() == [200, 100, 50]
 
 

@@ -21,7 +21,9 @@ def test_manifest_on_s3(s3_bucket):
     fs.pipe(f"{bucket}/set/list.txt", f"a/1.jpg\n/{bucket}/set/b/2.png\ns3://{bucket}/other/3.jpg\n".encode())
     rows = list(list_inputs(f"s3://{bucket}/set/list.txt", options))
     assert [(r["path"], r["key"]) for r in rows] == [
-        (f"s3://{bucket}/set/a/1.jpg", "set/a/1"), (f"s3://{bucket}/set/b/2.png", "set/b/2"), (f"s3://{bucket}/other/3.jpg", "other/3"),
+        (f"s3://{bucket}/set/a/1.jpg", "set/a/1"),
+        (f"s3://{bucket}/set/b/2.png", "set/b/2"),
+        (f"s3://{bucket}/other/3.jpg", "other/3"),
     ]
     out = ReadBytes(options)(batch([r["path"] for r in rows]))
     assert list(out["error_stage"]) == ["", "", ""] and set(out["bytes"]) == {image_bytes()}
@@ -62,7 +64,9 @@ def test_manifest_errors_and_mixed_filesystems(tmp_path):
     (tmp_path / "mixed.txt").write_text("s3://bkt/a/1.jpg\nmemory://bkt/a/2.jpg\n/local/a/3.jpg\n")
     rows = list(list_inputs(str(tmp_path / "mixed.txt")))  # no common prefix: the path without scheme
     assert [(r["path"], r["key"]) for r in rows] == [
-        ("s3://bkt/a/1.jpg", "bkt/a/1"), ("memory://bkt/a/2.jpg", "bkt/a/2"), ("/local/a/3.jpg", "local/a/3"),
+        ("s3://bkt/a/1.jpg", "bkt/a/1"),
+        ("memory://bkt/a/2.jpg", "bkt/a/2"),
+        ("/local/a/3.jpg", "local/a/3"),
     ]
 
 
@@ -73,7 +77,8 @@ def test_manifest_paths_cannot_escape(tmp_path):
     # local '..' resolves as the OS would (both files are inside tmp_path); on an object store it is a name
     local = str(tmp_path)[1:]  # the s3 entries leave no common folder: keys are paths without scheme
     assert [(r["path"], r["key"]) for r in rows[:2]] == [
-        (str(tmp_path / "in/a.jpg"), f"{local}/in/a"), (str(tmp_path / "b.jpg"), f"{local}/b"),
+        (str(tmp_path / "in/a.jpg"), f"{local}/in/a"),
+        (str(tmp_path / "b.jpg"), f"{local}/b"),
     ]
     assert (rows[2]["error_stage"], rows[2]["error_type"], rows[2]["key"]) == ("list", "UnsafePath", "")
     assert "'..'" in rows[2]["error_message"]
@@ -87,7 +92,13 @@ def test_collisions_in_a_manifest(tmp_path):
     (tmp_path / "m.txt").write_text("\n".join(entries))
     rows = list(list_inputs(str(tmp_path / "m.txt")))
     assert [(r["key"], r["error_stage"]) for r in rows] == [
-        ("a.jpg", ""), ("b", ""), ("a.png", ""), ("", "list"), ("q.jpg", ""), ("", "list"), ("q.png", ""),
+        ("a.jpg", ""),
+        ("b", ""),
+        ("a.png", ""),
+        ("", "list"),
+        ("q.jpg", ""),
+        ("", "list"),
+        ("q.png", ""),
     ]
     assert "listed more than once" in rows[3]["error_message"] and rows[3]["error_type"] == "DuplicateInput"
     assert "already used" in rows[5]["error_message"] and rows[5]["error_type"] == "KeyCollision"

@@ -102,8 +102,14 @@ def test_pairs_on_s3(s3_bucket):
 
     bucket, so = s3_bucket
     fs = fsspec.filesystem("s3", **so)
-    fs.pipe({f"{bucket}/in/images/a/b.jpg": jpg(), f"{bucket}/in/images/c.png": png(),
-             f"{bucket}/in/masks/a/b.png": png("L"), f"{bucket}/in/masks/c.png": png("L")})
+    fs.pipe(
+        {
+            f"{bucket}/in/images/a/b.jpg": jpg(),
+            f"{bucket}/in/images/c.png": png(),
+            f"{bucket}/in/masks/a/b.png": png("L"),
+            f"{bucket}/in/masks/c.png": png("L"),
+        }
+    )
     pairs = list_pairs(f"s3://{bucket}/in/images", f"s3://{bucket}/in/masks", so)
     assert pairs.keys == ["a/b", "c"]
     assert pairs.images == [f"s3://{bucket}/in/images/a/b.jpg", f"s3://{bucket}/in/images/c.png"]

@@ -70,7 +70,9 @@ def test_listing_is_lazy(tmp_path, monkeypatch):
     write(tmp_path, ["a.jpg"] + [f"d{i}/x.jpg" for i in range(5)])
     calls = []
     real_ls = LocalFileSystem.ls
-    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, path, *a, **k: calls.append(path) or real_ls(self, path, *a, **k))
+    monkeypatch.setattr(
+        LocalFileSystem, "ls", lambda self, path, *a, **k: calls.append(path) or real_ls(self, path, *a, **k)
+    )
     rows = list_inputs(str(tmp_path))
     assert inspect.isgenerator(rows)
     assert next(rows)["key"] == "a"
@@ -90,7 +92,9 @@ def test_unlistable_subfolder_is_an_error_row_and_an_unlistable_root_an_error(tm
     monkeypatch.setattr(LocalFileSystem, "ls", ls)
     rows = list(list_inputs(str(tmp_path)))
     assert [(r["key"], r["error_stage"], r["error_type"]) for r in rows] == [
-        ("a", "", ""), ("", "list", "PermissionError"), ("good/c", "", ""),
+        ("a", "", ""),
+        ("", "list", "PermissionError"),
+        ("good/c", "", ""),
     ]
     assert rows[1]["path"] == str(tmp_path / "bad") and "its images are missing" in rows[1]["error_message"]
     (tmp_path / "locked").mkdir()
@@ -151,10 +155,14 @@ def test_glob(tmp_path):
 def test_single_file_and_missing_or_empty_inputs(tmp_path):
     write(tmp_path, ["photo.JPG", "notes/readme.txt"])
     (tmp_path / "data.bin").write_bytes(b"x")
-    assert [(r["path"], r["key"]) for r in list_inputs(str(tmp_path / "photo.JPG"))] == [(str(tmp_path / "photo.JPG"), "photo")]
+    assert [(r["path"], r["key"]) for r in list_inputs(str(tmp_path / "photo.JPG"))] == [
+        (str(tmp_path / "photo.JPG"), "photo")
+    ]
     with pytest.raises(DinosegError, match=r"the input '.*nope' does not exist: check the path\."):
         list(list_inputs(str(tmp_path / "nope")))
-    with pytest.raises(DinosegError, match=r"holds no images with extensions jpg, jpeg, png, webp, bmp, tif, tiff: check the prefix\."):
+    with pytest.raises(
+        DinosegError, match=r"holds no images with extensions jpg, jpeg, png, webp, bmp, tif, tiff: check the prefix\."
+    ):
         list(list_inputs(str(tmp_path / "notes")))
     with pytest.raises(DinosegError, match="neither an image"):
         list(list_inputs(str(tmp_path / "data.bin")))
@@ -165,10 +173,14 @@ def test_collisions_in_a_folder(tmp_path):
     rows = list(list_inputs(str(tmp_path)))
     got = {str(Path(r["path"]).relative_to(tmp_path)): (r["key"], r["error_stage"], r["error_type"]) for r in rows}
     assert got == {
-        "a.jpg": ("a.jpg", "", ""), "a.png": ("a.png", "", ""), "b.jpg": ("b", "", ""),  # all keep the extension
+        "a.jpg": ("a.jpg", "", ""),
+        "a.png": ("a.png", "", ""),
+        "b.jpg": ("b", "", ""),  # all keep the extension
         "q.jpg": ("", "list", "KeyCollision"),  # 'q.jpg' is the plain key of q.jpg.png, and the plain key wins
-        "q.jpg.png": ("q.jpg", "", ""), "q.png": ("q.png", "", ""),
-        "s/c.JPG": ("s/c.JPG", "", ""), "s/c.jpg": ("s/c.jpg", "", ""),
+        "q.jpg.png": ("q.jpg", "", ""),
+        "q.png": ("q.png", "", ""),
+        "s/c.JPG": ("s/c.JPG", "", ""),
+        "s/c.jpg": ("s/c.jpg", "", ""),
     }
     assert "already used" in next(r for r in rows if r["path"].endswith("/q.jpg"))["error_message"]
     assert rows == list(list_inputs(str(tmp_path)))  # deterministic

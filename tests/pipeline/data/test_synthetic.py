@@ -127,7 +127,9 @@ def test_write_local_reads_back_as_generated(tmp_path):
     info = write_synthetic(str(tmp_path / "syn"), train=5, val=2, size=56, seed=3)
     root = str(tmp_path / "syn")
     assert info == {
-        "train": 5, "val": 2, "classes": f"{root}/classes.yaml",
+        "train": 5,
+        "val": 2,
+        "classes": f"{root}/classes.yaml",
         "images": {"train": f"{root}/train/images", "val": f"{root}/val/images"},
         "masks": {"train": f"{root}/train/masks", "val": f"{root}/val/masks"},
     }

@@ -53,8 +53,13 @@ def test_png_round_trip_uint16_past_256_classes():
 def test_png_accepts_wider_ints_that_fit_and_refuses_masks_that_do_not():
     mask = blobs(10, 12, 21).astype(np.int64)
     assert np.array_equal(decode_mask_png(encode_mask_png(mask, VOC)), mask)
-    for bad in (np.full((4, 4), 300, np.uint16), np.full((4, 4), -1, np.int32), np.zeros((4, 4, 3), np.uint8),
-                np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8)):
+    for bad in (
+        np.full((4, 4), 300, np.uint16),
+        np.full((4, 4), -1, np.int32),
+        np.zeros((4, 4, 3), np.uint8),
+        np.zeros((4, 4), np.float32),
+        np.zeros((0, 4), np.uint8),
+    ):
         with pytest.raises(DinosegError):
             encode_mask_png(bad, VOC)
 
@@ -65,7 +70,9 @@ def test_urls_keep_the_protocol_and_nest_keys():
     assert mask_url("/data/out", "img.v2") == "/data/out/masks/img.v2.png"
 
 
-@pytest.mark.parametrize("key", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "./a", "a//b", "a/", "a\\..\\b", "a\x00b"])
+@pytest.mark.parametrize(
+    "key", ["", "/etc/passwd", "..", "../x", "a/../../x", "a/..", "./a", "a//b", "a/", "a\\..\\b", "a\x00b"]
+)
 def test_keys_that_could_escape_output_are_refused(key):
     with pytest.raises(DinosegError):
         mask_url("/data/out", key)

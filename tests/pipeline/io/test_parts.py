@@ -8,8 +8,15 @@ from pipeline.io.parts import RollingParquetWriter, done_keys
 
 
 def rows(keys):
-    return pa.table({"path": [f"/in/{k}.jpg" for k in keys], "key": keys, "stage": ["decode"] * len(keys),
-                     "error_type": ["DecodeError"] * len(keys), "message": ["bad"] * len(keys)})
+    return pa.table(
+        {
+            "path": [f"/in/{k}.jpg" for k in keys],
+            "key": keys,
+            "stage": ["decode"] * len(keys),
+            "error_type": ["DecodeError"] * len(keys),
+            "message": ["bad"] * len(keys),
+        }
+    )
 
 
 def test_parts_roll_by_rows_and_only_complete_parts_count(tmp_path):

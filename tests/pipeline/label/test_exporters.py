@@ -186,7 +186,10 @@ def read_labelmap(path: Path) -> dict[tuple, str]:
 def test_cvat_round_trip(tmp_path):
     out = tmp_path / "cvat"
     export("cvat", out, zip=True)
-    assert (out / "labelmap.txt").read_text().splitlines()[:2] == ["# label:color_rgb:parts:actions", "background:0,0,0::"]
+    assert (out / "labelmap.txt").read_text().splitlines()[:2] == [
+        "# label:color_rgb:parts:actions",
+        "background:0,0,0::",
+    ]
     colours = read_labelmap(out / "labelmap.txt")
     assert list(colours.values()) == ["background", "sky", "cat", "dog", "tree"]
     index = {name: i for i, name in enumerate(CLASSES.names)} | {"background": 255}
@@ -201,7 +204,9 @@ def test_cvat_round_trip(tmp_path):
 
     with zipfile.ZipFile(tmp_path / "cvat.zip") as z:
         names = set(z.namelist())
-        assert names == {"labelmap.txt", "ImageSets/Segmentation/default.txt"} | {f"SegmentationClass/{k}.png" for k in masks()}
+        assert names == {"labelmap.txt", "ImageSets/Segmentation/default.txt"} | {
+            f"SegmentationClass/{k}.png" for k in masks()
+        }
         assert z.read("SegmentationClass/b.png") == (out / "SegmentationClass" / "b.png").read_bytes()
 
 
@@ -255,9 +260,16 @@ def test_labelstudio_round_trip(tmp_path):
         (prediction,) = task["predictions"]
         assert prediction["model_version"] == "v7"
         results = prediction["result"]
-        assert sorted(r["value"]["brushlabels"][0] for r in results) == sorted(CLASSES.names[c] for c in set(np.unique(m).tolist()) - {255})
+        assert sorted(r["value"]["brushlabels"][0] for r in results) == sorted(
+            CLASSES.names[c] for c in set(np.unique(m).tolist()) - {255}
+        )
         for r in results:
-            assert (r["from_name"], r["to_name"], r["type"], r["value"]["format"]) == ("brush", "img", "brushlabels", "rle")
+            assert (r["from_name"], r["to_name"], r["type"], r["value"]["format"]) == (
+                "brush",
+                "img",
+                "brushlabels",
+                "rle",
+            )
             assert (r["original_height"], r["original_width"], r["image_rotation"]) == (*m.shape, 0)
             c = CLASSES.names.index(r["value"]["brushlabels"][0])
             assert (ls_mask(r["value"]["rle"], *m.shape) == (m == c)).all()
@@ -266,7 +278,10 @@ def test_labelstudio_round_trip(tmp_path):
     brush = config.find("BrushLabels")
     assert brush.get("name") == "brush" and brush.get("toName") == "img" and config.find("Image").get("name") == "img"
     assert [(lb.get("value"), lb.get("background")) for lb in brush] == [
-        ("sky", "#4682b4"), ("cat", "#ff0000"), ("dog", "#00ff00"), ("tree", "#0000ff")
+        ("sky", "#4682b4"),
+        ("cat", "#ff0000"),
+        ("dog", "#00ff00"),
+        ("tree", "#0000ff"),
     ]
 
 

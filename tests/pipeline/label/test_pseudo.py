@@ -148,8 +148,10 @@ def test_select_labels_writes_pairs_rows_and_removes_deselected(tmp_path):
 
 def test_select_labels_turns_a_missing_confidence_map_into_an_error_row(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
-    items = {"a": (np.zeros((3, 3), np.uint8), np.full((3, 3), 65535, np.uint16)),
-             "b": (np.ones((3, 3), np.uint8), np.full((3, 3), 65535, np.uint16))}
+    items = {
+        "a": (np.zeros((3, 3), np.uint8), np.full((3, 3), 65535, np.uint16)),
+        "b": (np.ones((3, 3), np.uint8), np.full((3, 3), 65535, np.uint16)),
+    }
     batch = batch_of(raw, items)
     (raw / "confidence" / "a.png").unlink()
     table = SelectLabels(SelectConfig(str(out), str(raw), CLASSES, (0, 0, 0)))(batch)
@@ -162,8 +164,10 @@ def test_select_labels_turns_a_missing_confidence_map_into_an_error_row(tmp_path
 def test_histogram_step_sums_a_batch_sparsely(tmp_path):
     raw = tmp_path / "raw"
     rng = np.random.default_rng(2)
-    items = {k: (rng.integers(0, 3, (6, 8)).astype(np.uint8), rng.integers(60000, 60010, (6, 8)).astype(np.uint16))
-             for k in ("p", "q", "r")}
+    items = {
+        k: (rng.integers(0, 3, (6, 8)).astype(np.uint8), rng.integers(60000, 60010, (6, 8)).astype(np.uint16))
+        for k in ("p", "q", "r")
+    }
     table = ConfidenceHistogram(SelectConfig(str(tmp_path), str(raw), CLASSES, (0, 0, 0)))(batch_of(raw, items))
     assert len(table) == 1
     hist = np.zeros((3, LEVELS), np.int64)

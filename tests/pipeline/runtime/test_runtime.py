@@ -72,8 +72,14 @@ def test_cluster_resources_reads_the_launcher_config_only_when_joined(ray_local,
 
     from pipeline import runtime
 
-    config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {
-        "head": {"resources": {"CPU": 0}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 8}}}
+    config = {
+        "max_workers": 8,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0}},
+            "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 8},
+        },
+    }
     (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(config))  # `ray up` writes JSON there
     monkeypatch.setattr(runtime.cluster, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
     assert runtime.cluster_resources(joined=True)[runtime.GPU_CEILING] == 8

@@ -36,7 +36,9 @@ def blobs(h: int, w: int, n_classes: int, seed: int = 0, cell: int = 8) -> np.nd
     return low.repeat(cell, 0).repeat(cell, 1)[:h, :w].astype(np.uint8 if n_classes <= 256 else np.uint16)
 
 
-def make_batch(masks: list[np.ndarray], keys: list[str], images: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def make_batch(
+    masks: list[np.ndarray], keys: list[str], images: list[np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """A predict-stage batch, as schema.py describes it."""
     n = len(masks)
     return {
@@ -45,7 +47,9 @@ def make_batch(masks: list[np.ndarray], keys: list[str], images: list[np.ndarray
         "width": np.array([m.shape[1] if m.ndim == 2 else 0 for m in masks], dtype=np.int32),
         "height": np.array([m.shape[0] if m.ndim == 2 else 0 for m in masks], dtype=np.int32),
         "mask": object_array(masks),
-        "class_counts": object_array(np.bincount(m.astype(np.int64).ravel(), minlength=len(VOC))[: len(VOC)].astype(np.int64) for m in masks),
+        "class_counts": object_array(
+            np.bincount(m.astype(np.int64).ravel(), minlength=len(VOC))[: len(VOC)].astype(np.int64) for m in masks
+        ),
         "mean_confidence": np.linspace(0.5, 0.9, n).astype(np.float32),
         **({"image": object_array(images)} if images is not None else {}),
         **empty_errors(n),
@@ -56,7 +60,11 @@ def fail_earlier(batch: dict, i: int) -> None:
     batch["mask"][i] = np.zeros((0, 0), np.uint8)
     batch["class_counts"][i] = np.zeros(0, np.int64)
     batch["mean_confidence"][i] = np.nan
-    batch["error_stage"][i], batch["error_type"][i], batch["error_message"][i] = "decode", "UnidentifiedImageError", "not an image"
+    batch["error_stage"][i], batch["error_type"][i], batch["error_message"][i] = (
+        "decode",
+        "UnidentifiedImageError",
+        "not an image",
+    )
 
 
 def rows(table: pa.Table) -> dict[str, dict]:
@@ -76,9 +84,13 @@ def test_write_png_masks_and_pass_earlier_failures_through(tmp_path, threads):
     masks = [blobs(30, 40, 21, seed=s) for s in range(3)] + [np.zeros(0, np.uint8)]
     batch = make_batch(masks, ["a", "sub/b", "sub/deep/c", "broken"])
     fail_earlier(batch, 3)
-    cfg = WriteConfig(str(tmp_path / "out"), VOC, model_id="dinov2_vits14_voc2012_linear", head_checksum="abc", io_threads=threads)
+    cfg = WriteConfig(
+        str(tmp_path / "out"), VOC, model_id="dinov2_vits14_voc2012_linear", head_checksum="abc", io_threads=threads
+    )
     table = WriteMasks(cfg)(batch)
-    assert table.schema == write_schema(cfg) and "mask_png" not in table.schema.names and "rle" not in table.schema.names
+    assert (
+        table.schema == write_schema(cfg) and "mask_png" not in table.schema.names and "rle" not in table.schema.names
+    )
     got = rows(table)
     for key, mask in zip(["a", "sub/b", "sub/deep/c"], masks[:3], strict=True):
         r = got[key]
@@ -86,9 +98,18 @@ def test_write_png_masks_and_pass_earlier_failures_through(tmp_path, threads):
         assert r["mask"] == str(tmp_path / "out" / "masks" / f"{key}.png")
         assert np.array_equal(decode_mask_png(open(r["mask"], "rb").read()), mask)
         assert r["class_counts"] == np.bincount(mask.ravel(), minlength=21).tolist()
-        assert (r["width"], r["height"], r["model"], r["head_checksum"]) == (40, 30, "dinov2_vits14_voc2012_linear", "abc")
+        assert (r["width"], r["height"], r["model"], r["head_checksum"]) == (
+            40,
+            30,
+            "dinov2_vits14_voc2012_linear",
+            "abc",
+        )
     broken = got["broken"]
-    assert not broken["ok"] and (broken["stage"], broken["error_type"], broken["message"]) == ("decode", "UnidentifiedImageError", "not an image")
+    assert not broken["ok"] and (broken["stage"], broken["error_type"], broken["message"]) == (
+        "decode",
+        "UnidentifiedImageError",
+        "not an image",
+    )
     assert broken["mask"] == "" and broken["class_counts"] is None and broken["mean_confidence"] is None
     assert existing_keys(cfg.output) == {"a", "sub/b", "sub/deep/c"}
     assert [r["key"] for r in table.to_pylist()] == ["a", "sub/b", "sub/deep/c", "broken"]  # order kept
@@ -104,8 +125,13 @@ def test_rows_that_fail_while_writing_become_write_errors(tmp_path):
     batch["width"][2] = 6  # the mask is 5x5 but the image 5 high, 6 wide
     got = rows(WriteMasks(WriteConfig(str(out), VOC))(batch))
     assert got["ok"]["ok"]
-    for key, error_type in [("blocked/x", None), ("wrong-size", "DinosegError"), ("bad-values", "DinosegError"),
-                            ("float", "DinosegError"), ("../escape", "DinosegError")]:
+    for key, error_type in [
+        ("blocked/x", None),
+        ("wrong-size", "DinosegError"),
+        ("bad-values", "DinosegError"),
+        ("float", "DinosegError"),
+        ("../escape", "DinosegError"),
+    ]:
         r = got[key]
         assert not r["ok"] and r["stage"] == "write" and r["message"] and r["mask"] == "", key
         assert error_type is None or r["error_type"] == error_type, (key, r["error_type"])
@@ -141,7 +167,9 @@ def test_rle_column_has_one_entry_per_class_present_without_ignore(tmp_path):
     present = sorted(set(np.unique(mask).tolist()) - {255})
     assert [e["class_id"] for e in r["rle"]] == present
     for e in r["rle"]:
-        assert np.array_equal(rle_decode({"size": [37, 23], "counts": e["counts"]}), (mask == e["class_id"]).astype(np.uint8))
+        assert np.array_equal(
+            rle_decode({"size": [37, 23], "counts": e["counts"]}), (mask == e["class_id"]).astype(np.uint8)
+        )
 
 
 def test_overlays_are_resized_blends_and_written_before_the_mask(tmp_path):

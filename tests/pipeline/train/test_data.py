@@ -30,8 +30,13 @@ def test_a_fully_cached_set_is_checked_without_loading_a_model(ray_local, tmp_pa
     # a backbone that does not exist: loading it in an actor would fail the pass
     features = FeatureConfig("dinov2_nonexistent14", (11,), 56, backbone_weights="random")
     resources = runtime.Resources(decode_cpus=0.25).resolve(runtime.cluster_resources(joined=False))
-    rows = [row for table in check_pass(pairs_table(pairs, cached), PairConfig(2, 56, keep=True), None, resources,
-                                        features, str(tmp_path / "cache")) for row in table.to_pylist()]
+    rows = [
+        row
+        for table in check_pass(
+            pairs_table(pairs, cached), PairConfig(2, 56, keep=True), None, resources, features, str(tmp_path / "cache")
+        )
+        for row in table.to_pylist()
+    ]
     assert sorted(r["key"] for r in rows) == ["k0", "k1", "k2"]
     assert all(r["error_stage"] == "" for r in rows), rows
     assert not (tmp_path / "cache").exists()  # nothing was computed, nothing written
@@ -42,7 +47,11 @@ def test_a_mask_that_does_not_fit_its_cached_size_is_a_problem_row(ray_local, tm
     cached = {pairs.images[0]: (42, 28), pairs.images[1]: (10, 10)}  # the second mask is 42x28, not 10x10
     features = FeatureConfig("dinov2_nonexistent14", (11,), 56, backbone_weights="random")
     resources = runtime.Resources(decode_cpus=0.25).resolve(runtime.cluster_resources(joined=False))
-    rows = {row["key"]: row for table in check_pass(pairs_table(pairs, cached), PairConfig(2, 56, keep=True), None,
-                                                     resources, features, str(tmp_path / "cache"))
-            for row in table.to_pylist()}
+    rows = {
+        row["key"]: row
+        for table in check_pass(
+            pairs_table(pairs, cached), PairConfig(2, 56, keep=True), None, resources, features, str(tmp_path / "cache")
+        )
+        for row in table.to_pylist()
+    }
     assert rows["k0"]["error_stage"] == "" and rows["k1"]["error_stage"] != ""

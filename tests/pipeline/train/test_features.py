@@ -59,7 +59,7 @@ def test_folder_names_everything_that_changes_the_features():
     assert len(set(names)) == len(names), names
     # settings that do not change the features do not change the folder
     assert FeatureConfig("dinov2_vits14", (11,), 448, device="cuda", batch_size=2).folder("/c") == base.folder("/c")
-    assert all("/" not in n[len("/c/"):] for n in names)  # one folder level, even for weights paths
+    assert all("/" not in n[len("/c/") :] for n in names)  # one folder level, even for weights paths
 
 
 # ---- computing and writing -------------------------------------------------------------------
@@ -79,9 +79,13 @@ def decoded(tmp_path):
     images.append(images[0])
     masks.append(str(tmp_path / "deleted.png"))
     n = len(images)
-    batch = {"path": np.array(images, dtype=object), "key": np.array([f"k{i}" for i in range(n)], dtype=object),
-             "image": np.array(images, dtype=object), "mask": np.array(masks, dtype=object),
-             **{f: np.full(n, "", dtype=object) for f in ERROR_FIELDS}}
+    batch = {
+        "path": np.array(images, dtype=object),
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "image": np.array(images, dtype=object),
+        "mask": np.array(masks, dtype=object),
+        **{f: np.full(n, "", dtype=object) for f in ERROR_FIELDS},
+    }
     out = DecodePair(PairConfig(num_classes=5, resolution=48))(ReadPair()(batch))
     assert list(out["error_stage"]) == ["", "", "", "", "read"]
     return out
@@ -128,8 +132,9 @@ def test_features_do_not_depend_on_the_batch(computer, decoded):
     together = computer(decoded)
     for i in (1, 3):
         alone = computer({k: v[i : i + 1] for k, v in decoded.items()})
-        assert np.allclose(features_of(alone, 0).astype(np.float32), features_of(together, i).astype(np.float32),
-                           rtol=1e-2, atol=1e-2)
+        assert np.allclose(
+            features_of(alone, 0).astype(np.float32), features_of(together, i).astype(np.float32), rtol=1e-2, atol=1e-2
+        )
     # and different images give different features
     assert not np.allclose(features_of(together, 0), features_of(together, 2), atol=0.1)
 
@@ -142,8 +147,9 @@ def test_cached_features_match_the_uncached_training_path(computer, decoded):
     cached = computer(decoded)
     source = FeatureSource(CONFIG.layers, 384, computer.backbone, CONFIG.mean, CONFIG.std)
     for i in (0, 1, 3):  # 48x48, 48x60, 60x48: all centre-padded
-        kind, x, _ = to_tensors({"pixels": decoded["pixels"][i : i + 1], "label": decoded["label"][i : i + 1]},
-                                torch.device("cpu"))
+        kind, x, _ = to_tensors(
+            {"pixels": decoded["pixels"][i : i + 1], "label": decoded["label"][i : i + 1]}, torch.device("cpu")
+        )
         live = source(kind, x)[0][0].numpy()
         ref = features_of(cached, i).astype(np.float32)
         assert live.shape == ref.shape
@@ -175,9 +181,21 @@ def test_write_features_and_cached_sizes(computer, decoded, tmp_path):
 def test_write_features_on_s3(s3_bucket):
     bucket, so = s3_bucket
     feats = np.arange(2 * 3 * 4, dtype=np.float16).reshape(2, 3, 4)
-    row = {"path": ["s3://x/a.png"], "image": ["s3://x/a.png"], "width": [70], "height": [40], "resized_h": [35],
-           "resized_w": [61], "pad_top": [3], "pad_left": [4], "grid_h": [3], "grid_w": [5], "channels": [2],
-           "features": [feats.tobytes()], **{f: [""] for f in ERROR_FIELDS}}
+    row = {
+        "path": ["s3://x/a.png"],
+        "image": ["s3://x/a.png"],
+        "width": [70],
+        "height": [40],
+        "resized_h": [35],
+        "resized_w": [61],
+        "pad_top": [3],
+        "pad_left": [4],
+        "grid_h": [3],
+        "grid_w": [5],
+        "channels": [2],
+        "features": [feats.tobytes()],
+        **{f: [""] for f in ERROR_FIELDS},
+    }
     batch = {k: np.array(v, dtype=object) for k, v in row.items()}
     folder = f"s3://{bucket}/cache/x"
     WriteFeatures(folder, so)(batch)
@@ -195,8 +213,15 @@ def cache_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     for r in rows:
         f = np.asarray(r["features"], np.float16)
         gh, gw, top, left = padded_geometry(r["resized_h"], r["resized_w"])
-        r = {"pad_top": top, "pad_left": left, "grid_h": gh, "grid_w": gw, "channels": f.shape[0], **r,
-             "features": f.tobytes()}
+        r = {
+            "pad_top": top,
+            "pad_left": left,
+            "grid_h": gh,
+            "grid_w": gw,
+            "channels": f.shape[0],
+            **r,
+            "features": f.tobytes(),
+        }
         assert (r["grid_h"], r["grid_w"]) == f.shape[1:]
         for name in CACHE_SCHEMA.names:
             out[name].append(r[name])
@@ -214,8 +239,14 @@ def coded_cache_row(tmp_path, name: str, gh: int, gw: int) -> tuple[dict, str]:
     path = tmp_path / f"{name}.png"
     path.write_bytes(mask_png(label))
     h, w = gh * PATCH, gw * PATCH  # no resize, no padding: mask pixels are feature cells x 14
-    return {"image": f"memory://img/{name}.jpg", "width": w, "height": h, "resized_h": h, "resized_w": w,
-            "features": feats}, str(path)
+    return {
+        "image": f"memory://img/{name}.jpg",
+        "width": w,
+        "height": h,
+        "resized_h": h,
+        "resized_w": w,
+        "features": feats,
+    }, str(path)
 
 
 def test_crops_of_features_and_labels_line_up(tmp_path):
@@ -280,8 +311,14 @@ def test_whole_map_label_is_resized_and_padded_with_ignore(tmp_path):
     rh, rw = 30, 40  # the cache's short-side resize, half the mask's size
     gh, gw, top, left = padded_geometry(rh, rw)  # 42 x 42: 6 above, 1 left
     assert (top, left) == (6, 1)
-    row = {"image": "memory://img/q.jpg", "width": 80, "height": 60, "resized_h": rh, "resized_w": rw,
-           "features": np.zeros((3, gh, gw))}
+    row = {
+        "image": "memory://img/q.jpg",
+        "width": 80,
+        "height": 60,
+        "resized_h": rh,
+        "resized_w": rw,
+        "features": np.zeros((3, gh, gw)),
+    }
     out = CachedSamples(SampleConfig({row["image"]: str(path)}, 4))(cache_batch([row]))
     assert out["features"].dtype == object and out["features"][0].shape == (3, gh, gw)
     lb = out["label"][0]

@@ -256,9 +256,16 @@ def test_state_round_trips_through_weights_only_load():
         sched.step()
     classes = ClassMap(("a", "b", "c"), ((0, 0, 0), (1, 2, 3), (4, 5, 6)))
     ckpt = HeadCheckpoint("dinov2_vits14", config, classes, head.state_dict(), resolution=56, meta={"epoch": 3})
-    state = {"run_id": "r1", "epoch": 3, "head": ckpt.to_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "best": {"miou": None, "epoch": 0},
-             "history": [{"epoch": 1, "val_miou": 0.5, "val_iou": [0.5, None, 1.0]}], "settings": {"crop": 518}}
+    state = {
+        "run_id": "r1",
+        "epoch": 3,
+        "head": ckpt.to_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "best": {"miou": None, "epoch": 0},
+        "history": [{"epoch": 1, "val_miou": 0.5, "val_iou": [0.5, None, 1.0]}],
+        "settings": {"crop": 518},
+    }
     loaded = parse_state(torch.load(io.BytesIO(state_bytes(state)), weights_only=True), "last.pt")
     assert loaded["format"] == STATE_FORMAT and loaded["version"] == STATE_VERSION
     for k in ("run_id", "epoch", "best", "history", "settings"):

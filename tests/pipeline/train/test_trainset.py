@@ -134,7 +134,10 @@ def test_class_out_of_range_fails_but_ignore_passes(tmp_path):
     seven[3, 4] = 7
     ignore = np.full((10, 12), 4, np.uint8)
     ignore[:5] = IGNORE
-    rows = [(image, put(tmp_path, "seven.png", png(seven, "L"))), (image, put(tmp_path, "ignore.png", png(ignore, "L")))]
+    rows = [
+        (image, put(tmp_path, "seven.png", png(seven, "L"))),
+        (image, put(tmp_path, "ignore.png", png(ignore, "L"))),
+    ]
     out = run(rows, PairConfig(num_classes=5))
     assert out["error_stage"][0] == "mask" and "7" in out["error_message"][0] and "5 classes" in out["error_message"][0]
     assert out["error_stage"][1] == "" and np.array_equal(out["label"][1], ignore)
@@ -205,8 +208,13 @@ def test_cached_row_does_not_read_its_image_and_checks_the_recorded_size(tmp_pat
     mask = put(tmp_path, "m.png", png(quadrants(10, 12), "L"))
     gone = str(tmp_path / "deleted-image.png")  # features are cached: the image is not needed
     rows = [(gone, mask), (gone, mask), (gone, mask)]
-    out = run(rows, PairConfig(num_classes=3, resolution=28),
-              cached=np.array([True, True, False]), width=np.array([12, 20, 0]), height=np.array([10, 10, 0]))
+    out = run(
+        rows,
+        PairConfig(num_classes=3, resolution=28),
+        cached=np.array([True, True, False]),
+        width=np.array([12, 20, 0]),
+        height=np.array([10, 10, 0]),
+    )
     assert out["error_stage"][0] == ""
     assert np.array_equal(out["label"][0], quadrants(10, 12))
     assert out["error_stage"][1] == "mask" and "12x10" in out["error_message"][1] and "20x10" in out["error_message"][1]
@@ -215,8 +223,10 @@ def test_cached_row_does_not_read_its_image_and_checks_the_recorded_size(tmp_pat
 
 def test_keep_false_only_checks(tmp_path):
     image = put(tmp_path, "a.png", png(photo(10, 12)))
-    rows = [(image, put(tmp_path, "m.png", png(np.zeros((10, 12), np.uint8), "L"))),
-            (image, put(tmp_path, "small.png", png(np.zeros((5, 6), np.uint8), "L")))]
+    rows = [
+        (image, put(tmp_path, "m.png", png(np.zeros((10, 12), np.uint8), "L"))),
+        (image, put(tmp_path, "small.png", png(np.zeros((5, 6), np.uint8), "L"))),
+    ]
     out = run(rows, PairConfig(num_classes=3, resolution=28, keep=False))
     assert "pixels" not in out and "label" not in out
     assert list(out["error_stage"]) == ["", "mask"]
@@ -252,8 +262,12 @@ def test_augment_gives_fixed_crops_and_drops_failed_rows():
     pixels[0], labels[0] = photo(40, 60), quadrants(40, 60)
     pixels[1], labels[1] = np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8)
     pixels[2], labels[2] = photo(90, 30), quadrants(90, 30)
-    b = {"key": np.array(["a", "b", "c"], dtype=object), "pixels": pixels, "label": labels,
-         "error_stage": np.array(["", "mask", ""], dtype=object)}
+    b = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "pixels": pixels,
+        "label": labels,
+        "error_stage": np.array(["", "mask", ""], dtype=object),
+    }
     out = AugmentPairs(AugmentConfig(crop=50, resolution=56, seed=0))(b)
     assert list(out["key"]) == ["a", "c"]
     assert out["pixels"].shape == (2, 56, 56, 3) and out["pixels"].dtype == np.uint8
