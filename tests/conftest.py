@@ -17,7 +17,7 @@ import torch
 
 from pipeline.runtime.cluster import TRAIN_POLL_ENV, TRAIN_POLL_LOCAL
 
-# what an embedded Ray gets from `graph.start_ray`, for the session's Ray and the jobs tests start
+# what an embedded Ray gets from `runtime.start_ray`, for the session's Ray and the jobs tests start
 os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_LOCAL)
 
 

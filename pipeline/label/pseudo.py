@@ -12,7 +12,7 @@ grows) without running the model again. Rules, on the stored confidence c = q / 
   batches as sparse (class, q, count) triples, so no pixel list is ever held in memory. Ties at
   the threshold are kept, so a class keeps at least P.
 
-Steps (numpy-dict batches in, Arrow tables out, as `pipeline.sinks.WriteMasks`):
+Steps (numpy-dict batches in, Arrow tables out, as `pipeline.segment.write.WriteMasks`):
     raw rows {path, key, width, height, mask, was_selected} -> SelectLabels -> LABEL rows
     raw rows -> ConfidenceHistogram -> one {index, count} row per batch
 """

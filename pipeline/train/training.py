@@ -1,7 +1,7 @@
 """The math of head training, free of Ray: batches to tensors, the loss, the schedule, one
 epoch of training, validation into a confusion matrix, and the training state on disk.
 
-`pipeline.train_graph` runs these inside Ray Train workers; a unit test runs them as they are.
+`pipeline.train.loop` runs these inside Ray Train workers; a unit test runs them as they are.
 """
 
 from __future__ import annotations

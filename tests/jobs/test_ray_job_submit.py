@@ -78,7 +78,7 @@ def cluster_env(tmp_path_factory, s3_server):
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # epochs of a few images: see graph.start_ray
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # epochs of a few images: see runtime.start_ray
     }
     return env
 

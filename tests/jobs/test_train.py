@@ -142,12 +142,12 @@ def test_a_killed_run_resumes_from_last_pt(small, tmp_path, capsys):
 
 @pytest.mark.slow  # a real Ray
 def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, monkeypatch, caplog):
-    import pipeline.train.data as train_graph
+    import pipeline.train.data as train_data
 
     bucket, so = s3_bucket
     out = f"s3://{bucket}/runs/a"
-    monkeypatch.setattr(train_graph, "MEMORY_SHARE", 0.0)  # as a cache too large to hold: streamed from S3
-    with caplog.at_level(logging.INFO, logger=train_graph.log.name):
+    monkeypatch.setattr(train_data, "MEMORY_SHARE", 0.0)  # as a cache too large to hold: streamed from S3
+    with caplog.at_level(logging.INFO, logger=train_data.log.name):
         info = run_train(config(small, out, epochs=1, workers=1, resolution=56, crop=56, storage_options=so))
     assert "read every epoch" in caplog.text and "held in memory" not in caplog.text
     assert info["epochs_done"] == 1 and info["history"][0]["train_samples"] == info["counts"]["train_pairs"]
