@@ -60,12 +60,13 @@ def test_the_import_contracts_refuse_a_data_module_that_imports_ray(tmp_path):
     assert proc.returncode != 0 and "pipeline.data is not allowed to import ray" in proc.stdout
 
 
-def test_the_steps_of_the_training_graph_do_not_import_torch():
+def test_the_cpu_steps_of_training_and_labeling_do_not_import_torch():
     """Ray Data tasks unpickle these modules in fresh worker processes: torch's import (seconds)
     would be paid again and again, every epoch."""
     code = (
         "import json, sys\n"
         "import pipeline.train.data, pipeline.train.features, pipeline.train.trainset, pipeline.data.pairs\n"
+        "import pipeline.label.pseudo, pipeline.label.exporters, pipeline.io.masks\n"
         "print(json.dumps(['torch' in sys.modules, 'pipeline.train.features' in sys.modules]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

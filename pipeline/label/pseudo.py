@@ -31,8 +31,14 @@ import pyarrow as pa
 from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
 from pipeline.io.files import absolute_output, write_bytes_atomic
-from pipeline.io.masks import confidence_url, decode_mask_png, encode_confidence_png, encode_mask_png, mask_url
-from pipeline.segment.predict import CONFIDENCE_SCALE
+from pipeline.io.masks import (
+    CONFIDENCE_SCALE,
+    confidence_url,
+    decode_mask_png,
+    encode_confidence_png,
+    encode_mask_png,
+    mask_url,
+)
 
 log = logging.getLogger(__name__)
 

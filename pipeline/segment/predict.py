@@ -10,6 +10,7 @@ import numpy as np
 
 from model.segmenter import InferenceConfig
 from pipeline.data.schema import failed, object_array, set_error
+from pipeline.io.masks import quantize_confidence
 from pipeline.segment.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,6 @@ class PredictConfig:
             device=self.device,
             storage_options=self.storage_options,
         )
-
-
-CONFIDENCE_SCALE = 65535  # a stored confidence q means q / 65535
-
-
-def quantize_confidence(confidence: np.ndarray) -> np.ndarray:
-    """A [0, 1] confidence map as uint16 (q = round(c * 65535), error <= 7.6e-6): half the bytes
-    of float32 through the object store, and a 16-bit PNG holds it without further loss."""
-    return np.rint(np.clip(confidence, 0.0, 1.0) * CONFIDENCE_SCALE).astype(np.uint16)
 
 
 class Predict:

@@ -10,7 +10,7 @@ from PIL import Image
 from model.classes import IGNORE_INDEX as IGNORE
 from model.classes import ClassMap
 from model.errors import DinosegError
-from pipeline.io.masks import decode_mask_png, encode_confidence_png, encode_mask_png
+from pipeline.io.masks import decode_mask_png, encode_confidence_png, encode_mask_png, quantize_confidence
 from pipeline.label.pseudo import (
     LEVELS,
     NEVER,
@@ -23,7 +23,6 @@ from pipeline.label.pseudo import (
     summarise_cutoffs,
     threshold_cutoff,
 )
-from pipeline.segment.predict import quantize_confidence
 
 CLASSES = ClassMap(("a", "b", "c"), ((10, 10, 10), (200, 0, 0), (0, 200, 0)))
 

@@ -253,8 +253,7 @@ def test_summary_table_checks_that_nothing_is_lost():
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_confidence_maps_are_written_beside_the_mask_and_before_it(tmp_path, bits):
-    from pipeline.io.masks import confidence_url, decode_mask_png
-    from pipeline.segment.predict import quantize_confidence
+    from pipeline.io.masks import confidence_url, decode_mask_png, quantize_confidence
 
     mask = blobs(20, 30, 21)
     conf = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
