@@ -54,19 +54,27 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def s3_new_bucket(s3_server):
-    """Factory: `s3_new_bucket()` creates a fresh bucket and returns (bucket_name, storage_options),
-    for fixtures of a wider scope than `s3_bucket`."""
+def s3_client(s3_server):
+    """A boto3 S3 client of the loopback endpoint (bucket creation: s3fs.mkdir sends a location
+    constraint that moto's us-east-1 rejects)."""
     import boto3
-    import s3fs
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=s3_server,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+@pytest.fixture(scope="session")
+def s3_new_bucket(s3_server, s3_client):
+    """Factory: `s3_new_bucket()` creates a fresh bucket and returns (bucket_name, storage_options),
+    for fixtures of a wider scope than `s3_bucket`."""
+    import s3fs
+
+    client = s3_client
 
     def new_bucket() -> tuple[str, dict]:
         name = f"test-{uuid.uuid4().hex[:12]}"

@@ -121,19 +121,11 @@ def test_segment_on_one_machine(ray_local, tmp_path, weights):
 
 
 @pytest.mark.slow
-def test_segment_from_and_to_object_storage(tmp_path, hub, s3_server):
+def test_segment_from_and_to_object_storage(tmp_path, hub, s3_server, s3_client):
     """In a process of its own, as a user runs it: the endpoint and credentials come from the
     environment, which the embedded Ray's workers inherit."""
-    import boto3
-
     bucket = re.match(r"s3://([^/]+)/", command("./dinoseg segment s3://")[2])[1]
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = s3_client
     client.create_bucket(Bucket=bucket)  # the README's bucket: other tests of the session use it too
     for item in client.list_objects_v2(Bucket=bucket).get("Contents", []):
         client.delete_object(Bucket=bucket, Key=item["Key"])

@@ -153,17 +153,8 @@ def signal_group(pid: int, sig: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server):
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
+def bucket(s3_server, s3_client):
+    s3_client.create_bucket(Bucket=BUCKET)
     s3fs.S3FileSystem.clear_instance_cache()
     return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server})
 
