@@ -12,7 +12,7 @@ from model.checkpoint import HeadCheckpoint, save_head_checkpoint
 from model.classes import ClassMap, bundled
 from model.errors import DinosegError, UnknownModelError
 from model.heads import HeadConfig, LinearHead
-from model.hub import RANDOM, build_segmenter
+from model.hub import RANDOM, build_segmenter, load_backbone
 from model.segmenter import InferenceConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -130,3 +130,22 @@ def test_random_backbone_is_seeded_and_leaves_the_global_rng_alone():
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert first["blocks.0.attn.qkv.weight"].std() > 0  # random, not zeros
+
+
+def test_loaded_weights_become_the_parameters_in_the_models_dtype(vits14_file, vits14_state_dict, tmp_path):
+    """load_backbone builds the modules on the meta device and takes the loaded tensors as the
+    parameters: every one is real (none left on meta), fp32 as the model declares them even from
+    an fp16 file, equal to the file's values, and the model runs."""
+    half = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in vits14_state_dict.items()}, half)
+    for path, tolerance in ((vits14_file, 0.0), (half, 1e-3)):
+        model = load_backbone("dinov2_vits14", str(path))
+        params = dict(model.named_parameters())
+        assert set(params) == set(vits14_state_dict)
+        assert {p.device.type for p in params.values()} == {"cpu"}
+        assert {p.dtype for p in params.values()} == {torch.float32}
+        assert all(p.requires_grad for p in params.values())  # the model's own setting, as before
+        worst = max(float((params[k].detach() - v).abs().max()) for k, v in vits14_state_dict.items())
+        assert worst <= tolerance * max(1.0, max(float(v.abs().max()) for v in vits14_state_dict.values()))
+        out = model.get_intermediate_layers(torch.zeros(1, 3, 28, 28), n=1)[0]
+        assert out.shape == (1, 4, 384) and torch.isfinite(out).all()
