@@ -24,8 +24,9 @@ def from_rows(rows: pa.Table, block_rows: int):
     return ray.data.from_arrow([rows.slice(i, block_rows) for i in range(0, max(len(rows), 1), block_rows)])
 
 
-def stages(ds, steps, batch_size: int, num_cpus: float):
-    """`ds` through CPU task stages, one per step (a picklable callable over numpy-dict batches)."""
+def stages(ds, steps, batch_size: int | None, num_cpus: float):
+    """`ds` through CPU task stages, one per step (a picklable callable over numpy-dict batches);
+    batch_size None: a whole block per call."""
     for step in steps:
         ds = ds.map_batches(step, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)
     return ds
