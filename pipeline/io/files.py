@@ -4,7 +4,6 @@ sees the old file or all of the new one)."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import uuid
 
@@ -12,8 +11,6 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model.errors import DinosegError
-
-log = logging.getLogger(__name__)
 
 
 def join_url(output: str, *parts: str) -> str:

@@ -8,7 +8,6 @@ marker that an input is done: it is written last for its row, complete or not at
 from __future__ import annotations
 
 import io
-import logging
 
 import fsspec
 import numpy as np
@@ -17,9 +16,6 @@ from PIL import Image
 from model.classes import ClassMap
 from model.errors import DinosegError
 from pipeline.io.files import join_url
-
-log = logging.getLogger(__name__)
-
 
 # zlib level for mask PNGs. On a 1024x768 ADE20K-palette mask (AMD EPYC, Pillow 13, one core):
 #   blocky regions: level 1 3.1 ms / 16 KiB, level 6 6.0 ms / 6 KiB;

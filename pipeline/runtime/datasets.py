@@ -8,12 +8,9 @@ The steps themselves live with their workflow; this module only turns them into 
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator
 
 import pyarrow as pa
-
-log = logging.getLogger(__name__)
 
 
 def from_rows(rows: pa.Table, block_rows: int):
