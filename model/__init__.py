@@ -13,6 +13,7 @@ _EXPORTS = {
     "errors": ("DinosegError", "ImageInputError", "UnknownModelError", "WeightsError"),
     "heads": ("ConvHead", "HeadConfig", "LinearHead", "build_head", "default_layers"),
     "hub": ("build_segmenter", "load_backbone", "load_head"),
+    "prototypes": ("PrototypeHead", "prototype_state"),
     "segmenter": ("META_MS_SCALES", "InferenceConfig", "Prediction", "Segmenter"),
     "weights": ("SEGMENTATION_MODELS", "describe_models"),
 }

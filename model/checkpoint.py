@@ -21,7 +21,7 @@ from torch import nn
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .classes import ClassMap
 from .errors import WeightsError
-from .heads import HeadConfig, build_head
+from .heads import HeadConfig, build_head, output_classes
 
 FORMAT = "dinoseg.head"
 VERSION = 1
@@ -136,9 +136,8 @@ def parse_head_checkpoint(obj, source: str, backbone: str | None = None) -> Head
             "(or leave --backbone out; the checkpoint names its backbone)."
         )
     n = ckpt.config.num_classes
-    weight = ckpt.state_dict.get("conv_seg.weight")
-    if len(ckpt.classes) != n or weight is None or weight.shape[0] != n:
-        got = None if weight is None else int(weight.shape[0])
+    got = output_classes(ckpt.state_dict)
+    if len(ckpt.classes) != n or got != n:
         raise WeightsError(
             f"{source} is a head for {got} classes but names {len(ckpt.classes)} and declares {n}: "
             "the file is inconsistent; retrain it with the right class map."

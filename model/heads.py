@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import DinosegError, WeightsError
 
-HEAD_TYPES = ("linear", "ms", "conv")
+HEAD_TYPES = ("linear", "ms", "conv")  # trained heads; `model.prototypes` adds 'prototype'
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,19 @@ def build_head(config: HeadConfig) -> nn.Module:
         return LinearHead(config)
     if config.kind == "conv":
         return ConvHead(config)
-    raise DinosegError(f"Unknown head type '{config.kind}'; choose one of: {', '.join(HEAD_TYPES)}.")
+    from .prototypes import KIND, PrototypeHead
+
+    if config.kind == KIND:
+        return PrototypeHead(config)
+    raise DinosegError(f"Unknown head type '{config.kind}'; choose one of: {', '.join((*HEAD_TYPES, KIND))}.")
+
+
+def output_classes(state_dict: dict) -> int | None:
+    """How many classes a head's weights predict (None: they hold no classifier)."""
+    for key in ("conv_seg.weight", "prototypes"):
+        if key in state_dict and hasattr(state_dict[key], "shape"):
+            return int(state_dict[key].shape[0])
+    return None
 
 
 def head_from_mmseg(checkpoint, kind: str, embed_dim: int, depth: int, what: str) -> nn.Module:
