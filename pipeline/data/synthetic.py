@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from model.classes import ClassMap, save_class_map
+from model.classes import IGNORE_INDEX, ClassMap, save_class_map
 from model.errors import DinosegError
 from pipeline.io.files import absolute_output, write_bytes_atomic
 from pipeline.io.masks import encode_mask_png
@@ -117,12 +117,33 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sample_points(mask: np.ndarray, per_class: int, rng: np.random.Generator) -> list[tuple[float, float, int]]:
+    """Clicks a person might make: up to `per_class` pixels of every class in `mask`, away from
+    its edges where the class is big enough (pixel centres, as (x, y, class))."""
+    out = []
+    for c in np.unique(mask[mask != IGNORE_INDEX]):
+        region = mask == c
+        inner = _interior(_interior(region))
+        ys, xs = np.nonzero(inner if inner.any() else region)
+        for j in rng.choice(len(ys), size=min(per_class, len(ys)), replace=False):
+            out.append((float(xs[j]) + 0.5, float(ys[j]) + 0.5, int(c)))
+    return out
+
+
 def write_synthetic(
-    output: str, train: int = 48, val: int = 16, size: int = 112, seed: int = 0, storage_options: dict | None = None
+    output: str,
+    train: int = 48,
+    val: int = 16,
+    size: int = 112,
+    seed: int = 0,
+    storage_options: dict | None = None,
+    points: int = 0,
 ) -> dict:
     """Write the set under OUTPUT (local folder or fsspec URL) and return where it is:
     {"train": n, "val": n, "classes": url, "images": {split: url}, "masks": {split: url}}
-    (a split with no images is left out of "images" and "masks").
+    (a split with no images is left out of "images" and "masks"). With `points`, also
+    train/points.csv: that many clicks per class per training image, drawn from its mask
+    (`pipeline.data.points`' format, images by file name); info["points"] is its URL.
 
     Each image has its own generator seeded by (seed, split, index): the same seed writes the
     same files, and changing `train` does not change the validation images."""
@@ -136,6 +157,7 @@ def write_synthetic(
         raise DinosegError(f"seed={seed}: give a seed of 0 or more.")
     root = absolute_output(output).rstrip("/")
     info: dict = {"train": train, "val": val, "classes": f"{root}/classes.yaml", "images": {}, "masks": {}}
+    clicks = ["image,x,y,class"]
     for split, count in zip(SPLITS, (train, val), strict=True):
         if not count:
             continue
@@ -147,7 +169,13 @@ def write_synthetic(
             name = f"{i:0{digits}d}.png"
             write_bytes_atomic(f"{images}/{name}", _png(image), storage_options)
             write_bytes_atomic(f"{masks}/{name}", encode_mask_png(mask, SYNTHETIC_CLASSES), storage_options)
+            if points and split == "train":
+                picks = sample_points(mask, points, np.random.default_rng([seed, 2, i]))
+                clicks += [f"{name},{x},{y},{SYNTHETIC_CLASSES.names[c]}" for x, y, c in picks]
         info["images"][split], info["masks"][split] = images, masks
+    if points:
+        info["points"] = f"{root}/train/points.csv"
+        write_bytes_atomic(info["points"], ("\n".join(clicks) + "\n").encode(), storage_options)
     # Last, into a folder that exists by now: a complete set is one with classes.yaml.
     save_class_map(SYNTHETIC_CLASSES, info["classes"], storage_options)
     return info
@@ -160,13 +188,14 @@ class SyntheticConfig:
     val: int = option(16, "Validation images (0 for none).")
     size: int = option(112, "Short side of the images in pixels (at least 28).")
     seed: int = option(0, "Random seed: the same seed writes the same files.")
+    points: int = option(0, "Also write train/points.csv: this many clicks per class per image (0: none).")
     storage_options: dict = storage_options_option()
 
 
 def run_synthetic(config: SyntheticConfig) -> dict:
     """Write the set `config` describes (`dinoseg synthetic`); returns where its parts went."""
     return write_synthetic(
-        config.output, config.train, config.val, config.size, config.seed, config.storage_options or None
+        config.output, config.train, config.val, config.size, config.seed, config.storage_options or None, config.points
     )
 
 
@@ -178,6 +207,8 @@ def describe(info: dict) -> str:
             lines.append(f"{split:<8}{info[split]:>4} images  {info['images'][split]}")
             lines.append(f"{'':<8}{info[split]:>4} masks   {info['masks'][split]}")
     lines.append(f"{'classes':<8}{'':>4}         {info['classes']}")
+    if "points" in info:
+        lines.append(f"{'points':<8}{'':>4}         {info['points']}")
     train = ["dinoseg", "train", info["images"]["train"], info["masks"]["train"]]
     if "val" in info["images"]:
         train += ["--val-images", info["images"]["val"], "--val-masks", info["masks"]["val"]]

@@ -49,7 +49,8 @@ SCHEDULES = ("poly", "cosine")
 class TrainConfig:
     images: str = argument("Folder/URL prefix of training images, or a .csv/.parquet manifest with image,mask columns.")
     masks: Optional[str] = argument(
-        "Folder/URL prefix of index-mask PNGs, paired with the images by key.", cli_default=None
+        "Folder/URL prefix of index-mask PNGs paired with the images by key, or a point file (.csv/.json: image,x,y,class).",
+        cli_default=None,
     )
     classes: str = option(REQUIRED, "Class map file (YAML/JSON) or a bundled name (voc2012, ade20k).")
     output: str = option(REQUIRED, "Folder or URL for head.pt, last.pt, metrics.jsonl, classes.yaml, train.json.")
