@@ -41,7 +41,7 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 
 
 def _register() -> None:
-    from jobs import demo, evaluate, export, pseudo_label, segment, self_train, synthetic, train
+    from jobs import demo, discover, evaluate, export, prototypes, pseudo_label, segment, self_train, synthetic, train
 
     for name, job in (
         ("segment", segment),
@@ -50,6 +50,8 @@ def _register() -> None:
         ("self-train", self_train),
         ("evaluate", evaluate),
         ("export", export),
+        ("discover", discover),
+        ("prototypes", prototypes),
         ("synthetic", synthetic),
         ("demo", demo),
     ):
