@@ -31,10 +31,12 @@ def _choices(name: str, choices: Iterable[str]) -> type[enum.Enum]:
     return enum.Enum(name, {c: c for c in choices}, type=str)
 
 
-def _parameter(cls: type, f: dataclasses.Field, hint: Any, help_override: dict) -> inspect.Parameter:
+def _parameter(cls: type, f: dataclasses.Field, hint: Any, help_override: dict, defaults: dict) -> inspect.Parameter:
     meta = f.metadata
     annotation = meta["cli_type"] or hint
-    if meta["cli_default"] is not MISSING:
+    if f.name in defaults:  # a command that makes a field optional (self-train's IMAGES with --start-head)
+        default = defaults[f.name]
+    elif meta["cli_default"] is not MISSING:
         default = meta["cli_default"]
     elif f.default is not MISSING:
         default = f.default
@@ -76,12 +78,13 @@ def command(
     run: Callable[[Any], Any],
     show: Callable[[Any], str] | None = None,
     help_override: dict | None = None,
+    defaults: dict | None = None,
 ) -> Callable[..., None]:
     """A typer command offering the chosen fields of `sources` (arguments first, in order): it
     parses the values, builds the config with `make(values)`, runs it and echoes `show(result)`."""
     found = list(_fields(sources))
     parse = {f.name: f.metadata["parse"] for _, f, _ in found if f.metadata["parse"]}
-    params = [_parameter(cls, f, hint, help_override or {}) for cls, f, hint in found]
+    params = [_parameter(cls, f, hint, help_override or {}, defaults or {}) for cls, f, hint in found]
     params.sort(key=lambda p: not isinstance(p.default, typer.models.ArgumentInfo))  # stable: arguments first
 
     def cmd(**values) -> None:

@@ -10,7 +10,7 @@ from pipeline.segment import SegmentConfig
 from pipeline.selftrain import SelfTrainConfig, rounds_table, run_self_train
 from pipeline.train import TrainConfig
 
-OWN = ("unlabeled", "rounds")
+OWN = ("unlabeled", "rounds", "start_head")
 SCALE = ("actors", "cpus_per_actor", "decode_cpus")
 RULE = ("threshold", "class_balanced", "min_coverage")
 
@@ -35,6 +35,11 @@ command = command(
     self_train_config,
     run_self_train,
     rounds_table,
+    help_override={
+        "images": "Labeled images: folder/URL prefix, or a .csv/.parquet manifest with image,mask columns "
+        "(optional with --start-head).",
+    },
+    defaults={"images": None},
 )
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ with the best head so far, trains a new head on labeled + pseudo-labeled pairs, 
 on the same validation set (the training job's validation mIoU). It stops when a round does
 not improve on the best, or after --rounds rounds; OUT/head.pt is the best head.
 
+With --start-head H (a prototype head, or any head that needs no labels), round 0 is H itself:
+nothing is trained, IMAGES/MASKS are optional, and every round is scored the same way, by
+segmenting the validation images (OUT/round-<r>/val/) and comparing with their masks. Without
+any validation set every round runs and the last one is kept.
+
 Layout: OUT/round-<r>/{pseudo/ (a pseudo-label run), pairs.csv (what round r trains on),
 train/ (a train run)}, OUT/cache/ (features, shared by every round), OUT/val.csv and
 OUT/labeled.csv (when the validation set is split off the labeled pairs), OUT/rounds.jsonl,
@@ -17,6 +22,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from model.errors import DinosegError
 from pipeline.io.records import jsonl, read_json, write_json, write_text
@@ -33,6 +39,9 @@ class SelfTrainConfig:
     train: TrainConfig  # round 0's run; later rounds change images/masks/output
     unlabeled: str = option(REQUIRED, "Folder/URL prefix, glob or manifest of the images to pseudo-label.")
     rounds: int = option(3, "Pseudo-label + retrain rounds after round 0 (stops early when one does not improve).")
+    start_head: Optional[str] = option(
+        None, "Round 0 is this head (a prototype head, say) instead of one trained: IMAGES/MASKS become optional."
+    )
     rule: PseudoLabelConfig | None = None  # threshold, class_balanced, min_coverage of the pseudo-label passes
     scale: dict = field(default_factory=dict)  # actors, cpus_per_actor, decode_cpus of the pseudo-label pass
 
@@ -40,8 +49,8 @@ class SelfTrainConfig:
 def run_self_train(config: SelfTrainConfig) -> dict:
     """All rounds; returns OUT/self_train.json's content."""
     from pipeline import runtime
-    from pipeline.data.pairs import list_pairs, split_pairs
-    from pipeline.io.files import absolute_output
+    from pipeline.data.pairs import Pairs, list_pairs, split_pairs
+    from pipeline.io.files import absolute_input, absolute_output
 
     if config.rounds < 0:
         raise DinosegError(f"--rounds {config.rounds} must be 0 or more.")
@@ -51,9 +60,12 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     # a bad rule fails before round 0
     rule = (config.rule or PseudoLabelConfig(SegmentConfig("", ""))).validate()
     started_ray = runtime.start_ray(base.address)
+    start = absolute_input(config.start_head)
+    if not start and not base.images:
+        raise DinosegError("give the labeled IMAGES and MASKS, or --start-head with a head to start from.")
     rounds: list[dict] = []
     try:
-        labeled = list_pairs(base.images, base.masks, so)
+        labeled = list_pairs(base.images, base.masks, so) if base.images else Pairs()
         if labeled.problems:
             log.warning(
                 "%d labeled keys have a problem (e.g. %s) and are left out",
@@ -62,6 +74,9 @@ def run_self_train(config: SelfTrainConfig) -> dict:
             )
         if base.val_images:
             val_images, val_masks = base.val_images, base.val_masks
+        elif start and not len(labeled):
+            val_images = val_masks = None
+            log.warning("no validation set: every round runs and the last one is kept (give --val-images/--val-masks)")
         else:  # split once, so every round scores on the same images and no pseudo-label lands in validation
             labeled, val = split_pairs(labeled, base.val_fraction, base.seed)
             if not len(val):
@@ -70,15 +85,32 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                 )
             val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
             _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
-        val_set = set(list_pairs(val_images, val_masks, so, what="validation").images)
+        val = list_pairs(val_images, val_masks, so, what="validation") if val_images else None
+        val_set = set(val.images) if val else set()
         base = replace(
-            base, val_images=val_images, val_masks=val_masks, cache_dir=base.cache_dir or f"{out}/cache", resume=True
+            base,
+            val_images=val_images,
+            val_masks=val_masks,
+            val_fraction=base.val_fraction if val_images else 0.0,
+            cache_dir=base.cache_dir or f"{out}/cache",
+            resume=True,
         )
         best = None
         for r in range(config.rounds + 1):
             started = time.time()
             folder = f"{out}/round-{r}"
             record: dict = {"round": r, "labeled_pairs": len(labeled), "pseudo_pairs": 0}
+            if start and r == 0:  # the start head is round 0: scored, not trained
+                miou = _score(config, start, val, folder, base) if val else None
+                best = record | {
+                    "head": start,
+                    "val_miou": miou,
+                    "best": True,
+                    "seconds": round(time.time() - started, 1),
+                }
+                rounds.append(best)
+                write_text(f"{out}/rounds.jsonl", jsonl(rounds), so)
+                continue
             sources = [labeled]
             if r > 0:
                 pseudo = _pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
@@ -115,9 +147,15 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                 raise DinosegError(
                     f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)"
                 ) from None
-            miou = (info.get("best") or {}).get("miou")
+            if start:  # scored like the start head was, not by the training job's own validation
+                miou = _score(config, info["head"], val, folder, base) if val else None
+            else:
+                miou = (info.get("best") or {}).get("miou")
             record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
-            improved = miou is not None and (best is None or miou > best["val_miou"])
+            if start and val is None:  # nothing to score on: the latest round is the best
+                improved = True
+            else:
+                improved = miou is not None and (best is None or best["val_miou"] is None or miou > best["val_miou"])
             record["best"] = improved
             rounds.append(record)
             if improved:
@@ -132,6 +170,10 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                     "round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"]
                 )
                 break
+            if r > 0 and not len(labeled) and not record["pseudo_pairs"]:
+                raise DinosegError(
+                    f"round {r} has no pairs to train on: no pseudo-label passed the rule, and no labels."
+                )
     finally:
         if started_ray:
             runtime.stop_ray()
@@ -143,6 +185,7 @@ def run_self_train(config: SelfTrainConfig) -> dict:
         "rounds": rounds,
         "best_round": best["round"],
         "best_val_miou": best["val_miou"],
+        "scored": "segment + compare with the validation masks" if start and val else "the training job's validation",
         "head": f"{out}/head.pt",
     }
     _copy(best["head"], result["head"], so)
@@ -150,27 +193,75 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     return result
 
 
-def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
+def _segment_config(config: SelfTrainConfig, head: str, images: str, output: str, predictions: str, base):
+    """Segment `images` with `head` into `output`; redone from scratch when `predictions` came
+    from another head (an earlier round was retrained). Returns (config, the head's checksum)."""
     from model.hub import load_head
     from pipeline.io.parts import read_parts
 
-    # the round's earlier labels came from another head (an earlier round was retrained): redo them
-    checksum = load_head(head, storage_options=base.storage_options or None).checksum
-    earlier = read_parts(f"{output}/raw/predictions", ["head_checksum"], base.storage_options or None)
-    overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {checksum}
+    loaded = load_head(head, storage_options=base.storage_options or None)
+    earlier = read_parts(predictions, ["head_checksum"], base.storage_options or None)
+    overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {loaded.checksum}
+    # the training backbone's weights are this head's only when it is on that backbone (a start head
+    # may be on another: a large model distilled into a small one)
+    same = loaded.backbone == base.backbone or base.backbone_weights == "random"
     seg = SegmentConfig(
-        config.unlabeled,
+        images,
         output,
         model=None,
         head=head,
-        backbone_weights=base.backbone_weights,
+        backbone_weights=base.backbone_weights if same else None,
         max_megapixels=base.max_megapixels,
         storage_options=base.storage_options,
         address=base.address,
         overwrite=overwrite,
         **{k: v for k, v in config.scale.items() if v is not None},
     )
+    return seg, loaded.checksum
+
+
+def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
+    seg, checksum = _segment_config(config, head, config.unlabeled, output, f"{output}/raw/predictions", base)
     return run_pseudo_label(replace(rule, segment=seg)) | {"head_checksum": checksum}
+
+
+def _score(config: SelfTrainConfig, head: str, val, folder: str, base) -> float | None:
+    """Validation mIoU of `head`: segment the validation images into FOLDER/val and compare
+    every mask with its ground truth (pairs matched by image URL)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from model.classes import load_class_map
+    from pipeline.data.metrics import confusion_matrix, scores
+    from pipeline.data.sources import ReadBytes
+    from pipeline.io.files import write_bytes_atomic
+    from pipeline.io.masks import decode_mask_png, mask_url
+    from pipeline.io.parts import read_parts
+    from pipeline.segment import run_segment
+    from pipeline.train.trainset import decode_label
+
+    so = base.storage_options or None
+    buf = pa.BufferOutputStream()
+    pacsv.write_csv(pa.table({"path": pa.array(val.images, pa.string())}), buf)
+    manifest = f"{folder}/val-images.csv"
+    write_bytes_atomic(manifest, buf.getvalue().to_pybytes(), so)
+    seg, _ = _segment_config(config, head, manifest, f"{folder}/val", f"{folder}/val/predictions", base)
+    run_segment(seg)
+    rows = read_parts(f"{folder}/val/predictions", ["key", "path"], so)
+    predicted = dict(zip(rows["path"].to_pylist(), rows["key"].to_pylist(), strict=True)) if rows else {}
+    classes = load_class_map(base.classes, so)
+    n, read = len(classes), ReadBytes(so)
+    confusion = np.zeros((n, n), np.int64)
+    for image, mask in zip(val.images, val.masks, strict=True):
+        if image not in predicted:
+            continue  # failed to segment: in FOLDER/val/errors
+        data = read({"path": np.asarray([mask_url(f"{folder}/val", predicted[image]), mask], dtype=object)})["bytes"]
+        try:
+            confusion += confusion_matrix(decode_mask_png(data[0]), decode_label(data[1], n), n, classes.ignore_index)
+        except DinosegError as e:
+            log.warning("validation pair %s left out of the score: %s", image, e)
+    return scores(confusion, classes.names)["miou"] if confusion.any() else None
 
 
 def _manifest(url: str, sources, so, digest: bool = False):
@@ -214,5 +305,7 @@ def rounds_table(result: dict) -> str:
             f"{r['round']:>5}  {r['labeled_pairs']:>7,}  {r['pseudo_pairs']:>6,}  {cov:>8}  {shown:<28}  {miou:>8}"
             + ("  *" if r["best"] else "")
         )
-    lines.append(f"best: round {result['best_round']} (val mIoU {result['best_val_miou']:.4f}); head: {result['head']}")
+    miou = result["best_val_miou"]
+    scored = "no validation set: the last round" if miou is None else f"val mIoU {miou:.4f}"
+    lines.append(f"best: round {result['best_round']} ({scored}); head: {result['head']}")
     return "\n".join(lines)
