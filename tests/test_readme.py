@@ -161,7 +161,7 @@ def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best = max(r["val_miou"] for r in history)
     assert len(history) == int(train[train.index("--epochs") + 1]) and best >= 0.65  # "about 0.75" in the README
-    run(command("./dinoseg segment ./syn/val/images ./seg"))
+    run(command("./dinoseg segment ./syn/val/images ./seg --head ./run/head.pt"))
     printed = run(command("./dinoseg evaluate ./seg/masks"))
     evaluation = json.loads((tmp_path / "seg" / "masks" / "evaluation.json").read_text())
     assert evaluation["miou"] == pytest.approx(best, abs=0.03) and "mIoU" in printed  # "scores the same"

@@ -14,7 +14,7 @@ def test_two_rounds_report_both_and_keep_the_best_head(ray_local, tmp_path, caps
     for prefix in ("./dinoseg synthetic ./syn", "./dinoseg synthetic ./more"):
         assert run_in_process(command(prefix), tmp_path) == 0
     more = sorted(str(p) for p in (tmp_path / "more" / "train" / "images").glob("*.png"))
-    argv = command("./dinoseg self-train")
+    argv = command("./dinoseg self-train ./syn/train/images")
     out = tmp_path / argv[argv.index("--output") + 1]
     assert run_in_process(argv, tmp_path) == 0
     result = json.loads((out / "self_train.json").read_text())
