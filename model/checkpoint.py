@@ -137,6 +137,10 @@ def parse_head_checkpoint(obj, source: str, backbone: str | None = None) -> Head
         )
     n = ckpt.config.num_classes
     got = output_classes(ckpt.state_dict)
+    if got is None:
+        raise WeightsError(
+            f"{source} holds no classifier weights (conv_seg.weight or prototypes): the file is damaged; rebuild it."
+        )
     if len(ckpt.classes) != n or got != n:
         raise WeightsError(
             f"{source} is a head for {got} classes but names {len(ckpt.classes)} and declares {n}: "

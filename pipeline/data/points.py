@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import numpy as np
 
@@ -69,7 +70,8 @@ def read_points(url: str, storage_options: dict | None = None) -> list[dict]:
             import pyarrow.csv as pacsv
 
             table = pacsv.read_csv(
-                io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types={"class": "string"})
+                io.BytesIO(data),
+                convert_options=pacsv.ConvertOptions(column_types={"image": "string", "class": "string"}),
             )
             rows = table.to_pylist()
     except Exception as e:
@@ -144,7 +146,7 @@ def points_to_pairs(
             listed[row["key"]] = row["path"]
     by_name = {}
     for key, url in listed.items():
-        by_name.update({key: key, url: key, f"{key}.{extension(url)}": key})
+        by_name.update({key: key, url: key, key + os.path.splitext(url)[1]: key})
     out, grouped = Pairs(), {}
     for p in read_points(points_url, so):
         ref = p["image"].replace("\\", "/").lstrip("./") if "://" not in p["image"] else p["image"]
