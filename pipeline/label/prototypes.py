@@ -51,7 +51,7 @@ class PrototypeConfig:
     backbone_weights: Optional[str] = option(None, "Backbone weights path/URL (default: the released ones).")
     layers: Optional[str] = option(None, "Block indices whose features are compared, e.g. 11 (default: the last).")
     resolution: int = option(512, "Short side images are resized to (and segmented at, by default).")
-    prototypes: int = option(1, "Prototypes per class: k-means centroids of its patches (1: their mean).")
+    prototypes: int = option(4, "Prototypes per class: k-means centroids of its patches (1: their mean).")
     temperature: Optional[float] = option(
         None,
         "Softmax temperature of the cosine logits, for confidences (default: model.prototypes', 0.05; with --from-clusters, the clusters').",
@@ -240,7 +240,9 @@ def parse_layers(text: str | None, depth: int) -> tuple[int, ...]:
     except ValueError:
         layers = []
     if not layers or any(not -depth <= i < depth for i in layers) or len({i % depth for i in layers}) != len(layers):
-        raise DinosegError(f"--layers '{text}': give distinct block indices 0..{depth - 1}, e.g. {depth - 1}.")
+        raise DinosegError(
+            f"--layers '{text}': give distinct block indices 0..{depth - 1} (or -{depth}..-1 from the end), e.g. {depth - 1}."
+        )
     return tuple(sorted(i % depth for i in layers))
 
 
@@ -391,12 +393,17 @@ def from_clusters(config: PrototypeConfig) -> dict:
             colors.append(color or default_color(len(names)))
             members[name] = []
         members[name].append(cluster)
-    k = max(len(m) for m in members.values())
+    # every valid prototype of a class's clusters (a discover head has one per cluster)
+    vectors = {
+        name: [head.prototypes[c, j] for c in members[name] for j in range(head.valid.shape[1]) if head.valid[c, j]]
+        for name in names
+    }
+    k = max(1, max(len(v) for v in vectors.values()))
     d = head.prototypes.shape[-1]
     protos, valid = torch.zeros(len(names), k, d), torch.zeros(len(names), k, dtype=torch.bool)
     for i, name in enumerate(names):
-        for j, cluster in enumerate(members[name]):
-            protos[i, j], valid[i, j] = head.prototypes[cluster, 0], head.valid[cluster, 0]
+        for j, vector in enumerate(vectors[name]):
+            protos[i, j], valid[i, j] = vector, True
     classes = ClassMap(tuple(names), tuple(colors))
     temperature = config.temperature or float(head.temperature)
     ckpt = HeadCheckpoint(

@@ -184,3 +184,51 @@ def test_job_writes_and_prints_the_train_command(tmp_path, capsys):
     assert main("jobs.synthetic", [str(tmp_path / "bad"), "--size", "10"]) == 2
     assert "size=10 is too small" in capsys.readouterr().err
     assert main("jobs.synthetic", [str(tmp_path / "bad"), "--storage-options", "{"]) == 2
+
+
+def read_clicks(path) -> list[tuple[str, float, float, str]]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "image,x,y,class"
+    out = []
+    for line in lines[1:]:
+        name, x, y, cls = line.split(",")
+        out.append((name, float(x), float(y), cls))
+    return out
+
+
+def test_points_lie_on_their_class_and_cover_every_class(tmp_path):
+    info = write_synthetic(str(tmp_path / "syn"), train=6, val=2, size=56, seed=2, points=3)
+    assert info["points"] == str(tmp_path / "syn" / "train" / "points.csv")
+    clicks = read_clicks(tmp_path / "syn" / "train" / "points.csv")
+    masks = {name: mask for name, _, mask in read_set(info, "train")}
+    assert {name for name, *_ in clicks} == set(masks)  # every training image, no validation image
+    for name, mask in masks.items():
+        mine = [(x, y, SYNTHETIC_CLASSES.names.index(c)) for n, x, y, c in clicks if n == name]
+        per_class = {}
+        for x, y, c in mine:
+            assert 0 <= x < mask.shape[1] and 0 <= y < mask.shape[0]
+            assert x % 1 == 0.5 and y % 1 == 0.5  # pixel centres
+            assert mask[int(y), int(x)] == c, (name, x, y, c)
+            per_class[c] = per_class.get(c, 0) + 1
+        present = set(np.unique(mask[mask != IGNORE]).tolist())
+        assert set(per_class) == present, name
+        assert max(per_class.values()) <= 3
+        assert len(set(mine)) == len(mine)  # no pixel clicked twice
+    # the same seed clicks the same pixels
+    again = write_synthetic(str(tmp_path / "again"), train=6, val=0, size=56, seed=2, points=3)
+    assert read_clicks(tmp_path / "again" / "train" / "points.csv") == clicks
+    assert again["points"].endswith("again/train/points.csv")
+
+
+def test_points_file_reads_back_through_the_point_reader(tmp_path):
+    from pipeline.data.points import points_to_pairs
+
+    info = write_synthetic(str(tmp_path / "syn"), train=3, val=0, size=28, points=2)
+    pairs = points_to_pairs(info["images"]["train"], info["points"], SYNTHETIC_CLASSES, str(tmp_path / "pm"), radius=1)
+    assert pairs.keys == ["0000", "0001", "0002"] and pairs.problems == []
+
+
+def test_without_points_no_points_file(tmp_path):
+    info = write_synthetic(str(tmp_path / "syn"), train=2, val=1, size=28)
+    assert "points" not in info
+    assert not list((tmp_path / "syn").rglob("*.csv"))
