@@ -65,9 +65,11 @@ def test_the_cpu_steps_of_training_and_labeling_do_not_import_torch():
     would be paid again and again, every epoch."""
     code = (
         "import json, sys\n"
-        "import pipeline.train.data, pipeline.train.features, pipeline.train.trainset, pipeline.data.pairs\n"
-        "import pipeline.label.pseudo, pipeline.label.exporters, pipeline.io.masks\n"
-        "print(json.dumps(['torch' in sys.modules, 'pipeline.train.features' in sys.modules]))\n"
+        "import pipeline.train.data, pipeline.train.trainset, pipeline.data.pairs, pipeline.data.points\n"
+        "import pipeline.features.cache, pipeline.features.check, pipeline.features.pairs\n"
+        "import pipeline.label.pseudo, pipeline.label.exporters, pipeline.label.prototypes, pipeline.label.discover\n"
+        "import pipeline.io.masks\n"
+        "print(json.dumps(['torch' in sys.modules, 'pipeline.features.cache' in sys.modules]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -76,7 +76,7 @@ def cluster_colors(k: int) -> list[tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    features: object  # pipeline.train.features.FeatureConfig
+    features: object  # pipeline.features.cache.FeatureConfig
     patches: int
     seed: int
 
@@ -113,7 +113,7 @@ class SampleFeatures:
     inside the image, seeded by the key; rows flagged `sheet` keep their whole grid as `features`."""
 
     def __init__(self, config: SampleConfig):
-        from pipeline.train.features import ComputeFeatures
+        from pipeline.features.cache import ComputeFeatures
 
         self.config = config
         self.compute = ComputeFeatures(config.features)
@@ -186,9 +186,9 @@ def run_discover(config: DiscoverConfig) -> dict:
     from model.weights import weights_env
     from pipeline import runtime
     from pipeline.data.sources import ReadBytes, list_inputs
+    from pipeline.features.cache import FeatureConfig
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.label.prototypes import parse_layers
-    from pipeline.train.features import FeatureConfig
 
     started = time.time()
     _check(config)

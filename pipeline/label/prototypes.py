@@ -252,9 +252,9 @@ def _fill_cache(config, pairs, classes, layers, problems, cluster):
     from model.weights import weights_env
     from pipeline import runtime
     from pipeline.data.pairs import problem
-    from pipeline.train.data import check_pass, pairs_table
-    from pipeline.train.features import FeatureConfig, cached_sizes
-    from pipeline.train.trainset import PairConfig
+    from pipeline.features.cache import FeatureConfig, cached_sizes
+    from pipeline.features.check import check_pass, pairs_table
+    from pipeline.features.pairs import PairConfig
 
     so = config.storage_options or None
     features = FeatureConfig(
@@ -288,8 +288,8 @@ def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulato
 
     from pipeline.data.pairs import problem
     from pipeline.data.sources import ReadBytes
-    from pipeline.train.features import part_files
-    from pipeline.train.trainset import decode_label
+    from pipeline.features.cache import part_files
+    from pipeline.features.pairs import decode_label
 
     so = config.storage_options or None
     acc = ClassAccumulator(len(classes), dim, config.max_patches, config.seed, config.prototypes > 1)

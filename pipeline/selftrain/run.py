@@ -235,11 +235,11 @@ def _score(config: SelfTrainConfig, head: str, val, folder: str, base) -> float 
     from model.classes import load_class_map
     from pipeline.data.metrics import confusion_matrix, scores
     from pipeline.data.sources import ReadBytes
+    from pipeline.features.pairs import decode_label
     from pipeline.io.files import write_bytes_atomic
     from pipeline.io.masks import decode_mask_png, mask_url
     from pipeline.io.parts import read_parts
     from pipeline.segment import run_segment
-    from pipeline.train.trainset import decode_label
 
     so = base.storage_options or None
     buf = pa.BufferOutputStream()

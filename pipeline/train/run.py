@@ -1,8 +1,8 @@
 """`run_train(config)`: the train workflow (`dinoseg train`, `python -m jobs.train`).
 
-Lists and splits the pairs, checks them (and fills the feature cache) in one Ray Data pass, then
-hands the head's training to Ray Train (`pipeline.train.data`, `pipeline.train.loop`) and writes
-train.json. Re-running with resume=True continues from OUTPUT/last.pt.
+Lists and splits the pairs, checks them (and fills the feature cache) in one Ray Data pass
+(`pipeline.features.check`), then hands the head's training to Ray Train (`pipeline.train.data`,
+`pipeline.train.loop`) and writes train.json. Re-running with resume=True continues from OUTPUT/last.pt.
 """
 
 from __future__ import annotations
@@ -249,9 +249,9 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
     from model.weights import weights_env
     from pipeline import runtime
     from pipeline.data.pairs import Pairs, problem
-    from pipeline.train.data import check_pass, pairs_table
-    from pipeline.train.features import FeatureConfig, cached_sizes
-    from pipeline.train.trainset import PairConfig
+    from pipeline.features.cache import FeatureConfig, cached_sizes
+    from pipeline.features.check import check_pass, pairs_table
+    from pipeline.features.pairs import PairConfig
 
     everything = Pairs(train.keys + val.keys, train.images + val.images, train.masks + val.masks)
     features = folder = None

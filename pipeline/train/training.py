@@ -81,7 +81,7 @@ def to_tensors(batch: dict, device: torch.device) -> tuple[str, torch.Tensor, to
 
 
 def _patch_pad(pixels: list[np.ndarray], labels: list[np.ndarray]):
-    from pipeline.train.trainset import pad_label, padded_geometry
+    from pipeline.features.pairs import pad_label, padded_geometry
 
     out_px, out_lb = [], []
     for px, lb in zip(pixels, labels, strict=True):

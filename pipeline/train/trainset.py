@@ -1,186 +1,22 @@
-"""Training samples: read and check (image, mask) pairs, resize them, augment them.
+"""Training augmentation without the feature cache: mmseg's random rescale, crop, flip and
+photometric jitter over decoded pairs (`pipeline.features.pairs`).
 
-Batch steps in the style of `pipeline.data.sources` (plain callables over numpy-dict batches; a row
-that fails keeps flowing with its error fields set):
-
-    {key, image, mask (URLs)} -> ReadPair -> + image_bytes, mask_bytes
-        -> DecodePair -> + pixels (h, w, 3) uint8, label (h, w) uint8, width, height
-        -> AugmentPairs (training without the feature cache) -> fixed-size crops
-
-Geometry shared with the feature cache and inference: the short side is resized to the
-training resolution (long side capped), then centre-padded to a multiple of 14; the label is
-resized with nearest neighbour and padded with 255, so it lines up with the patch grid.
+    pairs -> ReadPair -> DecodePair -> AugmentPairs -> fixed-size crops
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from model.classes import IGNORE_INDEX
-from model.errors import DinosegError
-from model.geometry import IMAGENET_MEAN, PATCH_SIZE, centre_pad, resized_size
-from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
-from pipeline.data.schema import (
-    ERROR_FIELDS,
-    failed,
-    object_array,
-    set_error,
-    with_error_columns,
-)
-from pipeline.data.sources import ReadBytes
+from model.geometry import IMAGENET_MEAN, PATCH_SIZE, resized_size
+from pipeline.data.schema import failed
+from pipeline.features.pairs import resize_pair
 
 # ImageNet mean as uint8: padding an image with it is padding the normalised image with 0
 MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)
-
-
-class ReadPair:
-    """+ image_bytes, mask_bytes (rows hold `path` = the image URL, `image`, `mask`). A row with
-    `cached` set skips its image: its features are in the cache already."""
-
-    def __init__(self, storage_options: dict | None = None):
-        self.read = ReadBytes(storage_options)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = with_error_columns(batch)
-        n = len(out["path"])
-        cached = np.asarray(out.get("cached", np.zeros(n, bool)), bool)
-        for column, target, skip in (("mask", "mask_bytes", np.zeros(n, bool)), ("image", "image_bytes", cached)):
-            rows = np.flatnonzero(~failed(out) & ~skip)
-            data = object_array([b""] * n)
-            if len(rows):
-                part = self.read({"path": np.asarray(out[column])[rows], **{k: out[k][rows] for k in ERROR_FIELDS}})
-                for k in ERROR_FIELDS:
-                    out[k][rows] = part[k]
-                data[rows] = part["bytes"]
-            out[target] = data
-        return out
-
-
-def decode_label(data: bytes, num_classes: int) -> np.ndarray:
-    """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it.
-
-    Training labels are 8-bit: classes 0..254 and 255 = ignore, so a class map has at most 255
-    classes. A 16-bit ('I;16') mask is taken when every value is a class or 255 (ignore, as in
-    8-bit masks; with <= 255 classes 255 cannot be a class id) and refused otherwise, never
-    truncated. A 1-bit mask ('1') is 0/1: background and class 1."""
-    if num_classes > IGNORE_INDEX:
-        raise DinosegError(
-            f"training supports at most {IGNORE_INDEX} classes (labels are 8-bit: 0..{IGNORE_INDEX - 1}, {IGNORE_INDEX} = ignore) "
-            f"and the class map has {num_classes}: pass a class map with at most {IGNORE_INDEX} classes."
-        )
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("RGB", "RGBA"):
-                raise DinosegError(
-                    "the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG."
-                )
-            mask = np.array(img)  # '1' -> bool (0/1), 'P'/'L' -> uint8, 'I;16' -> uint16, 'I' -> int32
-    except DinosegError:
-        raise
-    except Exception as e:
-        raise DinosegError(f"the mask is not a readable image ({type(e).__name__}: {e}).") from None
-    if mask.ndim != 2:
-        raise DinosegError(
-            f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG."
-        )
-    if mask.dtype.kind not in "uib":
-        raise DinosegError(
-            f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG."
-        )
-    bad = ((mask >= num_classes) & (mask != IGNORE_INDEX)) | (mask < 0)
-    if bad.any():
-        value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
-        raise DinosegError(
-            f"the mask holds class {value} but the class map has {num_classes} classes "
-            f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore): pass the class map these masks were made with."
-        )
-    return mask.astype(np.uint8)
-
-
-def resize_pair(pixels: np.ndarray | None, label: np.ndarray, h: int, w: int):
-    """Resize to (h, w): the image bilinearly (antialiased when shrinking), the label nearest."""
-    if label.shape != (h, w):
-        label = np.asarray(Image.fromarray(label).resize((w, h), Image.Resampling.NEAREST))
-    if pixels is not None and pixels.shape[:2] != (h, w):
-        pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
-    return pixels, label
-
-
-def pad_label(label: np.ndarray, grid_h: int, grid_w: int, top: int, left: int) -> np.ndarray:
-    out = np.full((grid_h * PATCH_SIZE, grid_w * PATCH_SIZE), IGNORE_INDEX, np.uint8)
-    out[top : top + label.shape[0], left : left + label.shape[1]] = label
-    return out
-
-
-@dataclass(frozen=True)
-class PairConfig:
-    num_classes: int
-    resolution: int | None = None  # short side to resize to; None keeps the original size
-    long_side_ratio: float = 4.0
-    max_megapixels: float = MAX_MEGAPIXELS
-    keep: bool = True  # False: only check the pair (the row keeps its size, not its pixels)
-
-
-class DecodePair:
-    """- image_bytes, mask_bytes; + pixels, label, width, height (the image's original size).
-
-    A cached row (`cached` set) has no image bytes: its mask is checked against the size in
-    `width`/`height` that the cache recorded. Problems -> stage 'decode' (the image) or
-    'mask' (the mask: unreadable, not an index mask, a class out of range, another size)."""
-
-    def __init__(self, config: PairConfig):
-        self.config = config
-        self.decode = DecodeConfig(config.max_megapixels).validate()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = with_error_columns(batch)
-        images, masks = out.pop("image_bytes"), out.pop("mask_bytes")
-        n = len(images)
-        cached = out.get("cached", np.zeros(n, bool))
-        widths = np.asarray(out.get("width", np.zeros(n)), np.int64).copy()
-        heights = np.asarray(out.get("height", np.zeros(n)), np.int64).copy()
-        pixels = [np.zeros((0, 0, 3), np.uint8)] * n
-        labels = [np.zeros((0, 0), np.uint8)] * n
-        bad = failed(out)
-        for i in range(n):
-            if bad[i]:
-                continue
-            try:
-                rgb = None
-                if not cached[i]:
-                    try:
-                        rgb, widths[i], heights[i] = decode_image(images[i], self.decode)
-                    except DinosegError as e:
-                        set_error(out, i, "decode", e)
-                        continue
-                label = decode_label(masks[i], self.config.num_classes)
-                if label.shape != (heights[i], widths[i]):
-                    raise DinosegError(
-                        f"the mask is {label.shape[1]}x{label.shape[0]} but its image is {widths[i]}x{heights[i]}: "
-                        "masks must have their image's size."
-                    )
-            except DinosegError as e:
-                set_error(out, i, "mask", e)
-                continue
-            except Exception as e:  # a codec bug costs one row, not the batch
-                set_error(out, i, "mask", f"could not read the pair ({type(e).__name__}: {e}).", type(e).__name__)
-                continue
-            if self.config.keep:
-                if self.config.resolution and rgb is not None:
-                    r = self.config.resolution
-                    rgb, label = resize_pair(
-                        rgb, label, *resized_size(*label.shape, r, self.config.long_side_ratio * r)
-                    )
-                pixels[i], labels[i] = (rgb if rgb is not None else pixels[i]), label
-        out["width"], out["height"] = widths, heights
-        if self.config.keep:
-            out["pixels"], out["label"] = object_array(pixels), object_array(labels)
-        return out
 
 
 @dataclass(frozen=True)
@@ -248,9 +84,3 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
         x = grey[..., None] + (x - grey[..., None]) * rng.uniform(0.5, 1.5)
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def padded_geometry(h: int, w: int) -> tuple[int, int, int, int]:
-    """(grid_h, grid_w, top, left) of an image of h x w centre-padded to whole patches."""
-    top, bottom, left, right = centre_pad(h, w, PATCH_SIZE)
-    return (h + top + bottom) // PATCH_SIZE, (w + left + right) // PATCH_SIZE, top, left

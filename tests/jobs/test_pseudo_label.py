@@ -117,7 +117,7 @@ def test_threshold_layout_resume_and_reselect(ray_local, tmp_path, images, head_
 @pytest.mark.slow  # a real Ray
 def test_new_images_resume_and_train_reads_the_pairs(ray_local, tmp_path, images, head_file):
     from pipeline.data.pairs import list_pairs
-    from pipeline.train.trainset import decode_label
+    from pipeline.features.pairs import decode_label
 
     subset = tmp_path / "some.txt"
     subset.write_text("".join(f"{images}/{i:04d}.png\n" for i in range(5)))

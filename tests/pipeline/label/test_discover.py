@@ -12,6 +12,8 @@ from PIL import Image
 from model.classes import ClassMap
 from model.geometry import PATCH_SIZE as PATCH
 from pipeline.data.schema import ERROR_FIELDS
+from pipeline.features.cache import FeatureConfig
+from pipeline.features.pairs import padded_geometry
 from pipeline.label.discover import (
     TILE,
     DecodeResized,
@@ -25,8 +27,6 @@ from pipeline.label.discover import (
     summary,
     write_contact_sheets,
 )
-from pipeline.train.features import FeatureConfig
-from pipeline.train.trainset import padded_geometry
 
 
 def test_sample_rank_is_seeded_and_deterministic():

@@ -20,6 +20,7 @@ from model.geometry import resized_size
 from model.heads import HeadConfig, build_head
 from model.hub import load_head
 from model.prototypes import PrototypeHead, prototype_config, prototype_state
+from pipeline.features.pairs import padded_geometry
 from pipeline.label.discover import cluster_colors
 from pipeline.label.prototypes import (
     ClassAccumulator,
@@ -31,7 +32,6 @@ from pipeline.label.prototypes import (
     run_prototypes,
     summary,
 )
-from pipeline.train.trainset import padded_geometry
 
 
 def geometry(h: int, w: int, resolution: int) -> dict:

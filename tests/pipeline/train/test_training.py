@@ -15,6 +15,7 @@ from model.errors import WeightsError
 from model.geometry import PATCH_SIZE as PATCH
 from model.heads import HeadConfig, build_head
 from pipeline.data.metrics import scores
+from pipeline.features.pairs import padded_geometry
 from pipeline.train.training import (
     STATE_FORMAT,
     STATE_VERSION,
@@ -28,7 +29,7 @@ from pipeline.train.training import (
     train_epoch,
     validate,
 )
-from pipeline.train.trainset import MEAN_RGB, padded_geometry
+from pipeline.train.trainset import MEAN_RGB
 
 CPU = torch.device("cpu")
 

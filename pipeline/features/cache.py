@@ -27,13 +27,8 @@ import pyarrow.parquet as pq
 from model.classes import IGNORE_INDEX
 from model.geometry import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from pipeline.data.schema import failed, object_array, set_error
+from pipeline.features.pairs import decode_label, pad_label, padded_geometry, resize_pair
 from pipeline.io.files import write_bytes_atomic
-from pipeline.train.trainset import (
-    decode_label,
-    pad_label,
-    padded_geometry,
-    resize_pair,
-)
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from PIL import Image
 
 from pipeline import runtime
 from pipeline.data.pairs import Pairs
-from pipeline.train.data import check_pass, pairs_table
-from pipeline.train.features import FeatureConfig
-from pipeline.train.trainset import PairConfig
+from pipeline.features.cache import FeatureConfig
+from pipeline.features.check import check_pass, pairs_table
+from pipeline.features.pairs import PairConfig
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from model.geometry import PATCH_SIZE as PATCH
 from pipeline.data.pairs import list_pairs
 from pipeline.data.schema import ERROR_FIELDS
 from pipeline.data.synthetic import write_synthetic
-from pipeline.train.features import (
+from pipeline.features.cache import (
     CACHE_SCHEMA,
     CachedSamples,
     ComputeFeatures,
@@ -27,7 +27,7 @@ from pipeline.train.features import (
     cached_sizes,
     part_files,
 )
-from pipeline.train.trainset import DecodePair, PairConfig, ReadPair, pad_label, padded_geometry
+from pipeline.features.pairs import DecodePair, PairConfig, ReadPair, pad_label, padded_geometry
 
 CONFIG = FeatureConfig("dinov2_vits14", (11,), 56, "random", device="cpu", precision="fp32")
 

@@ -1,0 +1,60 @@
+"""The check pass over labeled pairs: every pair read and checked once, and the features of
+uncached images computed and stored, in one Ray Data pass (train and prototypes run it).
+
+    pairs -> ReadPair -> DecodePair -> [ComputeFeatures actors -> WriteFeatures] -> status rows
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline import runtime
+from pipeline.data.pairs import Pairs
+from pipeline.features.cache import ComputeFeatures, FeatureConfig, WriteFeatures
+from pipeline.features.pairs import DecodePair, PairConfig, ReadPair
+from pipeline.runtime import datasets
+
+STATUS = ("path", "key", "image", "mask", "width", "height", "error_stage", "error_type", "error_message")
+
+
+def pairs_table(pairs: Pairs, cached: dict | None = None) -> pa.Table:
+    sizes = [(cached or {}).get(url) for url in pairs.images]
+    return pa.table(
+        {
+            "path": pairs.images,
+            "key": pairs.keys,
+            "image": pairs.images,
+            "mask": pairs.masks,
+            "cached": [s is not None for s in sizes],
+            "width": [s[0] if s else 0 for s in sizes],
+            "height": [s[1] if s else 0 for s in sizes],
+            **{f: [""] * len(pairs) for f in ("error_stage", "error_type", "error_message")},
+        }
+    )
+
+
+def _status(batch: dict) -> dict:
+    return {k: batch[k] for k in STATUS}
+
+
+def check_pass(
+    rows: pa.Table,
+    pair: PairConfig,
+    storage_options: dict | None,
+    resources: runtime.Resources,
+    features: FeatureConfig | None = None,
+    folder: str | None = None,
+):
+    """Read and check every pair (and compute the features of uncached images); yields status
+    tables (STATUS columns; failed rows have error fields)."""
+    read, decode = ReadPair(storage_options), DecodePair(pair)
+    # every image cached (a re-run, another round on the same images): no model to load, and no
+    # actor pool to start, only the masks to check
+    if features is not None and not all(rows.column("cached").to_pylist()):
+        ds = runtime.build(
+            rows, read, decode, ComputeFeatures, features, WriteFeatures(folder, storage_options), resources
+        )
+    else:
+        batch = resources.read_batch_size
+        ds = datasets.stages(datasets.from_rows(rows, 4 * batch), [read, decode], batch, resources.decode_cpus)
+    yield from runtime.iter_results(datasets.stages(ds, [_status], None, resources.decode_cpus))
