@@ -24,7 +24,7 @@ from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
 from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
 from pipeline.data.keys import extension
-from pipeline.data.pairs import Pairs, problem
+from pipeline.data.pairs import Pairs, list_pairs, problem
 from pipeline.data.sources import ReadBytes, list_inputs
 from pipeline.io.files import write_bytes_atomic
 from pipeline.io.masks import encode_mask_png
@@ -196,3 +196,19 @@ def points_to_pairs(
         )
     log.info("%d images with points -> sparse masks in %s", len(out), folder)
     return out
+
+
+def labeled_pairs(
+    images: str,
+    masks: str | None,
+    classes: ClassMap,
+    folder: str,
+    storage_options: dict | None = None,
+    max_megapixels: float = MAX_MEGAPIXELS,
+    radius: float = DEFAULT_RADIUS,
+) -> Pairs:
+    """The pairs of IMAGES and MASKS, where MASKS is a folder, None (a manifest), or a point file,
+    whose sparse masks are drawn under `folder` first: what every command taking MASKS calls."""
+    if is_point_file(masks, storage_options):
+        return points_to_pairs(images, masks, classes, folder, storage_options, radius, max_megapixels)
+    return list_pairs(images, masks, storage_options)

@@ -6,8 +6,8 @@
     sample of --patches-per-image unit patch features per image (and the whole grid for the
     few images the contact sheets show) -> driver: k-means (scikit-learn) on the samples
     -> OUTPUT/head.pt (a prototype head, classes cluster_0..K-1), classes.yaml, clusters/*.jpg
-    (one contact sheet per cluster: the images it covers most, the cluster tinted, the rest
-    dimmed), discover.json, problems.jsonl
+    (one contact sheet per cluster: crops of the images it covers most around its patches, the
+    cluster tinted, the rest dimmed), discover.json, problems.jsonl
 
 Memory is bounded by max_images x patches_per_image whatever the collection's size. Rename
 clusters in OUTPUT/classes.yaml (merge them by giving two the same name, drop one by deleting
@@ -385,16 +385,33 @@ def write_contact_sheets(config, out, centres, classes, sheets, so) -> list[str]
     return urls
 
 
+MIN_CROP_CELLS = 6  # a crop shows at least this many patches a side of context
+
+
 def _tile(picture: np.ndarray, cells: np.ndarray, color) -> np.ndarray:
-    """The picture with the cluster's cells tinted and the others dimmed, fit into TILE x TILE."""
+    """A crop around the cluster's cells (one patch of margin, at least MIN_CROP_CELLS a side),
+    the cells tinted and the rest dimmed, fit into TILE x TILE: a small region of a large photo
+    stays visible."""
     from PIL import Image
 
     on = np.kron(cells, np.ones((PATCH_SIZE, PATCH_SIZE), bool))[..., None]
     x = picture.astype(np.float32)
     x = np.where(on, 0.55 * x + 0.45 * np.asarray(color, np.float32), 0.3 * x)
-    img = Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+    (y0, y1), (x0, x1) = (_span(np.flatnonzero(cells.any(axis=a)), cells.shape[1 - a]) for a in (1, 0))
+    crop = x[y0 * PATCH_SIZE : y1 * PATCH_SIZE, x0 * PATCH_SIZE : x1 * PATCH_SIZE]
+    img = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8))
     img.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
     return np.asarray(img)
+
+
+def _span(indices: np.ndarray, n: int) -> tuple[int, int]:
+    """[start, stop) of the cells `indices` with a margin of one, widened to MIN_CROP_CELLS."""
+    if not len(indices):
+        return 0, n
+    start, stop = max(0, int(indices[0]) - 1), min(n, int(indices[-1]) + 2)
+    width = max(stop - start, min(n, MIN_CROP_CELLS))
+    start = min(max(0, (start + stop - width) // 2), n - width)  # centred, then moved inside
+    return start, start + width
 
 
 def summary(info: dict) -> str:

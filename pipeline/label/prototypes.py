@@ -196,8 +196,7 @@ def _from_labels(config: PrototypeConfig) -> dict:
     from model.classes import load_class_map
     from model.hub import load_backbone
     from pipeline import runtime
-    from pipeline.data.pairs import list_pairs
-    from pipeline.data.points import is_point_file, points_to_pairs
+    from pipeline.data.points import labeled_pairs
 
     so = config.storage_options or None
     classes = load_class_map(config.classes, so)
@@ -207,18 +206,9 @@ def _from_labels(config: PrototypeConfig) -> dict:
     layers = parse_layers(config.layers, bb.depth)
     load_backbone(config.backbone, config.backbone_weights, so)  # a wrong name or file fails here, in one sentence
     folder = posixpath.dirname(config.output)
-    if is_point_file(config.masks, so):
-        pairs = points_to_pairs(
-            config.images,
-            config.masks,
-            classes,
-            f"{folder}/point-masks",
-            so,
-            config.point_radius,
-            config.max_megapixels,
-        )
-    else:
-        pairs = list_pairs(config.images, config.masks, so)
+    pairs = labeled_pairs(
+        config.images, config.masks, classes, f"{folder}/point-masks", so, config.max_megapixels, config.point_radius
+    )
     problems = list(pairs.problems)
     started_ray = runtime.start_ray(config.address)
     try:

@@ -65,7 +65,7 @@ def run_self_train(config: SelfTrainConfig) -> dict:
         raise DinosegError("give the labeled IMAGES and MASKS, or --start-head with a head to start from.")
     rounds: list[dict] = []
     try:
-        labeled = list_pairs(base.images, base.masks, so) if base.images else Pairs()
+        labeled = _labeled(base, out) if base.images else Pairs()
         if labeled.problems:
             log.warning(
                 "%d labeled keys have a problem (e.g. %s) and are left out",
@@ -191,6 +191,16 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     _copy(best["head"], result["head"], so)
     write_json(f"{out}/self_train.json", result, so)
     return result
+
+
+def _labeled(base, out: str):
+    """The labeled pairs; a point file as MASKS is drawn as sparse masks under OUT/point-masks."""
+    from model.classes import load_class_map
+    from pipeline.data.points import labeled_pairs
+
+    so = base.storage_options or None
+    classes = load_class_map(base.classes, so)
+    return labeled_pairs(base.images, base.masks, classes, f"{out}/point-masks", so, base.max_megapixels)
 
 
 def _segment_config(config: SelfTrainConfig, head: str, images: str, output: str, predictions: str, base):

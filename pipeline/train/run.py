@@ -86,7 +86,7 @@ def run_train(config: TrainConfig) -> dict:
     from model.heads import HeadConfig
     from pipeline import runtime
     from pipeline.data.pairs import list_pairs, split_pairs
-    from pipeline.data.points import is_point_file, points_to_pairs
+    from pipeline.data.points import labeled_pairs
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.io.records import write_text
     from pipeline.runtime.train import fit
@@ -128,12 +128,8 @@ def run_train(config: TrainConfig) -> dict:
 
     load_backbone(config.backbone, config.backbone_weights, so)
 
-    if is_point_file(config.masks, so):  # clicks: drawn as sparse masks (255 elsewhere) under OUTPUT
-        pairs = points_to_pairs(
-            config.images, config.masks, classes, f"{out}/point-masks", so, max_megapixels=config.max_megapixels
-        )
-    else:
-        pairs = list_pairs(config.images, config.masks, so)
+    # a point file as MASKS: its clicks are drawn as sparse masks (255 elsewhere) under OUTPUT
+    pairs = labeled_pairs(config.images, config.masks, classes, f"{out}/point-masks", so, config.max_megapixels)
     if config.val_images:
         train, val = pairs, list_pairs(config.val_images, config.val_masks, so, what="validation")
         problems = pairs.problems + val.problems

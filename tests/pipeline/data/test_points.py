@@ -14,7 +14,7 @@ from PIL import Image
 from model.classes import IGNORE_INDEX as IGNORE
 from model.classes import ClassMap
 from model.errors import DinosegError
-from pipeline.data.points import class_index, draw_points, is_point_file, points_to_pairs, read_points
+from pipeline.data.points import class_index, draw_points, is_point_file, labeled_pairs, points_to_pairs, read_points
 from pipeline.io.masks import decode_mask_png
 
 CLASSES = ClassMap(("sky", "tree", "road"), ((10, 20, 200), (20, 160, 30), (90, 90, 90)))
@@ -280,3 +280,22 @@ def test_an_exif_rotated_jpeg_gets_a_mask_of_its_displayed_size(tmp_path):
     img, mask = read_mask(pairs.masks[0])
     assert img.size == (20, 40) and mask.shape == (40, 20)
     assert mask[35, 15] == 2 and (mask == 2).sum() < 10
+
+
+def test_labeled_pairs_takes_a_point_file_a_mask_folder_or_a_manifest(tmp_path, folder):
+    """What train, self-train and prototypes call for IMAGES MASKS: a point file is drawn first."""
+    points = write_csv(tmp_path / "points.csv", [{"image": "a", "x": 5.5, "y": 5.5, "class": "sky"}])
+    drawn = labeled_pairs(str(folder), points, CLASSES, str(tmp_path / "drawn"), radius=2)
+    assert drawn.keys == ["a"] and drawn.masks == [str(tmp_path / "drawn" / "a.png")]
+    assert (tmp_path / "drawn" / "a.png").exists()
+    # a folder of masks: paired by key, nothing drawn
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "a.png").write_bytes((tmp_path / "drawn" / "a.png").read_bytes())
+    paired = labeled_pairs(str(folder), str(masks), CLASSES, str(tmp_path / "unused"))
+    assert paired.keys == ["a"] and paired.masks == [str(masks / "a.png")] and not (tmp_path / "unused").exists()
+    assert {p["key"] for p in paired.problems} == {"sub/b", "c", "d"}  # images without a mask
+    # an image,mask manifest is not a point file
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"image,mask\n{folder / 'a.png'},{masks / 'a.png'}\n")
+    assert labeled_pairs(str(manifest), None, CLASSES, str(tmp_path / "unused")).masks == [str(masks / "a.png")]

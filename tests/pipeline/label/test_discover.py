@@ -240,3 +240,20 @@ def test_summary_names_the_next_command():
     text = summary(info)
     assert "75.0%" in text and "1,200 patches" in text
     assert "dinoseg prototypes --from-clusters /o --output head.pt" in text
+
+
+def test_a_small_cluster_in_a_large_picture_is_cropped_around_its_cells():
+    from pipeline.label.discover import MIN_CROP_CELLS, _tile
+
+    cells = np.zeros((20, 30), bool)
+    cells[2, 27] = True  # one patch near the top-right corner
+    picture = np.full((20 * PATCH, 30 * PATCH, 3), 200, np.uint8)
+    tile = _tile(picture, cells, (255, 0, 0))
+    # a crop of MIN_CROP_CELLS patches a side around the cell, not the whole 280 x 420 picture
+    assert tile.shape == (MIN_CROP_CELLS * PATCH, MIN_CROP_CELLS * PATCH, 3)
+    tinted = (tile[..., 0] > tile[..., 1] + 40).sum()
+    assert tinted == PATCH * PATCH  # the one cell, whole, inside the crop
+    # cells spread over the picture: the whole of it, shrunk to the tile
+    cells[:] = False
+    cells[0, 0] = cells[19, 29] = True
+    assert _tile(picture, cells, (255, 0, 0)).shape[1] == 160
