@@ -224,14 +224,14 @@ def test_the_kmeans_sample_stays_bounded_and_a_subset_of_the_patches():
             rows /= np.linalg.norm(rows, axis=1, keepdims=True)
             for r, w_ in zip(rows.astype(np.float16), wt.reshape(-1), strict=True):
                 given[r.tobytes()] = (w_, image)
-            x, wts, pri = acc.samples[0]
-            assert len(x) == len(wts) == len(pri) == min(max_patches, 8 * (image + 1))
-            assert x.dtype == np.float16 and x.shape[1] == d
-            keys = [r.tobytes() for r in x]
+            x, wts = acc.sample(0)
+            assert len(x) == len(wts) == min(max_patches, 8 * (image + 1))
+            assert x.dtype == np.float32 and x.shape[1] == d
+            keys = [r.tobytes() for r in x.astype(np.float16)]  # stored as float16: exact
             assert len(set(keys)) == len(keys)  # no patch twice
             for key, w_ in zip(keys, wts, strict=True):
                 assert key in given and given[key][0] == w_  # a patch of the inputs, with its own weight
-        images = {given[r.tobytes()][1] for r in acc.samples[0][0]}
+        images = {given[r.tobytes()][1] for r in acc.sample(0)[0].astype(np.float16)}
         firsts.add(0 in images)
         lasts.add(4 in images)
         assert acc.patches[0] == 40  # the statistics count every patch, not only the sample
