@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import heapq
 import io
 import logging
 import time
@@ -53,6 +54,7 @@ class DiscoverConfig:
     sheet_images: int = option(64, "Images the contact sheets choose from.")
     sheet_tiles: int = option(12, "Tiles per contact sheet.")
     seed: int = option(0, "Seed of the image and patch samples and of k-means.")
+    overwrite: bool = option(False, "Replace OUTPUT's head.pt and classes.yaml (names you gave them are lost).")
     precision: str = option("auto", "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16.")
     actors: Optional[int] = option(None, "Feature actors (default: one per GPU, or one on the CPU).")
     max_megapixels: float = max_megapixels_option()
@@ -201,14 +203,17 @@ def run_discover(config: DiscoverConfig) -> dict:
     layers = parse_layers(config.layers, bb.depth)
     load_backbone(config.backbone, config.backbone_weights, so)  # a wrong name or file fails here
     collected = _Collected()
-    listed = []
-    for row in list_inputs(config.input, so):
-        if row["error_stage"]:
-            collected.problems.append({k: row[k] for k in ("key", "path", "error_stage", "error_message")})
-        else:
-            listed.append((sample_rank(config.seed, row["key"]), row["key"], row["path"]))
-    listed.sort()
-    sample = listed[: config.max_images]
+    _refuse_to_replace(out, config.overwrite, so)
+
+    def ranked():
+        for row in list_inputs(config.input, so):
+            if row["error_stage"]:
+                collected.problems.append({k: row[k] for k in ("key", "path", "error_stage", "error_message")})
+            else:
+                yield sample_rank(config.seed, row["key"]), row["key"], row["path"]
+
+    # the max_images lowest ranks, kept in a heap while the listing streams: bounded memory
+    sample = heapq.nsmallest(config.max_images, ranked())
     if not sample:
         raise DinosegError(f"'{config.input}' has no image that could be listed: see the problems above.")
     import pyarrow as pa
@@ -264,6 +269,18 @@ def run_discover(config: DiscoverConfig) -> dict:
 
     write_json(f"{out}/discover.json", info, so)
     return info
+
+
+def _refuse_to_replace(out: str, overwrite: bool, so) -> None:
+    """A discover OUTPUT holds names a person gave the clusters: never replaced silently."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{out}/head.pt", **(so or {}))
+    if fs.exists(path) and not overwrite:
+        raise DinosegError(
+            f"{out} holds a discover run already (head.pt, classes.yaml and any names you gave the clusters): "
+            "pass --overwrite to replace it, or another OUTPUT."
+        )
 
 
 def _check(config: DiscoverConfig) -> None:

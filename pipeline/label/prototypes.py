@@ -61,6 +61,7 @@ class PrototypeConfig:
     cache_dir: Optional[str] = option(None, "Where the feature cache lives (default: the head's folder/cache).")
     precision: str = option("auto", "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16.")
     seed: int = option(0, "Seed for the patch sample and k-means.")
+    overwrite: bool = option(False, "Replace the head at --output if there is one.")
     max_megapixels: float = max_megapixels_option()
     storage_options: dict = storage_options_option()
     address: Optional[str] = address_option()
@@ -173,6 +174,7 @@ def run_prototypes(config: PrototypeConfig) -> dict:
         cache_dir=absolute_output(config.cache_dir) if config.cache_dir else None,
     )
     _check(config)
+    _refuse_to_replace(config.output, config.overwrite, config.storage_options or None)
     if config.from_clusters:
         info = from_clusters(config)
     else:
@@ -188,8 +190,17 @@ def record_url(output: str) -> str:
     return posixpath.splitext(output)[0] + ".json"
 
 
+def _refuse_to_replace(output: str, overwrite: bool, so) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output, **(so or {}))
+    if fs.exists(path) and not overwrite:
+        raise DinosegError(f"{output} exists already: pass --overwrite to replace it, or another --output.")
+
+
 def _check(config: PrototypeConfig) -> None:
     bad = [
+        (config.output.endswith(".pt"), f"--output {config.output} must name a .pt file, e.g. OUT/head.pt"),
         (config.prototypes >= 1, f"--prototypes {config.prototypes} must be at least 1"),
         (config.temperature is None or config.temperature > 0, f"--temperature {config.temperature} must be positive"),
         (config.point_radius > 0, f"--point-radius {config.point_radius} must be positive"),

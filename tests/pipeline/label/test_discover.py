@@ -257,3 +257,16 @@ def test_a_small_cluster_in_a_large_picture_is_cropped_around_its_cells():
     cells[:] = False
     cells[0, 0] = cells[19, 29] = True
     assert _tile(picture, cells, (255, 0, 0)).shape[1] == 160
+
+
+def test_a_discover_output_with_named_clusters_is_not_replaced_without_overwrite(tmp_path):
+    from model.errors import DinosegError
+    from pipeline.label.discover import run_discover
+
+    out = tmp_path / "clusters"
+    out.mkdir()
+    (out / "head.pt").write_bytes(b"head")
+    (out / "classes.yaml").write_text("classes: [{id: 0, name: sky}]\n")
+    with pytest.raises(DinosegError, match="pass --overwrite to replace it"):
+        run_discover(DiscoverConfig(str(tmp_path / "nowhere"), str(out), backbone_weights="random"))
+    assert "sky" in (out / "classes.yaml").read_text()

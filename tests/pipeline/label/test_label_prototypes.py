@@ -403,3 +403,14 @@ def test_from_clusters_needs_the_classes_file_and_a_prototype_head(tmp_path):
         from_clusters(named_config(tmp_path, folder))
     with pytest.raises(DinosegError):  # no head.pt at all
         from_clusters(named_config(tmp_path, tmp_path / "nowhere"))
+
+
+def test_an_existing_head_is_not_replaced_without_overwrite(tmp_path):
+    head = tmp_path / "head.pt"
+    head.write_bytes(b"a trained head someone cares about")
+    config = PrototypeConfig(str(tmp_path), str(tmp_path), output=str(head), classes="voc2012")
+    with pytest.raises(DinosegError, match="exists already: pass --overwrite"):
+        run_prototypes(config)
+    assert head.read_bytes() == b"a trained head someone cares about"
+    with pytest.raises(DinosegError, match="must name a .pt file"):
+        run_prototypes(PrototypeConfig(str(tmp_path), str(tmp_path), output=str(tmp_path / "out"), classes="voc2012"))
