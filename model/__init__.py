@@ -11,9 +11,16 @@ _EXPORTS = {
     "checkpoint": ("HeadCheckpoint", "parse_head_checkpoint", "save_head_checkpoint"),
     "classes": ("ClassMap", "bundled", "load_class_map"),
     "errors": ("DinosegError", "ImageInputError", "UnknownModelError", "WeightsError"),
-    "heads": ("ConvHead", "HeadConfig", "LinearHead", "build_head", "default_layers"),
     "hub": ("build_segmenter", "load_backbone", "load_head"),
-    "prototypes": ("PrototypeHead", "prototype_state"),
+    "heads": (
+        "ConvHead",
+        "HeadConfig",
+        "LinearHead",
+        "PrototypeHead",
+        "build_head",
+        "default_layers",
+        "prototype_state",
+    ),
     "segmenter": ("META_MS_SCALES", "InferenceConfig", "Prediction", "Segmenter"),
     "weights": ("SEGMENTATION_MODELS", "describe_models"),
 }

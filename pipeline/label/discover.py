@@ -314,7 +314,7 @@ def _write(config, out, centres, share, layers, embed_dim, collected: _Collected
 
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
     from model.classes import ClassMap, save_class_map
-    from model.prototypes import prototype_config, prototype_state
+    from model.heads import prototype_config, prototype_state
     from pipeline.io.records import jsonl, write_text
 
     k = len(centres)

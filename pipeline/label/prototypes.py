@@ -3,7 +3,7 @@
     pairs (masks, or a point file drawn as sparse masks) -> train's check + feature-cache pass
     (Ray Data, on GPUs where there are some) -> per class: its patches' normalised features,
     weighted by the share of the patch the class labels -> k=1: the weighted mean; k>1: weighted
-    k-means (scikit-learn) -> head.pt of kind 'prototype' (`model.prototypes`)
+    k-means (scikit-learn) -> head.pt of kind 'prototype' (`model.heads.PrototypeHead`)
 
 No optimizer: seconds for tens of images once the features are cached (a re-run with another k
 or temperature reads the cache). Labels are mapped to patches at the mask's own resolution, so
@@ -54,7 +54,7 @@ class PrototypeConfig:
     prototypes: int = option(4, "Prototypes per class: k-means centroids of its patches (1: their mean).")
     temperature: Optional[float] = option(
         None,
-        "Softmax temperature of the cosine logits, for confidences (default: model.prototypes', 0.05; with --from-clusters, the clusters').",
+        "Softmax temperature of the cosine logits, for confidences (default: model.heads', 0.05; with --from-clusters, the clusters').",
     )
     point_radius: float = option(DEFAULT_RADIUS, "Radius in pixels of the disc a point labels.")
     max_patches: int = option(20_000, "Patches per class that k-means sees at most (a seeded sample).")
@@ -337,7 +337,7 @@ def _write_head(config, acc: ClassAccumulator, classes, layers, embed_dim, probl
     import torch
 
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
-    from model.prototypes import prototype_config, prototype_state
+    from model.heads import prototype_config, prototype_state
 
     protos, valid = acc.prototypes(config.prototypes, config.seed)
     missing = [classes.names[i] for i in range(len(classes)) if not valid[i].any()]
@@ -388,8 +388,8 @@ def from_clusters(config: PrototypeConfig) -> dict:
 
     from model.checkpoint import HeadCheckpoint, save_head_checkpoint
     from model.classes import ClassMap, default_color
+    from model.heads import KIND, prototype_config, prototype_state
     from model.hub import load_head
-    from model.prototypes import KIND, prototype_config, prototype_state
 
     so = config.storage_options or None
     folder = config.from_clusters.rstrip("/")

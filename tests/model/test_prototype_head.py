@@ -14,17 +14,19 @@ import torch.nn.functional as F
 from model.checkpoint import HeadCheckpoint, parse_head_checkpoint, save_head_checkpoint
 from model.classes import ClassMap, default_color
 from model.errors import DinosegError, WeightsError
-from model.heads import HeadConfig, build_head, output_classes
-from model.hub import load_backbone, load_head
-from model.prototypes import (
+from model.heads import (
     DEFAULT_TEMPERATURE,
     KIND,
     NO_PROTOTYPE,
+    HeadConfig,
     PrototypeHead,
+    build_head,
     normalized_features,
+    output_classes,
     prototype_config,
     prototype_state,
 )
+from model.hub import load_backbone, load_head
 from model.segmenter import InferenceConfig, Segmenter
 
 
@@ -302,3 +304,18 @@ def test_segmenter_with_prototype_head_matches_the_direct_computation(vits):
     confidence = up.softmax(1).amax(1)[0].numpy()
     same = pred.mask == expected
     np.testing.assert_allclose(pred.confidence[same], confidence[same], atol=1e-3)
+
+
+def test_the_head_computes_in_fp32_under_bf16_autocast():
+    """bf16 cosines step by about 0.004: near-ties and the softmax confidences pseudo-labels
+    threshold would be decided by rounding. The head leaves autocast for its maths."""
+    torch.manual_seed(0)
+    config = prototype_config((0,), 64, 3, 2)
+    head = PrototypeHead(config)
+    head.load_state_dict(prototype_state(torch.randn(3, 2, 64), torch.ones(3, 2, dtype=torch.bool), 0.05))
+    features = [torch.randn(2, 64, 5, 6)]
+    exact = head(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(features)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=1e-5)

@@ -17,9 +17,8 @@ from model.classes import ClassMap, default_color, save_class_map
 from model.errors import DinosegError
 from model.geometry import PATCH_SIZE as PATCH
 from model.geometry import resized_size
-from model.heads import HeadConfig, build_head
+from model.heads import HeadConfig, PrototypeHead, build_head, prototype_config, prototype_state
 from model.hub import load_head
-from model.prototypes import PrototypeHead, prototype_config, prototype_state
 from pipeline.features.pairs import padded_geometry
 from pipeline.label.discover import cluster_colors
 from pipeline.label.prototypes import (
