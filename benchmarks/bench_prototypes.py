@@ -178,7 +178,9 @@ def timing(args, tmp: Path, results: dict) -> None:
     seconds = {}
     for label in ("prototypes, features computed", "prototypes, features cached"):
         started = time.perf_counter()
-        run_prototypes(PrototypeConfig(many["images"]["train"], many["masks"]["train"], output=head, **common))
+        run_prototypes(
+            PrototypeConfig(many["images"]["train"], many["masks"]["train"], output=head, overwrite=True, **common)
+        )
         seconds[label] = time.perf_counter() - started
     started = time.perf_counter()
     run_discover(

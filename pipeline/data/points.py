@@ -149,7 +149,7 @@ def points_to_pairs(
         by_name.update({key: key, url: key, key + os.path.splitext(url)[1]: key})
     out, grouped = Pairs(), {}
     for p in read_points(points_url, so):
-        ref = p["image"].replace("\\", "/").lstrip("./") if "://" not in p["image"] else p["image"]
+        ref = p["image"].replace("\\", "/").removeprefix("./") if "://" not in p["image"] else p["image"]
         key = by_name.get(p["image"]) or by_name.get(ref)
         c = class_index(p["class"], classes)
         if key is None:
@@ -206,9 +206,10 @@ def labeled_pairs(
     storage_options: dict | None = None,
     max_megapixels: float = MAX_MEGAPIXELS,
     radius: float = DEFAULT_RADIUS,
+    what: str = "training",
 ) -> Pairs:
     """The pairs of IMAGES and MASKS, where MASKS is a folder, None (a manifest), or a point file,
     whose sparse masks are drawn under `folder` first: what every command taking MASKS calls."""
     if is_point_file(masks, storage_options):
         return points_to_pairs(images, masks, classes, folder, storage_options, radius, max_megapixels)
-    return list_pairs(images, masks, storage_options)
+    return list_pairs(images, masks, storage_options, what=what)

@@ -32,6 +32,8 @@ from pipeline.data.schema import (
 )
 from pipeline.data.sources import ReadBytes
 
+LONG_SIDE_RATIO = 4.0  # the long side is capped at this x the short side (Meta: 2048 for 512)
+
 
 class ReadPair:
     """+ image_bytes, mask_bytes (rows hold `path` = the image URL, `image`, `mask`). A row with
@@ -117,7 +119,7 @@ def pad_label(label: np.ndarray, grid_h: int, grid_w: int, top: int, left: int) 
 class PairConfig:
     num_classes: int
     resolution: int | None = None  # short side to resize to; None keeps the original size
-    long_side_ratio: float = 4.0
+    long_side_ratio: float = LONG_SIDE_RATIO
     max_megapixels: float = MAX_MEGAPIXELS
     keep: bool = True  # False: only check the pair (the row keeps its size, not its pixels)
 

@@ -80,3 +80,11 @@ def bounded_map(fn, items, threads: int, name: str = "dinoseg-io"):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def refuse_to_replace(url: str, overwrite: bool, storage_options: dict | None, option: str) -> None:
+    """Nothing a user made is replaced silently: raise DinosegError naming `option` when `url`
+    exists and `overwrite` is not set."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.exists(path) and not overwrite:
+        raise DinosegError(f"{url} exists already: pass --overwrite to replace it, or another {option}.")

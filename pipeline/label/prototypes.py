@@ -1,15 +1,15 @@
 """`run_prototypes(config)`: a prototype head from a few labeled images (`dinoseg prototypes`).
 
-    pairs (masks, or a point file drawn as sparse masks) -> train's check + feature-cache pass
-    (Ray Data, on GPUs where there are some) -> per class: its patches' normalised features,
-    weighted by the share of the patch the class labels -> k=1: the weighted mean; k>1: weighted
-    k-means (scikit-learn) -> head.pt of kind 'prototype' (`model.heads.PrototypeHead`)
+    pairs (masks, or a point file drawn as sparse masks) -> the check + feature-cache pass that
+    train runs too (`pipeline.features`; Ray Data, on GPUs where there are some) -> per class:
+    its patches' normalised features, weighted by the share of the patch the class labels
+    (`accumulate`) -> k=1: the weighted mean; k>1: weighted k-means (scikit-learn) -> head.pt
+    of kind 'prototype' (`model.heads.PrototypeHead`) and head.json beside it
 
 No optimizer: seconds for tens of images once the features are cached (a re-run with another k
 or temperature reads the cache). Labels are mapped to patches at the mask's own resolution, so
 a click of a few pixels on a large photo still lands on its patch. `--from-clusters DIR` turns a
-`dinoseg discover` folder whose classes.yaml a person edited (renamed, merged by giving two
-clusters one name, removed) into a named head without touching the images.
+`dinoseg discover` folder whose classes.yaml a person edited into a named head (`clusters`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ import numpy as np
 
 from model.classes import IGNORE_INDEX
 from model.errors import DinosegError
-from model.geometry import PATCH_SIZE
 from pipeline.data.decode import max_megapixels_option
 from pipeline.data.points import DEFAULT_RADIUS
+from pipeline.features.config import (
+    backbone_option,
+    backbone_weights_option,
+    cache_dir_option,
+    layers_option,
+    precision_option,
+)
+from pipeline.label.accumulate import ClassAccumulator, patch_weights
 from pipeline.options import REQUIRED, address_option, argument, option, storage_options_option
 
 log = logging.getLogger("dinoseg.prototypes")
@@ -47,9 +54,9 @@ class PrototypeConfig:
     from_clusters: Optional[str] = option(
         None, "A `dinoseg discover` OUTPUT whose classes.yaml you edited: its clusters as named classes."
     )
-    backbone: str = option("dinov2_vits14", "Frozen backbone (see `dinoseg models`).")
-    backbone_weights: Optional[str] = option(None, "Backbone weights path/URL (default: the released ones).")
-    layers: Optional[str] = option(None, "Block indices whose features are compared, e.g. 11 (default: the last).")
+    backbone: str = backbone_option()
+    backbone_weights: Optional[str] = backbone_weights_option()
+    layers: Optional[str] = layers_option("the last block")
     resolution: int = option(512, "Short side images are resized to (and segmented at, by default).")
     prototypes: int = option(4, "Prototypes per class: k-means centroids of its patches (1: their mean).")
     temperature: Optional[float] = option(
@@ -58,8 +65,8 @@ class PrototypeConfig:
     )
     point_radius: float = option(DEFAULT_RADIUS, "Radius in pixels of the disc a point labels.")
     max_patches: int = option(20_000, "Patches per class that k-means sees at most (a seeded sample).")
-    cache_dir: Optional[str] = option(None, "Where the feature cache lives (default: the head's folder/cache).")
-    precision: str = option("auto", "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16.")
+    cache_dir: Optional[str] = cache_dir_option("the head's folder/cache")
+    precision: str = precision_option()
     seed: int = option(0, "Seed for the patch sample and k-means.")
     overwrite: bool = option(False, "Replace the head at --output if there is one.")
     max_megapixels: float = max_megapixels_option()
@@ -67,104 +74,10 @@ class PrototypeConfig:
     address: Optional[str] = address_option()
 
 
-def patch_weights(label: np.ndarray, geometry: dict, num_classes: int) -> np.ndarray:
-    """(num_classes, grid_h, grid_w): the share of each patch that each class labels.
-
-    `label` is the mask at the image's size; `geometry` the cache row's resized size, padding and
-    grid. A pixel belongs to the patch its centre lands in after the resize and padding, so
-    labels are counted at their own resolution (no nearest-neighbour resize loses a click)."""
-    h, w = label.shape
-    rh, rw, gh, gw = (int(geometry[k]) for k in ("resized_h", "resized_w", "grid_h", "grid_w"))
-    top, left = int(geometry["pad_top"]), int(geometry["pad_left"])
-    ys, xs = np.nonzero(label != IGNORE_INDEX)
-    cls = label[ys, xs].astype(np.int64)
-    keep = cls < num_classes
-    ys, xs, cls = ys[keep], xs[keep], cls[keep]
-    py = np.clip(((ys + 0.5) * rh / h + top) // PATCH_SIZE, 0, gh - 1).astype(np.int64)
-    px = np.clip(((xs + 0.5) * rw / w + left) // PATCH_SIZE, 0, gw - 1).astype(np.int64)
-    counts = np.bincount((cls * gh + py) * gw + px, minlength=num_classes * gh * gw)
-    area = (PATCH_SIZE * h / rh) * (PATCH_SIZE * w / rw)  # original pixels per patch
-    return (counts.reshape(num_classes, gh, gw) / area).astype(np.float32)
-
-
-class ClassAccumulator:
-    """Per class: the weighted sum of its patches' unit features (the k=1 prototype), and a
-    seeded uniform sample of at most `max_patches` of them with their weights (for k-means).
-    Memory is bounded by classes x max_patches whatever the number of images."""
-
-    def __init__(self, num_classes: int, dim: int, max_patches: int, seed: int, keep_samples: bool):
-        self.sums = np.zeros((num_classes, dim), np.float64)
-        self.weight = np.zeros(num_classes, np.float64)
-        self.patches = np.zeros(num_classes, np.int64)
-        self.images = np.zeros(num_classes, np.int64)
-        self.max_patches, self.keep = max_patches, keep_samples
-        self.rng = np.random.default_rng(seed)
-        # per class: chunks of (unit features fp16, weights, random priorities), cut back to the
-        # max_patches lowest priorities (a uniform sample) whenever they pass twice that
-        self.samples: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(num_classes)]
-        self.held = np.zeros(num_classes, np.int64)
-
-    def add(self, features: np.ndarray, weights: np.ndarray) -> None:
-        """features (D, gh, gw) of one image; weights (C, gh, gw) from `patch_weights`."""
-        f = features.reshape(features.shape[0], -1).T.astype(np.float32)
-        f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-        w = weights.reshape(weights.shape[0], -1)
-        for c in np.flatnonzero(w.any(axis=1)):
-            rows = np.flatnonzero(w[c])
-            self.sums[c] += w[c, rows] @ f[rows]
-            self.weight[c] += w[c, rows].sum()
-            self.patches[c] += len(rows)
-            self.images[c] += 1
-            if self.keep:
-                self.samples[c].append((f[rows].astype(np.float16), w[c, rows], self.rng.random(len(rows))))
-                self.held[c] += len(rows)
-                if self.held[c] > 2 * self.max_patches:
-                    self._cut(c)
-
-    def _cut(self, c: int) -> None:
-        x, wt, pri = (np.concatenate(parts) for parts in zip(*self.samples[c], strict=True))
-        if len(pri) > self.max_patches:  # bottom-k of random priorities: a uniform sample
-            top = np.argpartition(pri, self.max_patches)[: self.max_patches]
-            x, wt, pri = x[top], wt[top], pri[top]
-        self.samples[c], self.held[c] = [(x, wt, pri)], len(pri)
-
-    def sample(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """Class c's sampled unit features (float32) and their weights."""
-        if not self.samples[c]:
-            return np.zeros((0, self.sums.shape[1]), np.float32), np.zeros(0, np.float32)
-        self._cut(c)
-        x, wt, _ = self.samples[c][0]
-        return x.astype(np.float32), wt
-
-    def prototypes(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(C, k, D) unit prototypes and (C, k) validity: k-means centroids, the mean for k=1."""
-        c, d = self.sums.shape
-        protos, valid = np.zeros((c, k, d), np.float32), np.zeros((c, k), bool)
-        for i in range(c):
-            if self.weight[i] <= 0:
-                continue
-            if k == 1:
-                centres = self.sums[i][None]
-            else:
-                x, wt = self.sample(i)
-                centres = kmeans(x, min(k, len(x)), seed, wt)
-            centres = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-            protos[i, : len(centres)], valid[i, : len(centres)] = centres, True
-        return protos, valid
-
-
-def kmeans(x: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None) -> np.ndarray:
-    """Centroids of k-means on unit vectors (scikit-learn's Lloyd, k-means++ init, seeded)."""
-    from sklearn.cluster import KMeans
-
-    k = max(1, min(k, len(np.unique(x, axis=0))))
-    # one k-means++ start: a seeded start is reproducible, and three cost 3x for no gain measured
-    return KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x, sample_weight=sample_weight).cluster_centers_
-
-
 def run_prototypes(config: PrototypeConfig) -> dict:
     """Build and write the head; returns the record written beside it (OUTPUT's .json)."""
-    from pipeline.io.files import absolute_input, absolute_output
+    from pipeline.io.files import absolute_input, absolute_output, refuse_to_replace
+    from pipeline.label.clusters import from_clusters
 
     started = time.time()
     config = replace(
@@ -172,9 +85,10 @@ def run_prototypes(config: PrototypeConfig) -> dict:
         output=absolute_output(config.output),
         backbone_weights=absolute_input(config.backbone_weights),
         cache_dir=absolute_output(config.cache_dir) if config.cache_dir else None,
+        from_clusters=absolute_input(config.from_clusters),
     )
     _check(config)
-    _refuse_to_replace(config.output, config.overwrite, config.storage_options or None)
+    refuse_to_replace(config.output, config.overwrite, config.storage_options or None, "--output")
     if config.from_clusters:
         info = from_clusters(config)
     else:
@@ -190,14 +104,6 @@ def record_url(output: str) -> str:
     return posixpath.splitext(output)[0] + ".json"
 
 
-def _refuse_to_replace(output: str, overwrite: bool, so) -> None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(output, **(so or {}))
-    if fs.exists(path) and not overwrite:
-        raise DinosegError(f"{output} exists already: pass --overwrite to replace it, or another --output.")
-
-
 def _check(config: PrototypeConfig) -> None:
     bad = [
         (config.output.endswith(".pt"), f"--output {config.output} must name a .pt file, e.g. OUT/head.pt"),
@@ -209,6 +115,14 @@ def _check(config: PrototypeConfig) -> None:
         (not (config.from_clusters and config.images), "give IMAGES MASKS or --from-clusters, not both"),
         (bool(config.from_clusters or config.images), "give the labeled IMAGES and MASKS (or --from-clusters DIR)"),
         (bool(config.from_clusters or config.classes), "--classes is needed with IMAGES"),
+        (
+            not (config.from_clusters and config.classes),
+            "--from-clusters names its classes in its classes.yaml: leave --classes out",
+        ),
+        (
+            not config.from_clusters or config.output.rstrip("/") != f"{config.from_clusters.rstrip('/')}/head.pt",
+            "--output would replace the cluster head --from-clusters reads: write the named head elsewhere",
+        ),
     ]
     for ok, message in bad:
         if not ok:
@@ -221,13 +135,14 @@ def _from_labels(config: PrototypeConfig) -> dict:
     from model.hub import load_backbone
     from pipeline import runtime
     from pipeline.data.points import labeled_pairs
+    from pipeline.features.config import parse_layers
 
     so = config.storage_options or None
     classes = load_class_map(config.classes, so)
     if len(classes) > IGNORE_INDEX:
         raise DinosegError(f"{config.classes} has {len(classes)} classes; prototype heads support at most 255.")
     bb = backbone_config(config.backbone)
-    layers = parse_layers(config.layers, bb.depth)
+    layers = parse_layers(config.layers, bb.depth, (bb.depth - 1,))
     load_backbone(config.backbone, config.backbone_weights, so)  # a wrong name or file fails here, in one sentence
     folder = posixpath.dirname(config.output)
     pairs = labeled_pairs(
@@ -246,22 +161,8 @@ def _from_labels(config: PrototypeConfig) -> dict:
     return info
 
 
-def parse_layers(text: str | None, depth: int) -> tuple[int, ...]:
-    if not text:
-        return (depth - 1,)
-    try:
-        layers = [int(v) for v in text.split(",")]
-    except ValueError:
-        layers = []
-    if not layers or any(not -depth <= i < depth for i in layers) or len({i % depth for i in layers}) != len(layers):
-        raise DinosegError(
-            f"--layers '{text}': give distinct block indices 0..{depth - 1} (or -{depth}..-1 from the end), e.g. {depth - 1}."
-        )
-    return tuple(sorted(i % depth for i in layers))
-
-
 def _fill_cache(config, pairs, classes, layers, problems, cluster):
-    """train's check pass: every pair read and checked, uncached features computed and stored.
+    """The check pass: every pair read and checked, uncached features computed and stored.
     Returns the good pairs and the cache folder; the bad ones join `problems`."""
     from model.weights import weights_env
     from pipeline import runtime
@@ -296,7 +197,8 @@ def _fill_cache(config, pairs, classes, layers, problems, cluster):
 
 
 def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulator:
-    """Read the cached features of the good pairs (one part at a time) and their masks."""
+    """Read the cached features of the good pairs and their masks, one part at a time; a part
+    is read whole only when it holds one of them (a shared cache may hold many other images)."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -312,6 +214,8 @@ def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulato
     seen, read = set(), ReadBytes(so)
     for url in part_files(cache, so):
         with fsspec.open(url, "rb", **(so or {})) as f:
+            if not set(pq.read_table(f, columns=["image"])["image"].to_pylist()) & (masks.keys() - seen):
+                continue
             table = pq.read_table(f)
         for row in table.to_pylist():
             image = row["image"]
@@ -329,7 +233,7 @@ def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulato
                 problems.append(problem(keys[image], image, masks[image], "mask", str(e)))
                 continue
             f = np.frombuffer(row["features"], np.float16).reshape(row["channels"], row["grid_h"], row["grid_w"])
-            acc.add(f, patch_weights(label, row, len(classes)))
+            acc.add(f, patch_weights(label, row, len(classes)), image)
     return acc
 
 
@@ -342,8 +246,11 @@ def _write_head(config, acc: ClassAccumulator, classes, layers, embed_dim, probl
     protos, valid = acc.prototypes(config.prototypes, config.seed)
     missing = [classes.names[i] for i in range(len(classes)) if not valid[i].any()]
     if len(missing) == len(classes):
+        where = _report_problems(config, problems)
+        first = f", e.g. {problems[0]['message']}" if problems else ""
         raise DinosegError(
-            f"no labeled pixel of any class reached the head ({len(problems)} problems): check the masks or points."
+            f"no labeled pixel of any class reached the head ({len(problems)} problems{first}{where}): "
+            "check the masks or points."
         )
     for name in missing:
         log.warning("class '%s' has no labeled pixel: the head never predicts it (label a few of its pixels)", name)
@@ -357,7 +264,13 @@ def _write_head(config, acc: ClassAccumulator, classes, layers, embed_dim, probl
         }
         for i, name in enumerate(classes.names)
     ]
-    meta = {"source": "prototypes", "images": images, "per_class": per_class, "missing": missing}
+    meta = {
+        "source": "prototypes",
+        "images": images,
+        "per_class": per_class,
+        "missing": missing,
+        "backbone_weights": config.backbone_weights or "released",
+    }
     ckpt = HeadCheckpoint(
         config.backbone,
         prototype_config(layers, embed_dim, len(classes), config.prototypes),
@@ -380,86 +293,15 @@ def _write_head(config, acc: ClassAccumulator, classes, layers, embed_dim, probl
     }
 
 
-def from_clusters(config: PrototypeConfig) -> dict:
-    """The discover folder's cluster head with its edited classes.yaml: every listed cluster
-    becomes a prototype of the class its entry names (entries with one name merge; a cluster
-    left out of the file is dropped); classes keep the order of their first entry."""
-    import torch
+def _report_problems(config, problems: list[dict]) -> str:
+    """Problems beside the head (OUTPUT's stem + .problems.jsonl) when no head can be written."""
+    from pipeline.io.records import jsonl, write_text
 
-    from model.checkpoint import HeadCheckpoint, save_head_checkpoint
-    from model.classes import ClassMap, default_color
-    from model.heads import KIND, prototype_config, prototype_state
-    from model.hub import load_head
-
-    so = config.storage_options or None
-    folder = config.from_clusters.rstrip("/")
-    loaded = load_head(f"{folder}/head.pt", storage_options=so)
-    head = loaded.head
-    if head.config.kind != KIND:
-        raise DinosegError(f"{folder}/head.pt is a '{head.config.kind}' head, not a discover run's cluster head.")
-    entries = _cluster_entries(f"{folder}/classes.yaml", len(loaded.classes), so)
-    names: list[str] = []
-    colors: list[tuple[int, int, int]] = []
-    members: dict[str, list[int]] = {}
-    for cluster, name, color in entries:
-        if name not in members:
-            names.append(name)
-            colors.append(color or default_color(len(names)))
-            members[name] = []
-        members[name].append(cluster)
-    # every valid prototype of a class's clusters (a discover head has one per cluster)
-    vectors = {
-        name: [head.prototypes[c, j] for c in members[name] for j in range(head.valid.shape[1]) if head.valid[c, j]]
-        for name in names
-    }
-    k = max(1, max(len(v) for v in vectors.values()))
-    d = head.prototypes.shape[-1]
-    protos, valid = torch.zeros(len(names), k, d), torch.zeros(len(names), k, dtype=torch.bool)
-    for i, name in enumerate(names):
-        for j, vector in enumerate(vectors[name]):
-            protos[i, j], valid[i, j] = vector, True
-    classes = ClassMap(tuple(names), tuple(colors))
-    temperature = config.temperature or float(head.temperature)
-    ckpt = HeadCheckpoint(
-        loaded.backbone,
-        prototype_config(head.config.layers, head.config.embed_dim, len(names), k),
-        classes,
-        prototype_state(protos, valid, temperature),
-        resolution=loaded.resolution,
-        meta={"source": "clusters", "clusters": folder, "members": members},
-    )
-    save_head_checkpoint(ckpt, config.output, so)
-    return {"head": config.output, "classes": names, "members": members, "from_clusters": folder}
-
-
-def _cluster_entries(url: str, clusters: int, so) -> list[tuple[int, str, tuple | None]]:
-    import fsspec
-    import yaml
-
-    try:
-        with fsspec.open(url, "rt", **(so or {})) as f:
-            data = yaml.safe_load(f.read())
-        entries = data["classes"]
-        out = []
-        for e in entries:
-            cluster, name = int(e["id"]), str(e["name"]).strip()
-            if not 0 <= cluster < clusters:
-                raise ValueError(f"id {cluster} is not a cluster 0..{clusters - 1}")
-            if not name:
-                raise ValueError(f"cluster {cluster} has an empty name")
-            color = tuple(int(v) for v in e["color"]) if e.get("color") else None
-            out.append((cluster, name, color))
-    except FileNotFoundError:
-        raise DinosegError(f"{url} does not exist: pass the OUTPUT folder of `dinoseg discover`.") from None
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as e:
-        raise DinosegError(
-            f"{url} is not a cluster class map ({e}): keep entries {{id: <cluster>, name, color}}, one per cluster kept."
-        ) from None
-    if len({c for c, _, _ in out}) != len(out):
-        raise DinosegError(f"{url} lists a cluster twice: give each cluster one entry (one name).")
-    if not out:
-        raise DinosegError(f"{url} keeps no cluster: leave at least one entry.")
-    return out
+    if not problems:
+        return ""
+    url = posixpath.splitext(config.output)[0] + ".problems.jsonl"
+    write_text(url, jsonl(problems), config.storage_options or None)
+    return f"; all in {url}"
 
 
 def summary(info: dict) -> str:

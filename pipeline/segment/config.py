@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.data.decode import max_megapixels_option
+from pipeline.features.config import PRECISIONS
 from pipeline.options import address_option, argument, option, storage_options_option
 from pipeline.runtime.resources import DECODE_CPUS
 
 DEFAULT_MODEL = "dinov2_vits14_voc2012_linear"
 MASK_FORMATS = ("png", "parquet", "both")
 MODES = ("whole", "slide")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _confidence_bits(on) -> int:

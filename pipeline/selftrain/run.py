@@ -26,9 +26,10 @@ from typing import Optional
 
 from model.errors import DinosegError
 from pipeline.io.records import jsonl, read_json, write_json, write_text
-from pipeline.label import PseudoLabelConfig, run_pseudo_label
+from pipeline.label import PseudoLabelConfig
 from pipeline.options import REQUIRED, option
 from pipeline.segment import SegmentConfig
+from pipeline.selftrain.score import check_start_head, pseudo_label, score
 from pipeline.train import TrainConfig, run_train
 
 log = logging.getLogger("dinoseg.self_train")
@@ -59,10 +60,12 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     out = absolute_output(base.output).rstrip("/")
     # a bad rule fails before round 0
     rule = (config.rule or PseudoLabelConfig(SegmentConfig("", ""))).validate()
-    started_ray = runtime.start_ray(base.address)
     start = absolute_input(config.start_head)
     if not start and not base.images:
         raise DinosegError("give the labeled IMAGES and MASKS, or --start-head with a head to start from.")
+    if start:
+        check_start_head(start, base)  # a missing file or other classes fail before any work
+    started_ray = runtime.start_ray(base.address)
     rounds: list[dict] = []
     try:
         labeled = _labeled(base, out) if base.images else Pairs()
@@ -85,7 +88,7 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                 )
             val_images, val_masks = _manifest(f"{out}/val.csv", [val], so), None
             _manifest(f"{out}/labeled.csv", [labeled], so)  # for the record: what round 0 trains on
-        val = list_pairs(val_images, val_masks, so, what="validation") if val_images else None
+        val = _validation(base, val_images, val_masks, out) if val_images else None
         val_set = set(val.images) if val else set()
         base = replace(
             base,
@@ -101,7 +104,12 @@ def run_self_train(config: SelfTrainConfig) -> dict:
             folder = f"{out}/round-{r}"
             record: dict = {"round": r, "labeled_pairs": len(labeled), "pseudo_pairs": 0}
             if start and r == 0:  # the start head is round 0: scored, not trained
-                miou = _score(config, start, val, folder, base) if val else None
+                miou = score(config, start, val, folder, base) if val else None
+                if val and miou is None:
+                    raise DinosegError(
+                        f"round 0: no validation image could be segmented and compared (see {folder}/val/errors): "
+                        "fix the validation set."
+                    )
                 best = record | {
                     "head": start,
                     "val_miou": miou,
@@ -113,7 +121,7 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                 continue
             sources = [labeled]
             if r > 0:
-                pseudo = _pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
+                pseudo = pseudo_label(config, rule, best["head"], f"{folder}/pseudo", base)
                 pairs = list_pairs(pseudo["pairs_csv"], None, so)
                 scored = [i for i, image in enumerate(pairs.images) if image in val_set]
                 if scored:  # an image that is also scored on must not train on its own pseudo-label
@@ -129,6 +137,11 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                     thresholds=pseudo["thresholds"],
                     mean_coverage=pseudo["mean_coverage"],
                     below_coverage=pseudo["counts"]["below_coverage"],
+                )
+            if not sum(len(p) for p in sources):
+                raise DinosegError(
+                    f"round {r} has no pairs to train on: no labeled pairs, and no pseudo-label passed the rule "
+                    f"(see {folder}/pseudo/labels): lower --threshold or --min-coverage."
                 )
             manifest, digest = _manifest(f"{folder}/pairs.csv", sources, so, digest=True)
             # a round re-run on other pairs (new labels, rule or images, or pseudo-labels of a retrained
@@ -148,7 +161,7 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                     f"round {r}: {e} (self-train resumes its rounds; to change such an option, give a new --output)"
                 ) from None
             if start:  # scored like the start head was, not by the training job's own validation
-                miou = _score(config, info["head"], val, folder, base) if val else None
+                miou = score(config, info["head"], val, folder, base) if val else None
             else:
                 miou = (info.get("best") or {}).get("miou")
             record.update(val_miou=miou, head=info["head"], seconds=round(time.time() - started, 1))
@@ -170,10 +183,6 @@ def run_self_train(config: SelfTrainConfig) -> dict:
                     "round %d did not improve validation mIoU (%.4f <= %.4f): stopping", r, miou or 0, best["val_miou"]
                 )
                 break
-            if r > 0 and not len(labeled) and not record["pseudo_pairs"]:
-                raise DinosegError(
-                    f"round {r} has no pairs to train on: no pseudo-label passed the rule, and no labels."
-                )
     finally:
         if started_ray:
             runtime.stop_ray()
@@ -185,7 +194,13 @@ def run_self_train(config: SelfTrainConfig) -> dict:
         "rounds": rounds,
         "best_round": best["round"],
         "best_val_miou": best["val_miou"],
-        "scored": "segment + compare with the validation masks" if start and val else "the training job's validation",
+        "scored": (
+            "none: no validation set"
+            if val is None
+            else "segment + compare with the validation masks"
+            if start
+            else "the training job's validation"
+        ),
         "head": f"{out}/head.pt",
     }
     _copy(best["head"], result["head"], so)
@@ -203,75 +218,14 @@ def _labeled(base, out: str):
     return labeled_pairs(base.images, base.masks, classes, f"{out}/point-masks", so, base.max_megapixels)
 
 
-def _segment_config(config: SelfTrainConfig, head: str, images: str, output: str, predictions: str, base):
-    """Segment `images` with `head` into `output`; redone from scratch when `predictions` came
-    from another head (an earlier round was retrained). Returns (config, the head's checksum)."""
-    from model.hub import load_head
-    from pipeline.io.parts import read_parts
-
-    loaded = load_head(head, storage_options=base.storage_options or None)
-    earlier = read_parts(predictions, ["head_checksum"], base.storage_options or None)
-    overwrite = earlier is not None and set(earlier["head_checksum"].to_pylist()) != {loaded.checksum}
-    # the training backbone's weights are this head's only when it is on that backbone (a start head
-    # may be on another: a large model distilled into a small one)
-    same = loaded.backbone == base.backbone or base.backbone_weights == "random"
-    seg = SegmentConfig(
-        images,
-        output,
-        model=None,
-        head=head,
-        backbone_weights=base.backbone_weights if same else None,
-        max_megapixels=base.max_megapixels,
-        storage_options=base.storage_options,
-        address=base.address,
-        overwrite=overwrite,
-        **{k: v for k, v in config.scale.items() if v is not None},
-    )
-    return seg, loaded.checksum
-
-
-def _pseudo_label(config: SelfTrainConfig, rule, head: str, output: str, base) -> dict:
-    seg, checksum = _segment_config(config, head, config.unlabeled, output, f"{output}/raw/predictions", base)
-    return run_pseudo_label(replace(rule, segment=seg)) | {"head_checksum": checksum}
-
-
-def _score(config: SelfTrainConfig, head: str, val, folder: str, base) -> float | None:
-    """Validation mIoU of `head`: segment the validation images into FOLDER/val and compare
-    every mask with its ground truth (pairs matched by image URL)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
+def _validation(base, images: str, masks: str | None, out: str):
+    """The validation pairs; a point file as masks is drawn under OUT/val-point-masks."""
     from model.classes import load_class_map
-    from pipeline.data.metrics import confusion_matrix, scores
-    from pipeline.data.sources import ReadBytes
-    from pipeline.features.pairs import decode_label
-    from pipeline.io.files import write_bytes_atomic
-    from pipeline.io.masks import decode_mask_png, mask_url
-    from pipeline.io.parts import read_parts
-    from pipeline.segment import run_segment
+    from pipeline.data.points import labeled_pairs
 
     so = base.storage_options or None
-    buf = pa.BufferOutputStream()
-    pacsv.write_csv(pa.table({"path": pa.array(val.images, pa.string())}), buf)
-    manifest = f"{folder}/val-images.csv"
-    write_bytes_atomic(manifest, buf.getvalue().to_pybytes(), so)
-    seg, _ = _segment_config(config, head, manifest, f"{folder}/val", f"{folder}/val/predictions", base)
-    run_segment(seg)
-    rows = read_parts(f"{folder}/val/predictions", ["key", "path"], so)
-    predicted = dict(zip(rows["path"].to_pylist(), rows["key"].to_pylist(), strict=True)) if rows else {}
     classes = load_class_map(base.classes, so)
-    n, read = len(classes), ReadBytes(so)
-    confusion = np.zeros((n, n), np.int64)
-    for image, mask in zip(val.images, val.masks, strict=True):
-        if image not in predicted:
-            continue  # failed to segment: in FOLDER/val/errors
-        data = read({"path": np.asarray([mask_url(f"{folder}/val", predicted[image]), mask], dtype=object)})["bytes"]
-        try:
-            confusion += confusion_matrix(decode_mask_png(data[0]), decode_label(data[1], n), n, classes.ignore_index)
-        except DinosegError as e:
-            log.warning("validation pair %s left out of the score: %s", image, e)
-    return scores(confusion, classes.names)["miou"] if confusion.any() else None
+    return labeled_pairs(images, masks, classes, f"{out}/val-point-masks", so, base.max_megapixels, what="validation")
 
 
 def _manifest(url: str, sources, so, digest: bool = False):

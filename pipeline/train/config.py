@@ -9,6 +9,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from pipeline.data.decode import max_megapixels_option
+from pipeline.features.config import (
+    backbone_option,
+    backbone_weights_option,
+    cache_dir_option,
+    layers_option,
+    precision_option,
+)
 from pipeline.options import (
     REQUIRED,
     address_option,
@@ -57,13 +64,11 @@ class TrainConfig:
     val_images: Optional[str] = option(None, "Validation images (else --val-fraction of the training pairs).")
     val_masks: Optional[str] = option(None, "Validation masks.")
     val_fraction: float = option(0.1, "Share of the pairs kept for validation when no --val-images (0: none).")
-    backbone: str = option("dinov2_vits14", "Frozen backbone (see `dinoseg models`).")
-    backbone_weights: Optional[str] = option(
-        None, "Backbone weights path/URL (default: the released ones); 'random' offline."
-    )
+    backbone: str = backbone_option()
+    backbone_weights: Optional[str] = backbone_weights_option()
     head: str = option("linear", "linear (last block), ms (last 4 blocks), conv.", choices=HEADS)
     # comma-separated block indices; default: Meta's for the head
-    layers: Optional[str] = option(None, "Block indices the head reads, e.g. 8,9,10,11 (default: the head's).")
+    layers: Optional[str] = layers_option("the head's")
     resolution: int = option(512, "Short side images are resized to (features are computed at it).")
     crop: int = option(518, "Training crop in pixels, rounded to whole 14-px patches.")
     epochs: int = option(40, "Passes over the training pairs.")
@@ -76,10 +81,10 @@ class TrainConfig:
     cache: bool = option(
         True, "Cache backbone features once (fast epochs; crop+flip only). --no-cache: full augmentation."
     )
-    cache_dir: Optional[str] = option(None, "Where the feature cache lives (default OUTPUT/cache).")
+    cache_dir: Optional[str] = cache_dir_option("OUTPUT/cache")
     workers: Optional[int] = option(None, "Ray Train workers (default: one per GPU, else 1).")
     cpus_per_worker: Optional[float] = option(None, "CPUs reserved per worker.")
-    precision: str = option("auto", "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16.")
+    precision: str = precision_option()
     resume: bool = option(False, "Continue the run in OUTPUT from last.pt.")
     overwrite: bool = option(False, "Start over even if OUTPUT holds a run.")
     seed: int = option(0, "Seed for the head's initialisation and the validation split.")

@@ -40,18 +40,9 @@ def _check(config: TrainConfig) -> None:
 
 def _layers(config: TrainConfig, depth: int) -> tuple[int, ...]:
     from model.heads import default_layers
+    from pipeline.features.config import parse_layers
 
-    if not config.layers:
-        return default_layers(config.head, depth)
-    try:
-        layers = tuple(int(v) for v in config.layers.split(","))
-    except ValueError:
-        raise DinosegError(f"--layers '{config.layers}' is not a list of block indices: pass e.g. 8,9,10,11.") from None
-    if any(not -depth <= i < depth for i in layers) or len({i % depth for i in layers}) != len(layers):
-        raise DinosegError(
-            f"--layers {config.layers}: {config.backbone} has blocks 0..{depth - 1}; give distinct indices in range."
-        )
-    return tuple(sorted(i % depth for i in layers))
+    return parse_layers(config.layers, depth, default_layers(config.head, depth))
 
 
 def _class_weights(config: TrainConfig, n: int) -> tuple[float, ...] | None:
@@ -85,7 +76,7 @@ def run_train(config: TrainConfig) -> dict:
     from model.geometry import IMAGENET_MEAN, IMAGENET_STD
     from model.heads import HeadConfig
     from pipeline import runtime
-    from pipeline.data.pairs import list_pairs, split_pairs
+    from pipeline.data.pairs import split_pairs
     from pipeline.data.points import labeled_pairs
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.io.records import write_text
@@ -131,7 +122,16 @@ def run_train(config: TrainConfig) -> dict:
     # a point file as MASKS: its clicks are drawn as sparse masks (255 elsewhere) under OUTPUT
     pairs = labeled_pairs(config.images, config.masks, classes, f"{out}/point-masks", so, config.max_megapixels)
     if config.val_images:
-        train, val = pairs, list_pairs(config.val_images, config.val_masks, so, what="validation")
+        val = labeled_pairs(
+            config.val_images,
+            config.val_masks,
+            classes,
+            f"{out}/val-point-masks",
+            so,
+            config.max_megapixels,
+            what="validation",
+        )
+        train = pairs
         problems = pairs.problems + val.problems
     else:
         train, val = split_pairs(pairs, config.val_fraction, config.seed)

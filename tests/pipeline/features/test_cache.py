@@ -357,7 +357,7 @@ def test_a_mask_that_went_bad_is_ignored_with_a_warning(tmp_path, caplog, proble
         (tmp_path / "a.png").write_bytes(mask_png(np.full((28, 42), 9, np.uint8)))
     good, good_mask = coded_cache_row(tmp_path, "b", 2, 3)
     config = SampleConfig({row["image"]: mask, good["image"]: good_mask}, num_classes=5 if problem == "class" else 250)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.features"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.cache"):
         out = CachedSamples(config)(cache_batch([row, good]))
     assert out["label"][0].shape == (28, 42) and (out["label"][0] == IGNORE).all()
     assert row["image"] in caplog.text

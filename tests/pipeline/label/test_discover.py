@@ -14,19 +14,9 @@ from model.geometry import PATCH_SIZE as PATCH
 from pipeline.data.schema import ERROR_FIELDS
 from pipeline.features.cache import FeatureConfig
 from pipeline.features.pairs import padded_geometry
-from pipeline.label.discover import (
-    TILE,
-    DecodeResized,
-    DiscoverConfig,
-    SampleConfig,
-    SampleFeatures,
-    _tile,
-    cluster_colors,
-    inside_cells,
-    sample_rank,
-    summary,
-    write_contact_sheets,
-)
+from pipeline.label.discover import DiscoverConfig, summary
+from pipeline.label.patches import DecodeResized, SampleConfig, SampleFeatures, inside_cells, sample_rank
+from pipeline.label.sheets import TILE, _tile, cluster_colors, write_contact_sheets
 
 
 def test_sample_rank_is_seeded_and_deterministic():
@@ -243,7 +233,7 @@ def test_summary_names_the_next_command():
 
 
 def test_a_small_cluster_in_a_large_picture_is_cropped_around_its_cells():
-    from pipeline.label.discover import MIN_CROP_CELLS, _tile
+    from pipeline.label.sheets import MIN_CROP_CELLS, _tile
 
     cells = np.zeros((20, 30), bool)
     cells[2, 27] = True  # one patch near the top-right corner
@@ -267,6 +257,24 @@ def test_a_discover_output_with_named_clusters_is_not_replaced_without_overwrite
     out.mkdir()
     (out / "head.pt").write_bytes(b"head")
     (out / "classes.yaml").write_text("classes: [{id: 0, name: sky}]\n")
-    with pytest.raises(DinosegError, match="pass --overwrite to replace it"):
+    with pytest.raises(DinosegError, match="pass --overwrite to replace them"):
         run_discover(DiscoverConfig(str(tmp_path / "nowhere"), str(out), backbone_weights="random"))
     assert "sky" in (out / "classes.yaml").read_text()
+    # another command's OUTPUT (a segment run's class map, no head): not replaced either
+    (out / "head.pt").unlink()
+    with pytest.raises(DinosegError, match="classes.yaml already"):
+        run_discover(DiscoverConfig(str(tmp_path / "nowhere"), str(out), backbone_weights="random"))
+
+
+def test_overwrite_clears_only_an_earlier_runs_own_files(tmp_path):
+    from pipeline.label.discover import _clear_earlier_run
+
+    out = tmp_path / "clusters"
+    (out / "clusters").mkdir(parents=True)
+    for name in ("head.pt", "classes.yaml", "discover.json", "problems.jsonl", "notes.txt"):
+        (out / name).write_text("x")
+    for i in range(8):  # an earlier run with 8 clusters; the new one has 5
+        (out / "clusters" / f"cluster_{i}.jpg").write_bytes(b"jpg")
+    (out / "clusters" / "mine.jpg").write_bytes(b"a person's file")
+    _clear_earlier_run(str(out), None)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["mine.jpg", "notes.txt"]

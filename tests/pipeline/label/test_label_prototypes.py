@@ -19,18 +19,12 @@ from model.geometry import PATCH_SIZE as PATCH
 from model.geometry import resized_size
 from model.heads import HeadConfig, PrototypeHead, build_head, prototype_config, prototype_state
 from model.hub import load_head
+from pipeline.features.config import parse_layers
 from pipeline.features.pairs import padded_geometry
-from pipeline.label.discover import cluster_colors
-from pipeline.label.prototypes import (
-    ClassAccumulator,
-    PrototypeConfig,
-    from_clusters,
-    parse_layers,
-    patch_weights,
-    record_url,
-    run_prototypes,
-    summary,
-)
+from pipeline.label.accumulate import ClassAccumulator, patch_weights
+from pipeline.label.clusters import from_clusters
+from pipeline.label.prototypes import PrototypeConfig, record_url, run_prototypes, summary
+from pipeline.label.sheets import cluster_colors
 
 
 def geometry(h: int, w: int, resolution: int) -> dict:
@@ -252,14 +246,16 @@ def test_a_class_without_pixels_has_no_prototype():
 
 
 def test_parse_layers():
-    assert parse_layers(None, 12) == (11,) and parse_layers("", 24) == (23,)
-    assert parse_layers("11", 12) == (11,)
-    assert parse_layers("8, 9,10,11", 12) == (8, 9, 10, 11)
-    assert parse_layers("11,8", 12) == (8, 11)  # block order, whatever the order given
-    assert parse_layers("-1", 12) == (11,) and parse_layers("-4,-1", 12) == (8, 11)  # counted from the end
+    last = (11,)
+    assert parse_layers(None, 12, last) == (11,) and parse_layers("", 24, (23,)) == (23,)
+    assert parse_layers(None, 12, (8, 9, 10, 11)) == (8, 9, 10, 11)  # the caller's default
+    assert parse_layers("11", 12, last) == (11,)
+    assert parse_layers("8, 9,10,11", 12, last) == (8, 9, 10, 11)
+    assert parse_layers("11,8", 12, last) == (8, 11)  # block order, whatever the order given
+    assert parse_layers("-1", 12, last) == (11,) and parse_layers("-4,-1", 12, last) == (8, 11)  # from the end
     for bad in ("12", "-13", "11,11", "11,-1", "a", "1.5", "3,,4"):
         with pytest.raises(DinosegError, match="--layers") as e:
-            parse_layers(bad, 12)
+            parse_layers(bad, 12, last)
         assert "0..11" in str(e.value)
 
 
@@ -413,3 +409,43 @@ def test_an_existing_head_is_not_replaced_without_overwrite(tmp_path):
     assert head.read_bytes() == b"a trained head someone cares about"
     with pytest.raises(DinosegError, match="must name a .pt file"):
         run_prototypes(PrototypeConfig(str(tmp_path), str(tmp_path), output=str(tmp_path / "out"), classes="voc2012"))
+
+
+def test_the_sample_and_prototypes_do_not_depend_on_the_order_images_arrive_in():
+    """Ray returns cache rows in any order; a seed must give the same prototypes."""
+    rng = np.random.default_rng(0)
+    images = {f"s3://b/img{i}.png": rng.normal(size=(8, 4, 5)).astype(np.float16) for i in range(6)}
+    weights = np.zeros((2, 4, 5), np.float32)
+    weights[0, :2], weights[1, 2:] = 1, 0.5
+
+    def build(order):
+        acc = ClassAccumulator(2, 8, max_patches=15, seed=3, keep_samples=True)
+        for url in order:
+            acc.add(images[url], weights, url)
+        return acc
+
+    a, b = build(sorted(images)), build(sorted(images, reverse=True))
+    for c in (0, 1):
+        np.testing.assert_array_equal(a.sample(c)[0], b.sample(c)[0])  # the same patches, in the same order
+    pa, va = a.prototypes(3, seed=0)
+    pb, vb = b.prototypes(3, seed=0)
+    np.testing.assert_array_equal(va, vb)
+    np.testing.assert_allclose(pa, pb, atol=1e-6)
+    # another seed samples other patches
+    other = ClassAccumulator(2, 8, max_patches=15, seed=4, keep_samples=True)
+    for url in sorted(images):
+        other.add(images[url], weights, url)
+    assert not np.array_equal(other.sample(0)[0], a.sample(0)[0])
+
+
+def test_from_clusters_refuses_what_it_would_ignore_or_destroy(tmp_path):
+    folder, _ = cluster_folder(tmp_path)
+    with pytest.raises(DinosegError, match="leave --classes out"):
+        run_prototypes(
+            PrototypeConfig(None, None, output=str(tmp_path / "n.pt"), from_clusters=str(folder), classes="voc2012")
+        )
+    with pytest.raises(DinosegError, match="would replace the cluster head"):
+        run_prototypes(
+            PrototypeConfig(None, None, output=str(folder / "head.pt"), from_clusters=str(folder), overwrite=True)
+        )
+    assert load_head(str(folder / "head.pt")).classes.names[0] == "cluster_0"  # untouched
