@@ -73,6 +73,28 @@ class FeatureConfig:
         return f"{cache.rstrip('/')}/{self.backbone}-{weights}-r{self.resolution}-l{layers}"
 
 
+def feature_config(
+    backbone: str,
+    layers,
+    resolution: int,
+    backbone_weights: str | None,
+    precision: str = "auto",
+    storage_options: dict | None = None,
+) -> FeatureConfig:
+    """The FeatureConfig of a run, with the driver's hub and cache settings for the actors."""
+    from model.weights import weights_env
+
+    return FeatureConfig(
+        backbone,
+        tuple(layers),
+        resolution,
+        backbone_weights,
+        precision=precision,
+        storage_options=storage_options,
+        weights_env=weights_env(),
+    )
+
+
 def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, tuple[int, int]]:
     """image URL -> (width, height) for every image in the complete parts under `folder`."""
     import fsspec

@@ -58,3 +58,29 @@ def check_pass(
         batch = resources.read_batch_size
         ds = datasets.stages(datasets.from_rows(rows, 4 * batch), [read, decode], batch, resources.decode_cpus)
     yield from runtime.iter_results(datasets.stages(ds, [_status], None, resources.decode_cpus))
+
+
+def check_pairs(
+    pairs: Pairs,
+    pair: PairConfig,
+    storage_options: dict | None,
+    resources: runtime.Resources,
+    features: FeatureConfig | None = None,
+    folder: str | None = None,
+) -> tuple[set[str], list[dict]]:
+    """The check pass over `pairs` (features of the images not in `folder` computed into it):
+    the image URLs of the good pairs, and the bad ones as problems."""
+    from pipeline.data.pairs import problem
+    from pipeline.features.cache import cached_sizes
+
+    cached = cached_sizes(folder, storage_options) if features is not None else {}
+    good, problems = set(), []
+    for table in check_pass(pairs_table(pairs, cached), pair, storage_options, resources, features, folder):
+        for row in table.to_pylist():
+            if row["error_stage"]:
+                problems.append(
+                    problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
+                )
+            else:
+                good.add(row["image"])
+    return good, problems

@@ -72,10 +72,9 @@ def run_discover(config: DiscoverConfig) -> dict:
     """Sample, cluster, write; returns what OUTPUT/discover.json holds."""
     from model.backbone import backbone_config
     from model.hub import load_backbone
-    from model.weights import weights_env
     from pipeline import runtime
     from pipeline.data.sources import ReadBytes, list_inputs
-    from pipeline.features.cache import FeatureConfig
+    from pipeline.features.cache import feature_config
     from pipeline.features.config import parse_layers
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.label.accumulate import kmeans
@@ -113,15 +112,7 @@ def run_discover(config: DiscoverConfig) -> dict:
             "sheet": [i < config.sheet_images for i in range(len(sample))],
         }
     )
-    features = FeatureConfig(
-        config.backbone,
-        layers,
-        config.resolution,
-        config.backbone_weights,
-        precision=config.precision,
-        storage_options=so,
-        weights_env=weights_env(),
-    )
+    features = feature_config(config.backbone, layers, config.resolution, config.backbone_weights, config.precision, so)
     started_ray = runtime.start_ray(config.address)
     try:
         cluster = runtime.cluster_resources(joined=not started_ray)

@@ -164,35 +164,18 @@ def _from_labels(config: PrototypeConfig) -> dict:
 def _fill_cache(config, pairs, classes, layers, problems, cluster):
     """The check pass: every pair read and checked, uncached features computed and stored.
     Returns the good pairs and the cache folder; the bad ones join `problems`."""
-    from model.weights import weights_env
     from pipeline import runtime
-    from pipeline.data.pairs import problem
-    from pipeline.features.cache import FeatureConfig, cached_sizes
-    from pipeline.features.check import check_pass, pairs_table
+    from pipeline.features.cache import feature_config
+    from pipeline.features.check import check_pairs
     from pipeline.features.pairs import PairConfig
 
     so = config.storage_options or None
-    features = FeatureConfig(
-        config.backbone,
-        tuple(layers),
-        config.resolution,
-        config.backbone_weights,
-        precision=config.precision,
-        storage_options=so,
-        weights_env=weights_env(),
-    )
+    features = feature_config(config.backbone, layers, config.resolution, config.backbone_weights, config.precision, so)
     cache = features.folder(config.cache_dir or f"{posixpath.dirname(config.output)}/cache")
     pair = PairConfig(len(classes), config.resolution, max_megapixels=config.max_megapixels)
     resources = runtime.Resources(decode_cpus=0.25).resolve(cluster)
-    good = set()
-    for table in check_pass(pairs_table(pairs, cached_sizes(cache, so)), pair, so, resources, features, cache):
-        for row in table.to_pylist():
-            if row["error_stage"]:
-                problems.append(
-                    problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
-                )
-            else:
-                good.add(row["image"])
+    good, bad = check_pairs(pairs, pair, so, resources, features, cache)
+    problems += bad
     return pairs.subset([i for i, url in enumerate(pairs.images) if url in good]), cache
 
 

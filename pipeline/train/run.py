@@ -242,28 +242,19 @@ def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -
 
 def _check_pass(config, train, val, classes, layers, so, cluster):
     """Read and check every pair once (and fill the feature cache); bad pairs become problems."""
-    from model.weights import weights_env
     from pipeline import runtime
-    from pipeline.data.pairs import Pairs, problem
-    from pipeline.features.cache import FeatureConfig, cached_sizes
-    from pipeline.features.check import check_pass, pairs_table
+    from pipeline.data.pairs import Pairs
+    from pipeline.features.cache import feature_config
+    from pipeline.features.check import check_pairs
     from pipeline.features.pairs import PairConfig
 
     everything = Pairs(train.keys + val.keys, train.images + val.images, train.masks + val.masks)
     features = folder = None
-    cached = {}
     if config.cache:
-        features = FeatureConfig(
-            config.backbone,
-            tuple(layers),
-            config.resolution,
-            config.backbone_weights,
-            precision=config.precision,
-            storage_options=so,
-            weights_env=weights_env(),
+        features = feature_config(
+            config.backbone, layers, config.resolution, config.backbone_weights, config.precision, so
         )
         folder = features.folder(config.cache_dir or f"{config.output.rstrip('/')}/cache")
-        cached = cached_sizes(folder, so)
     pair = PairConfig(
         len(classes),
         config.resolution if config.cache else None,
@@ -271,15 +262,7 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
         keep=config.cache,
     )
     resources = runtime.Resources(decode_cpus=0.25).resolve(cluster)
-    good, problems = set(), []
-    for table in check_pass(pairs_table(everything, cached), pair, so, resources, features, folder):
-        for row in table.to_pylist():
-            if row["error_stage"]:
-                problems.append(
-                    problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
-                )
-            else:
-                good.add(row["image"])
+    good, problems = check_pairs(everything, pair, so, resources, features, folder)
     keep = lambda p: p.subset([i for i, url in enumerate(p.images) if url in good])  # noqa: E731
     return keep(train), keep(val), problems, folder
 

@@ -2,76 +2,12 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
-from PIL import Image
+from pair_samples import photo, quadrants
 
 from model.classes import IGNORE_INDEX as IGNORE
 from model.geometry import PATCH_SIZE as PATCH
-from pipeline.data.schema import ERROR_FIELDS
-from pipeline.features.pairs import (
-    DecodePair,
-    PairConfig,
-    ReadPair,
-)
 from pipeline.train.trainset import MEAN_RGB, AugmentConfig, AugmentPairs, photometric
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def one_sentence(message: str) -> bool:
-    return "\n" not in message and message.endswith(".") and ". " not in message.rstrip(".")
-
-
-def palette_png(mask: np.ndarray) -> bytes:
-    img = Image.fromarray(mask.astype(np.uint8), "L").convert("P")
-    img.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def quadrants(h: int, w: int, values=(0, 1, 2, IGNORE)) -> np.ndarray:
-    m = np.empty((h, w), np.uint8)
-    m[: h // 2, : w // 2], m[: h // 2, w // 2 :], m[h // 2 :, : w // 2], m[h // 2 :, w // 2 :] = values
-    return m
-
-
-def batch(rows: list[tuple[str, str]], **extra) -> dict[str, np.ndarray]:
-    """Rows as the training graph builds them: path = image URL, image, mask URLs."""
-    n = len(rows)
-    b = {
-        "path": np.array([r[0] for r in rows], dtype=object),
-        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
-        "image": np.array([r[0] for r in rows], dtype=object),
-        "mask": np.array([r[1] for r in rows], dtype=object),
-    }
-    b.update({f: np.full(n, "", dtype=object) for f in ERROR_FIELDS})
-    b.update(extra)
-    return b
-
-
-def put(root: Path, name: str, data: bytes) -> str:
-    p = root / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    return str(p)
-
-
-def run(rows, config: PairConfig, **extra) -> dict:
-    return DecodePair(config)(ReadPair()(batch(rows, **extra)))
-
 
 # ---- AugmentPairs ----------------------------------------------------------------------------
 
