@@ -39,7 +39,7 @@ def write_contact_sheets(config, out, centres, classes, sheets, so) -> list[str]
         return []
     read, decode = ReadBytes(so), DecodeConfig(config.max_megapixels)
     assigned, pictures = [], []
-    for _key, path, f, g in sheets:
+    for _key, path, f, g in sorted(sheets, key=lambda sheet: sheet[0]):  # key order, not Ray's: the same sheets
         c, gh, gw = f.shape
         x = f.reshape(c, -1).T.astype(np.float32)
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
