@@ -70,7 +70,6 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     """The whole job; returns the report also written as JSON: `scores()` + counts, examples, arguments."""
     from model.classes import load_class_map
     from pipeline.data.metrics import scores
-    from pipeline.data.sources import ReadBytes
     from pipeline.io.files import absolute_output, write_bytes_atomic
 
     so = config.storage_options or None
@@ -102,24 +101,9 @@ def run_evaluate(config: EvaluateConfig) -> dict:
             "paths (for a segment OUTPUT, PRED is OUTPUT/masks)."
         )
 
-    n = len(classes)
-    unlabeled = (
-        classes.ignore_index if classes.ignore_index >= n else None
-    )  # an ignore index that is a class id stays a class
-    confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
-    reader = ReadBytes(so)
-
-    def compare(key: str):
-        return _compare(key, pred_paths[key], gt_paths[key], reader, n, classes.ignore_index, unlabeled)
-
-    for done, outcome in enumerate(bounded_map(compare, common, max(1, config.threads), "dinoseg-evaluate"), 1):
-        if isinstance(outcome, np.ndarray):
-            confusion += outcome
-            counts["pairs"] += 1
-        else:
-            skip(*outcome)
-        if done % 1000 == 0:
-            log.info("compared %d of %d pairs", done, len(common))
+    confusion, counts["pairs"] = compare_masks(
+        [(key, pred_paths[key], gt_paths[key]) for key in common], classes, so, skip, config.threads
+    )
     if not counts["pairs"]:
         first = next(e for name in ("unreadable", "size_mismatch", "out_of_range") for e in examples[name])
         raise DinosegError(
@@ -142,6 +126,35 @@ def run_evaluate(config: EvaluateConfig) -> dict:
             f"cannot write the report to '{output}' ({e}): pass --output with a writable place."
         ) from None
     return result
+
+
+def compare_masks(pairs, classes, storage_options: dict | None, skip, threads: int = 16) -> tuple[np.ndarray, int]:
+    """The summed confusion matrix of (key, predicted mask URL, ground-truth URL) pairs, read in
+    a thread pool, and how many were compared; a pair that cannot be compared (unreadable, sizes
+    differ, values out of range) goes to `skip(reason, example)`. What evaluate and self-train's
+    scoring share."""
+    from pipeline.data.sources import ReadBytes
+
+    n = len(classes)
+    unlabeled = (
+        classes.ignore_index if classes.ignore_index >= n else None
+    )  # an ignore index that is a class id stays a class
+    confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
+    reader = ReadBytes(storage_options)
+
+    def compare(pair):
+        return _compare(*pair, reader, n, classes.ignore_index, unlabeled)
+
+    compared = 0
+    for done, outcome in enumerate(bounded_map(compare, pairs, max(1, threads), "dinoseg-evaluate"), 1):
+        if isinstance(outcome, np.ndarray):
+            confusion += outcome
+            compared += 1
+        else:
+            skip(*outcome)
+        if done % 1000 == 0:
+            log.info("compared %d of %d pairs", done, len(pairs))
+    return confusion, compared
 
 
 def _list(root: str, side: str, storage_options: dict | None) -> tuple[dict[str, str], list[str]]:

@@ -66,17 +66,15 @@ def pseudo_label(config, rule, head: str, output: str, base) -> dict:
 
 def score(config, head: str, val, folder: str, base) -> float | None:
     """Validation mIoU of `head`: segment the validation images into FOLDER/val and compare
-    every mask with its ground truth (pairs matched by image URL)."""
-    import numpy as np
+    every mask with its ground truth (pairs matched by image URL) as `evaluate` compares them."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     from model.classes import load_class_map
-    from pipeline.data.metrics import confusion_matrix, scores
-    from pipeline.data.sources import ReadBytes
-    from pipeline.features.pairs import decode_label
+    from pipeline.data.metrics import scores
+    from pipeline.evaluate import compare_masks
     from pipeline.io.files import write_bytes_atomic
-    from pipeline.io.masks import decode_mask_png, mask_url
+    from pipeline.io.masks import mask_url
     from pipeline.io.parts import read_parts
     from pipeline.segment import run_segment
 
@@ -89,15 +87,15 @@ def score(config, head: str, val, folder: str, base) -> float | None:
     run_segment(seg)
     rows = read_parts(f"{folder}/val/predictions", ["key", "path"], so)
     predicted = dict(zip(rows["path"].to_pylist(), rows["key"].to_pylist(), strict=True)) if rows else {}
+    pairs = [  # an image that failed to segment is in FOLDER/val/errors
+        (image, mask_url(f"{folder}/val", predicted[image]), mask)
+        for image, mask in zip(val.images, val.masks, strict=True)
+        if image in predicted
+    ]
+
+    def skip(reason: str, example: str) -> None:
+        log.warning("a validation pair is left out of the score (%s): %s", reason.replace("_", " "), example)
+
     classes = load_class_map(base.classes, so)
-    n, read = len(classes), ReadBytes(so)
-    confusion = np.zeros((n, n), np.int64)
-    for image, mask in zip(val.images, val.masks, strict=True):
-        if image not in predicted:
-            continue  # failed to segment: in FOLDER/val/errors
-        data = read({"path": np.asarray([mask_url(f"{folder}/val", predicted[image]), mask], dtype=object)})["bytes"]
-        try:
-            confusion += confusion_matrix(decode_mask_png(data[0]), decode_label(data[1], n), n, classes.ignore_index)
-        except DinosegError as e:
-            log.warning("validation pair %s left out of the score: %s", image, e)
-    return scores(confusion, classes.names)["miou"] if confusion.any() else None
+    confusion, compared = compare_masks(pairs, classes, so, skip)
+    return scores(confusion, classes.names)["miou"] if compared else None

@@ -244,3 +244,26 @@ def test_python_dash_m(dirs):
     assert proc.returncode == 0, proc.stderr
     assert "mIoU 44.44" in proc.stdout
     assert (pred / "evaluation.json").exists()
+
+
+def test_compare_masks_sums_pairs_by_url_and_skips_what_cannot_be_compared(tmp_path):
+    """The pair comparison evaluate and self-train's scoring share: any (key, pred, gt) URLs."""
+    from pipeline.data.metrics import scores
+    from pipeline.evaluate import compare_masks
+
+    files = {name: png(v) for name, v in (("pa", PRED["a/b"]), ("ga", GT["a/b"]), ("pc", PRED["c"]), ("gc", GT["c"]))}
+    files["wide"] = png([[0, 0, 0, 0]])
+    for name, data in files.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    at = lambda name: str(tmp_path / f"{name}.png")  # noqa: E731
+    skipped = []
+    pairs = [
+        ("a/b", at("pa"), at("ga")),
+        ("c", at("pc"), at("gc")),
+        ("wide", at("wide"), at("ga")),  # 4 x 1 against 3 x 1
+        ("gone", at("nowhere"), at("ga")),
+    ]
+    confusion, compared = compare_masks(pairs, CLASSES, None, lambda *why: skipped.append(why), threads=2)
+    assert compared == 2
+    assert scores(confusion, CLASSES.names)["iou"] == pytest.approx(IOU)
+    assert sorted(reason for reason, _ in skipped) == ["size_mismatch", "unreadable"]
