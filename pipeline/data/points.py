@@ -22,6 +22,7 @@ import numpy as np
 
 from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
+from model.geometry import PATCH_SIZE
 from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
 from pipeline.data.keys import extension
 from pipeline.data.pairs import Pairs, list_pairs, problem
@@ -162,7 +163,8 @@ def points_to_pairs(
             )
         else:
             grouped.setdefault(key, []).append((p["x"], p["y"], c))
-    read, decode = ReadBytes(so), DecodeConfig(max_megapixels).validate()
+    # only the displayed size is needed: JPEGs decode at 1/8 (the size returned is the original's)
+    read, decode = ReadBytes(so), DecodeConfig(max_megapixels, shrink_to=PATCH_SIZE).validate()
     for key in sorted(grouped):
         url = listed[key]
         batch = read({"path": np.asarray([url], dtype=object)})

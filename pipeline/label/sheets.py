@@ -37,7 +37,8 @@ def write_contact_sheets(config, out, centres, classes, sheets, so) -> list[str]
 
     if not sheets:
         return []
-    read, decode = ReadBytes(so), DecodeConfig(config.max_megapixels)
+    # decoded near the pass's resolution (JPEGs by DCT scaling), then resized to its exact grid
+    read, decode = ReadBytes(so), DecodeConfig(config.max_megapixels, shrink_to=config.resolution)
     assigned, pictures = [], []
     for _key, path, f, g in sorted(sheets, key=lambda sheet: sheet[0]):  # key order, not Ray's: the same sheets
         c, gh, gw = f.shape
