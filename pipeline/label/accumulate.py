@@ -33,6 +33,13 @@ def patch_weights(label: np.ndarray, geometry: dict, num_classes: int) -> np.nda
     return (counts.reshape(num_classes, gh, gw) / area).astype(np.float32)
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (float32), as the head's F.normalize does (eps 1e-12): features,
+    samples and centroids are all compared by cosine."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 class ClassAccumulator:
     """Per class: the weighted sum of its patches' unit features (the k=1 prototype), and a
     seeded uniform sample of at most `max_patches` of them with their weights (for k-means).
@@ -58,8 +65,7 @@ class ClassAccumulator:
         if self.keep:
             digest = int(hashlib.sha256(f"{self.seed}:{image}".encode()).hexdigest()[:15], 16)
             priorities = np.random.default_rng(digest).random(weights.shape[1] * weights.shape[2])
-        f = features.reshape(features.shape[0], -1).T.astype(np.float32)
-        f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        f = unit_rows(features.reshape(features.shape[0], -1).T)
         w = weights.reshape(weights.shape[0], -1)
         for c in np.flatnonzero(w.any(axis=1)):
             rows = np.flatnonzero(w[c])
@@ -101,7 +107,7 @@ class ClassAccumulator:
             else:
                 x, wt = self.sample(i)
                 centres = kmeans(x, min(k, len(x)), seed, wt)
-            centres = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+            centres = unit_rows(centres)
             protos[i, : len(centres)], valid[i, : len(centres)] = centres, True
         return protos, valid
 

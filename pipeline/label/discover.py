@@ -77,7 +77,7 @@ def run_discover(config: DiscoverConfig) -> dict:
     from pipeline.features.cache import feature_config
     from pipeline.features.config import parse_layers
     from pipeline.io.files import absolute_input, absolute_output
-    from pipeline.label.accumulate import kmeans
+    from pipeline.label.accumulate import kmeans, unit_rows
 
     started = time.time()
     _check(config)
@@ -142,8 +142,7 @@ def run_discover(config: DiscoverConfig) -> dict:
     k = config.clusters
     if len(x) < k:
         raise DinosegError(f"{len(x)} patches sampled for {k} clusters: use fewer --clusters or more images.")
-    centres = kmeans(x, k, config.seed)
-    centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+    centres = unit_rows(kmeans(x, k, config.seed))
     share = np.bincount(np.argmax(x @ centres.T, axis=1), minlength=len(centres)) / len(x)
     info = _write(config, out, centres, share, layers, bb.embed_dim, collected, so)
     info["wall_seconds"] = round(time.time() - started, 3)

@@ -11,6 +11,7 @@ import numpy as np
 from model.geometry import PATCH_SIZE, resized_size
 from pipeline.data.schema import failed, object_array
 from pipeline.features.pairs import LONG_SIDE_RATIO
+from pipeline.label.accumulate import unit_rows
 
 
 def sample_rank(seed: int, key: str) -> str:
@@ -74,9 +75,7 @@ class SampleFeatures:
             cells = inside_cells(out, i)
             rng = np.random.default_rng(int(sample_rank(self.config.seed, str(out["key"][i]))[:12], 16))
             take = rng.choice(cells, size=min(self.config.patches, len(cells)), replace=False)
-            x = f.reshape(c, -1)[:, take].T.astype(np.float32)
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            samples.append(x.astype(np.float16).tobytes())
+            samples.append(unit_rows(f.reshape(c, -1)[:, take].T).astype(np.float16).tobytes())
             if not out["sheet"][i]:
                 out["features"][i] = b""
         out["sample"] = object_array(samples)

@@ -34,6 +34,7 @@ def write_contact_sheets(config, out, centres, classes, sheets, so) -> list[str]
     from pipeline.data.decode import DecodeConfig, decode_image
     from pipeline.data.sources import ReadBytes
     from pipeline.io.files import write_bytes_atomic
+    from pipeline.label.accumulate import unit_rows
 
     if not sheets:
         return []
@@ -42,9 +43,7 @@ def write_contact_sheets(config, out, centres, classes, sheets, so) -> list[str]
     assigned, pictures = [], []
     for _key, path, f, g in sorted(sheets, key=lambda sheet: sheet[0]):  # key order, not Ray's: the same sheets
         c, gh, gw = f.shape
-        x = f.reshape(c, -1).T.astype(np.float32)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        labels = np.argmax(x @ centres.T, axis=1).reshape(gh, gw)
+        labels = np.argmax(unit_rows(f.reshape(c, -1).T) @ centres.T, axis=1).reshape(gh, gw)
         data = read({"path": np.asarray([path], dtype=object)})
         if data["error_stage"][0]:
             continue
