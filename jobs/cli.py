@@ -41,7 +41,19 @@ def models(files: bool = typer.Option(True, help="Show the hub files each model 
 
 
 def _register() -> None:
-    from jobs import demo, discover, evaluate, export, prototypes, pseudo_label, segment, self_train, synthetic, train
+    from jobs import (
+        demo,
+        discover,
+        evaluate,
+        export,
+        prototypes,
+        pseudo_label,
+        segment,
+        self_train,
+        synthetic,
+        text_head,
+        train,
+    )
 
     for name, job in (
         ("segment", segment),
@@ -52,6 +64,7 @@ def _register() -> None:
         ("export", export),
         ("discover", discover),
         ("prototypes", prototypes),
+        ("text-head", text_head),
         ("synthetic", synthetic),
         ("demo", demo),
     ):

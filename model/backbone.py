@@ -174,11 +174,14 @@ class DinoVisionTransformer(nn.Module):
         reshape: bool = False,
         return_class_token: bool = False,
         norm: bool = True,
+        return_register_tokens: bool = False,
     ) -> tuple:
-        """Outputs of the chosen blocks, registers dropped, with Meta's semantics.
+        """Outputs of the chosen blocks with Meta's semantics, registers dropped unless asked for.
 
         Each output is the patch tokens (B, N, D), or (B, D, H/14, W/14) with `reshape`; with
-        `return_class_token` each is a (patches, cls) pair. Blocks after the last one asked for
+        `return_class_token` each is a (patches, cls) pair, with `return_register_tokens` a
+        (patches, registers (B, r, D)) pair, with both a (patches, cls, registers) triple (as
+        dino.txt's wrapper of the backbone returns them). Blocks after the last one asked for
         are not run.
         """
         wanted = self.block_indices(n)
@@ -196,8 +199,11 @@ class DinoVisionTransformer(nn.Module):
             b, _, height, width = x.shape
             h, w = height // self.patch_size, width // self.patch_size
             patches = [p.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        if return_class_token:
-            return tuple(zip(patches, cls, strict=True))
+        extra = [cls] if return_class_token else []
+        if return_register_tokens:
+            extra.append([out[:, 1 : 1 + r] for out in outputs])
+        if extra:
+            return tuple(zip(patches, *extra, strict=True))
         return tuple(patches)
 
 

@@ -139,7 +139,7 @@ def parse_head_checkpoint(obj, source: str, backbone: str | None = None) -> Head
     got = output_classes(ckpt.state_dict)
     if got is None:
         raise WeightsError(
-            f"{source} holds no classifier weights (conv_seg.weight or prototypes): the file is damaged; rebuild it."
+            f"{source} holds no classifier weights (conv_seg.weight, prototypes or embeddings): the file is damaged; rebuild it."
         )
     if len(ckpt.classes) != n or got != n:
         raise WeightsError(

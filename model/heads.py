@@ -5,6 +5,8 @@
   Meta's released head files (mmseg checkpoints) load into it after dropping `decode_head.`.
 - `ConvHead` is a small convolutional decoder for users who want more than a linear probe.
 - `PrototypeHead` needs no training: cosine similarity to per-class prototypes (below).
+- `model.dinotxt.TextHead` needs none either: dino.txt's vision head, then cosine similarity to
+  text embeddings of the class names; it reads the backbone's tokens, not its maps.
 
 A head takes the backbone's reshaped features (a list of (B, D, h, w)) and returns logits on
 the patch grid (linear) or twice that (conv); the Segmenter upsamples them to the image.
@@ -175,12 +177,17 @@ def build_head(config: HeadConfig) -> nn.Module:
         return ConvHead(config)
     if config.kind == KIND:
         return PrototypeHead(config)
-    raise DinosegError(f"Unknown head type '{config.kind}'; choose one of: {', '.join((*HEAD_TYPES, KIND))}.")
+    from .dinotxt import KIND as TEXT
+    from .dinotxt import TextHead
+
+    if config.kind == TEXT:
+        return TextHead(config)
+    raise DinosegError(f"Unknown head type '{config.kind}'; choose one of: {', '.join((*HEAD_TYPES, KIND, TEXT))}.")
 
 
 def output_classes(state_dict: dict) -> int | None:
     """How many classes a head's weights predict (None: they hold no classifier)."""
-    for key in ("conv_seg.weight", "prototypes"):
+    for key in ("conv_seg.weight", "prototypes", "embeddings"):
         if key in state_dict and hasattr(state_dict[key], "shape"):
             return int(state_dict[key].shape[0])
     return None

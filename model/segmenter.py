@@ -130,8 +130,12 @@ class Segmenter(nn.Module):
     # ---- the network -------------------------------------------------------------------------
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Normalised (B, 3, H, W), H and W multiples of 14 -> the head's input maps."""
-        return self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
+        """Normalised (B, 3, H, W), H and W multiples of 14 -> the head's input maps; for a head
+        that reads tokens (dino.txt's), (maps, CLS, registers) per block."""
+        tokens = getattr(self.head, "reads_tokens", False)
+        return self.backbone.get_intermediate_layers(
+            x, n=self.layers, reshape=True, norm=True, return_class_token=tokens, return_register_tokens=tokens
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised, padded (B, 3, H, W) -> float32 logits on the head's grid."""

@@ -208,9 +208,26 @@ def _safe_load(path: Path, source: str):
         ) from None
 
 
+def dinotxt_files() -> dict[str, str]:
+    """Hub-relative paths of dino.txt's files: its vision head, text encoder and vocabulary."""
+    from .dinotxt import TEXT_ENCODER_FILE, VISION_HEAD_FILE, VOCAB_FILE
+
+    return {"vision_head": VISION_HEAD_FILE, "text_encoder": TEXT_ENCODER_FILE, "vocabulary": VOCAB_FILE}
+
+
 def describe_models() -> list[dict]:
     """Rows for `dinoseg models`: every named model and the hub files it needs."""
+    from .dinotxt import BACKBONE, NAME
+
     rows = [{"name": name, "kind": "backbone", "classes": "-", "files": [backbone_file(name)]} for name in BACKBONES]
+    rows.append(
+        {
+            "name": NAME,
+            "kind": "open-vocabulary (dino.txt)",
+            "classes": "named in words",
+            "files": [backbone_file(BACKBONE), *dinotxt_files().values()],
+        }
+    )
     rows += [
         {
             "name": m.name,

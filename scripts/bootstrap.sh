@@ -16,7 +16,7 @@ python=${PYTHON:-python3}
 torch_spec=${DINOSEG_TORCH_SPEC:-torch==2.13.0}
 
 # one stamp per set of extras; installing with extras also satisfies the plain install
-stamp_of() { { cat "$root/pyproject.toml"; echo "extras=$1 torch=$torch_spec"; } | sha256sum | cut -c1-16; }
+stamp_of() { { cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh"; echo "extras=$1 torch=$torch_spec"; } | sha256sum | cut -c1-16; }
 stamp_file() { echo "$venv/.dinoseg-stamp${1:+-$1}"; }
 want=$(stamp_of "$extras")
 if [ -f "$(stamp_file "$extras")" ] && [ "$(cat "$(stamp_file "$extras")")" = "$want" ]; then
@@ -65,5 +65,10 @@ target="$root"
 [ -n "$extras" ] && target="$root[$extras]"
 say "installing dinoseg${extras:+[$extras]} and its dependencies"
 quiet_pip install -q -e "$target"
+if [[ ",$extras," == *",test,"* ]]; then
+    # CLIP's reference tokenizer and vocabulary, which the tokenizer tests compare against: only
+    # its tokenizer file is read, so not its dependencies (torchvision would pull another torch)
+    quiet_pip install -q --no-deps "open_clip_torch==3.3.0"
+fi
 echo "$want" > "$(stamp_file "$extras")"
 stamp_of "" > "$(stamp_file "")"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from model.errors import DinosegError
 from pipeline.data.decode import max_megapixels_option
 from pipeline.features.config import PRECISIONS
 from pipeline.options import address_option, argument, option, storage_options_option
@@ -27,6 +28,11 @@ class SegmentConfig:
     model: Optional[str] = option(DEFAULT_MODEL, "Named segmentation model (see `dinoseg models`).")
     backbone: Optional[str] = option(None, "Backbone name, with --head of one of Meta's head files.")
     head: Optional[str] = option(None, "Head checkpoint URL (trained by dinoseg; it names its backbone).")
+    classes_text: Optional[str] = option(
+        None,
+        "Classes named in words, e.g. 'sky, road, car': a dino.txt text head built first, into OUTPUT/text_head.pt "
+        "(`dinoseg text-head` sets prompts and background).",
+    )
     backbone_weights: Optional[str] = option(None, "Where the backbone's weights come from (path or URL).")
     resolution: Optional[int] = option(
         None, "Short side the image is resized to (default: the head's training resolution; 512 for Meta's)."
@@ -61,7 +67,9 @@ class SegmentConfig:
     max_classes_reason: str = ""
 
     def __post_init__(self):
-        if self.head:
+        if self.head and self.classes_text:
+            raise DinosegError("Both --head and --classes-text were given: pass one (--classes-text builds the head).")
+        if self.head or self.classes_text:
             self.model = None  # a head names its own backbone and classes
 
 

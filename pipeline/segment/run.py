@@ -39,6 +39,8 @@ def run_segment(config: SegmentConfig) -> dict:
     so = config.storage_options or None
     out = config.output.rstrip("/")
     inference = inference_config(config)
+    if config.classes_text:  # the text tower runs here, once; the actors read the head file
+        config = replace(config, head=_text_head(config, out, so), classes_text=None)
     # local files as absolute paths: the actors do not run in this process's folder
     predict_config = PredictConfig(
         config.model,
@@ -166,6 +168,33 @@ def run_segment(config: SegmentConfig) -> dict:
     if counts["inputs"] != counts["predicted"] + counts["skipped"] + counts["failed"]:
         raise RuntimeError(f"lost inputs: {counts}")  # must never happen; say so loudly
     return counts
+
+
+def _text_head(config: SegmentConfig, out: str, so) -> str:
+    """OUTPUT/text_head.pt for --classes-text: built on this machine, or the one an earlier run
+    built for the same request (re-running resumes instead of rebuilding). A head for other
+    classes there is replaced only with --overwrite, whose run redoes every mask anyway."""
+    import fsspec
+
+    from model.checkpoint import save_head_checkpoint
+    from model.text_head import TextHeadRequest, build_text_head
+    from model.weights import load_checkpoint
+
+    url = f"{out}/text_head.pt"
+    request = TextHeadRequest(config.classes_text, backbone=config.backbone)
+    fs, path = fsspec.core.url_to_fs(url, **(so or {}))
+    if fs.exists(path):
+        earlier = load_checkpoint(url, so)
+        if isinstance(earlier, dict) and earlier.get("meta", {}).get("request") == request.digest():
+            log.info("reusing %s (built for the same classes)", url)
+            return url
+        if not config.overwrite:
+            raise DinosegError(
+                f"{url} is a text head for other classes or options than --classes-text {config.classes_text!r}: "
+                "pass --overwrite to rebuild it (every mask is redone), or give another OUTPUT."
+            )
+    save_head_checkpoint(build_text_head(request, storage_options=so), url, so)
+    return url
 
 
 def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str]:
