@@ -10,6 +10,9 @@ _EXPORTS = {
     "backbone": ("BACKBONES", "BackboneConfig", "DinoVisionTransformer", "build_backbone"),
     "checkpoint": ("HeadCheckpoint", "parse_head_checkpoint", "save_head_checkpoint"),
     "classes": ("ClassMap", "bundled", "load_class_map"),
+    "dinotxt": ("TextHead",),
+    "text_head": ("TextHeadRequest", "build_text_head"),
+    "tokenizer": ("ClipTokenizer",),
     "errors": ("DinosegError", "ImageInputError", "UnknownModelError", "WeightsError"),
     "hub": ("build_segmenter", "load_backbone", "load_head"),
     "heads": (

@@ -39,6 +39,7 @@ def run_segment(config: SegmentConfig) -> dict:
     so = config.storage_options or None
     out = config.output.rstrip("/")
     inference = inference_config(config)
+    given = config  # what run.json records: the options as the user gave them
     if config.classes_text:  # the text tower runs here, once; the actors read the head file
         config = replace(config, head=_text_head(config, out, so), classes_text=None)
     # local files as absolute paths: the actors do not run in this process's folder
@@ -156,7 +157,8 @@ def run_segment(config: SegmentConfig) -> dict:
             runtime.stop_ray()
     elapsed = time.time() - started
     info = {
-        "arguments": asdict(config) | {"storage_options": sorted(config.storage_options)},  # no secrets
+        "arguments": asdict(given) | {"storage_options": sorted(config.storage_options)},  # no secrets
+        "head": config.head,
         "model": model_id,
         "head_checksum": checksum,
         "versions": versions(),
