@@ -48,8 +48,18 @@ class TextHeadRequest:
     vocabulary: str | None = None
     resolution: int = DEFAULT_RESOLUTION
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, storage_options: dict | None = None) -> str:
+        """Names the head this request makes: its options, and the class names, prompts and
+        background they resolve to (a class-map file edited in place gives another digest)."""
+        spec = class_prompts(self, storage_options)
+        made = {
+            "request": asdict(self),
+            "classes": list(spec.classes.names),
+            "colors": [list(c) for c in spec.classes.colors],
+            "prompts": spec.prompts,
+            "background": spec.background,
+        }
+        return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def templates(name: str) -> list[str]:
@@ -201,7 +211,7 @@ def build_text_head(
             f"use the backbone the head was trained on ({BACKBONE} for Meta's)."
         )
     vocab_source = _file(request.vocabulary, VOCAB_FILE, storage_options)
-    tokenizer = ClipTokenizer(vocab_source)
+    tokenizer = ClipTokenizer(vocab_source, storage_options)
     texts = [p for prompts in spec.prompts for p in prompts]
     owner = [i for i, prompts in enumerate(spec.prompts) for _ in prompts]
 
@@ -236,7 +246,7 @@ def build_text_head(
     config = text_config((depth - 1,), dim, n, len(vision.block_list), vision.block_list[0].mlp.w1.out_features)
     meta = {
         "dinotxt": NAME,
-        "request": request.digest(),
+        "request": request.digest(storage_options),
         "templates": request.templates,
         "prompts": len(texts),
         "background": spec.classes.names[spec.background] if spec.background is not None else None,

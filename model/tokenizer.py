@@ -46,12 +46,21 @@ def clean(text: str) -> str:
 
 
 class ClipTokenizer:
-    def __init__(self, vocab_file: str | Path, source: str | None = None):
+    def __init__(self, vocab_file: str | Path, storage_options: dict | None = None):
+        """`vocab_file`: a local path or any fsspec URL of CLIP's bpe_simple_vocab_16e6.txt.gz."""
+        import fsspec
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-        source = source or str(vocab_file)
+        source = str(vocab_file)
         try:
-            lines = gzip.open(vocab_file).read().decode("utf-8").split("\n")
+            with fsspec.open(source, "rb", **(storage_options or {})) as f:
+                packed = f.read()
+        except FileNotFoundError:
+            raise WeightsError(f"The vocabulary {source} does not exist: check the path or URL.") from None
+        except OSError as e:
+            raise WeightsError(f"Cannot read the vocabulary {source} ({e}): check the URL and credentials.") from None
+        try:
+            lines = gzip.decompress(packed).decode("utf-8").split("\n")
         except (OSError, EOFError, UnicodeDecodeError) as e:
             raise WeightsError(f"{source} is not CLIP's BPE vocabulary (a .txt.gz of merges): {e}.") from None
         merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]

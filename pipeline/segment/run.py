@@ -187,7 +187,7 @@ def _text_head(config: SegmentConfig, out: str, so) -> str:
     fs, path = fsspec.core.url_to_fs(url, **(so or {}))
     if fs.exists(path):
         earlier = load_checkpoint(url, so)
-        if isinstance(earlier, dict) and earlier.get("meta", {}).get("request") == request.digest():
+        if isinstance(earlier, dict) and earlier.get("meta", {}).get("request") == request.digest(so):
             log.info("reusing %s (built for the same classes)", url)
             return url
         if not config.overwrite:
