@@ -105,7 +105,7 @@ def segment(hub: Path, images: int, resolution: int) -> dict:
     batch = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(images)]
     torch.set_num_threads(core_count())
     seconds = {"text": 0.0, "linear": 0.0}
-    for name, model in (("text", text), ("linear", linear)):  # warm-up
+    for model in (text, linear):  # warm-up
         model.predict(batch[:1])
     for image in batch:  # alternate, one image each, so both see the same machine
         for name, model in (("text", text), ("linear", linear)):
