@@ -37,7 +37,8 @@ def claimed_prefixes() -> set[str]:
     """The prefixes tests pass to `command(...)`, read from their source."""
     found = set()
     for path in (ROOT / "tests").rglob("*.py"):
-        found |= set(re.findall(r"""\bcommand\(\s*["']([^"']+)["']""", path.read_text()))
+        # a prefix may hold the other kind of quote (a README argument with spaces is quoted)
+        found |= {m[1] for m in re.findall(r"""\bcommand\(\s*(["'])(.+?)\1""", path.read_text())}
     return found
 
 
