@@ -7,6 +7,7 @@ import typer
 from jobs.cli import main
 from jobs.options import all_but, command
 from model.backbone import BACKBONES
+from model.dinotxt import NAME as DINOTXT
 from model.weights import SEGMENTATION_MODELS, describe_models
 from pipeline.segment import SegmentConfig
 
@@ -22,7 +23,14 @@ def test_models_lists_every_backbone_and_segmentation_model(capsys):
     assert main(["models"]) == 0
     listed = rows(capsys.readouterr().out)
     assert len(BACKBONES) == 8 and len(SEGMENTATION_MODELS) == 16
-    assert set(listed) == set(BACKBONES) | set(SEGMENTATION_MODELS)
+    assert set(listed) == set(BACKBONES) | set(SEGMENTATION_MODELS) | {DINOTXT}
+    for rel in (
+        "dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",  # dino.txt's backbone, then its own three files
+        "dinov2_vitl14/dinov2_vitl14_reg4_dinotxt_tet1280d20h24l_vision_head.pth",
+        "dinov2_vitl14/dinov2_vitl14_reg4_dinotxt_tet1280d20h24l_text_encoder.pth",
+        "thirdparty/bpe_simple_vocab_16e6.txt.gz",
+    ):
+        assert rel in listed[DINOTXT]
     assert "dinov2_vits14/dinov2_vits14_pretrain.pth" in listed["dinov2_vits14"]
     assert "dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth" in listed["dinov2_vitg14_reg"]
     assert not any(name.endswith("_reg") for name in SEGMENTATION_MODELS)  # Meta released none
