@@ -20,7 +20,9 @@ the same code loads Meta's files and the small random ones the tests build.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +33,8 @@ from torch import nn
 from .errors import WeightsError
 from .heads import HeadConfig
 from .layers import Attention, LayerScale, Mlp
+
+log = logging.getLogger(__name__)
 
 NAME = "dinov2_vitl14_reg4_dinotxt_tet1280d20h24l"
 BACKBONE = "dinov2_vitl14_reg"  # the frozen backbone dino.txt's heads were trained on
@@ -261,7 +265,11 @@ def encode_prompts(
     lengths = ids.argmax(dim=-1) + 1  # the end-of-text id is the vocabulary's largest
     order = torch.argsort(lengths, stable=True)
     out = torch.empty(len(ids), encoder.config.embed_dim, dtype=torch.float32)
+    started = time.perf_counter()
     for i in range(0, len(ids), batch_size):
+        if i:
+            rate = i / (time.perf_counter() - started)
+            log.info("text tower: %d of %d prompts, %.1f prompts/s", i, len(ids), rate)
         rows = order[i : i + batch_size]
         batch = ids[rows, : int(lengths[rows].max())].to(device)
         mixed = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()

@@ -56,7 +56,8 @@ class LoadedHead:
     meta: dict = field(default_factory=dict)
 
 
-def _checksum(state_dict: dict) -> str:
+def head_checksum(state_dict: dict) -> str:
+    """What resume compares: a digest of a head's tensors, by key."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         h.update(key.encode())
@@ -88,7 +89,7 @@ def load_head(
             ckpt.resolution,
             ckpt.mean,
             ckpt.std,
-            _checksum(ckpt.state_dict),
+            head_checksum(ckpt.state_dict),
             ckpt.meta,
         )
     if backbone is None:
@@ -99,7 +100,7 @@ def load_head(
         w = sd.get("decode_head.conv_seg.weight") if isinstance(sd, dict) else None
         kind = "ms" if w is not None and w.dim() == 4 and w.shape[1] == 4 * cfg.embed_dim else "linear"
     head = head_from_mmseg(obj, kind, cfg.embed_dim, cfg.depth, source)
-    return LoadedHead(head, _classes_for(head.config.num_classes), backbone, checksum=_checksum(head.state_dict()))
+    return LoadedHead(head, _classes_for(head.config.num_classes), backbone, checksum=head_checksum(head.state_dict()))
 
 
 def build_segmenter(

@@ -52,8 +52,10 @@ class TextHeadRequest:
         """Names the head this request makes: its options, and the class names, prompts and
         background they resolve to (a class-map file edited in place gives another digest)."""
         spec = class_prompts(self, storage_options)
+        options = asdict(self)
+        options.pop("classes")  # "sky,road" and "sky, road", or two paths to one file, make one head
         made = {
-            "request": asdict(self),
+            "request": options,
             "classes": list(spec.classes.names),
             "colors": [list(c) for c in spec.classes.colors],
             "prompts": spec.prompts,
@@ -86,9 +88,11 @@ def _raw_entries(spec: str, storage_options: dict | None) -> list[dict]:
 
     try:
         with fsspec.open(spec, "rt", **(storage_options or {})) as f:
-            data = yaml.safe_load(f.read())  # JSON is YAML
-    except (OSError, yaml.YAMLError) as e:
-        raise DinosegError(f"Cannot read the class map {spec} ({e}): check the path.") from None
+            text = f.read()
+        data = json.loads(text) if spec.lower().endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DinosegError(f"Cannot read the class map {spec} ({first}): check the path and its syntax.") from None
     entries = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
         raise DinosegError(f"{spec} is not a class map: give {{classes: [{{id, name, color, prompts}}]}}.")
@@ -202,6 +206,11 @@ def build_text_head(
     if not temperature > 0:
         raise DinosegError(f"--temperature {temperature} must be positive, e.g. {DEFAULT_TEMPERATURE}.")
 
+    if backbone_config(backbone).num_register_tokens != 4:
+        raise DinosegError(
+            f"dino.txt's vision head reads the 4 register tokens of a register backbone, and {backbone} has "
+            f"{backbone_config(backbone).num_register_tokens}: use {BACKBONE} (or another *_reg backbone)."
+        )
     vision_source = _file(request.vision_head, VISION_HEAD_FILE, storage_options)
     vision = vision_head_from_state(load_checkpoint(vision_source, storage_options), vision_source)
     width = vision.ln_final.weight.shape[0]
@@ -228,13 +237,15 @@ def build_text_head(
             f"{tokenizer.vocab_size}: pass the vocabulary of the same dino.txt model."
         )
     where = choose_device(device)
-    mixed = choose_precision(precision, where)
+    mixed = choose_precision(precision or "fp32", where)  # fp32 as in Meta's notebook: it runs once
     log.info("text tower: %d prompts for %d classes on %s (%s)", len(texts), len(spec.prompts), where, mixed)
     encoder.to(where)
     ids = tokenizer(texts, context=encoder.config.context)
     embeddings = encode_prompts(encoder, ids, batch_size, None if mixed == "fp32" else PRECISIONS[mixed])
     del encoder
     gc.collect()
+    if where.type == "cuda":  # a driver that goes on to run a job should not keep 2 GB of cached blocks
+        torch.cuda.empty_cache()
 
     n = len(spec.classes)
     emb = class_embeddings(embeddings, owner, n, dim)

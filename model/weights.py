@@ -75,6 +75,13 @@ def segmentation_model(name: str) -> SegmentationModel:
     try:
         return SEGMENTATION_MODELS[name]
     except KeyError:
+        from .dinotxt import NAME
+
+        if name == NAME:
+            raise UnknownModelError(
+                f"{name} segments classes named in words, not a fixed set: pass --classes-text 'sky, road, car' "
+                "(or build a head with `dinoseg text-head` and pass --head)."
+            ) from None
         known = ", ".join(SEGMENTATION_MODELS)
         raise UnknownModelError(f"Unknown model '{name}'; choose one of: {known} (or run `dinoseg models`).") from None
 

@@ -50,7 +50,11 @@ class TextHeadConfig:
     vocabulary: Optional[str] = option(None, "CLIP's BPE vocabulary, .txt.gz (default: from the hub).")
     resolution: int = option(DEFAULT_RESOLUTION, "Short side images are segmented at by default.")
     device: Optional[str] = option(None, "Where the text tower runs: auto, cpu, cuda (default auto).")
-    precision: str = option("auto", "auto: bf16 on a GPU, fp32 on the CPU.", choices=PRECISIONS)
+    precision: str = option(
+        "fp32",
+        "The text tower's precision (it runs once: fp32, as Meta's notebook; auto: bf16 on a GPU).",
+        choices=PRECISIONS,
+    )
     batch_size: int = option(128, "Prompts per text-tower forward.")
     overwrite: bool = option(False, "Replace the head at OUTPUT if there is one.")
     storage_options: dict = storage_options_option()
@@ -92,8 +96,14 @@ def run_text_head(config: TextHeadConfig) -> dict:
         raise DinosegError(f"--batch-size {config.batch_size} must be at least 1.")
     if config.resolution < 14:
         raise DinosegError(f"--resolution {config.resolution} must be at least 14 pixels.")
-    refuse_to_replace(output, config.overwrite, so, "OUTPUT")
+    record = posixpath.splitext(output)[0] + ".json"
     request = config.request()
+    if record == request.classes:
+        raise DinosegError(
+            f"OUTPUT {config.output} would write its record over CLASSES {config.classes}: name the head otherwise."
+        )
+    refuse_to_replace(output, config.overwrite, so, "OUTPUT")
+    refuse_to_replace(record, config.overwrite, so, "OUTPUT (its record, .json, would replace this file)")
     ckpt = build_text_head(request, config.device, config.precision, config.batch_size, so)
     save_head_checkpoint(ckpt, output, so)
     info = {
@@ -105,7 +115,7 @@ def run_text_head(config: TextHeadConfig) -> dict:
         "request": asdict(request),
         "wall_seconds": round(time.time() - started, 3),
     }
-    write_json(posixpath.splitext(output)[0] + ".json", info, so)
+    write_json(record, info, so)
     return info
 
 

@@ -67,6 +67,8 @@ class SegmentConfig:
     max_classes_reason: str = ""
 
     def __post_init__(self):
+        if self.classes_text is not None and not self.classes_text.strip():
+            raise DinosegError("--classes-text is empty: name the classes, e.g. --classes-text 'sky, road, car'.")
         if self.head and self.classes_text:
             raise DinosegError("Both --head and --classes-text were given: pass one (--classes-text builds the head).")
         if self.head or self.classes_text:

@@ -174,20 +174,29 @@ def run_segment(config: SegmentConfig) -> dict:
 
 def _text_head(config: SegmentConfig, out: str, so) -> str:
     """OUTPUT/text_head.pt for --classes-text: built on this machine, or the one an earlier run
-    built for the same request (re-running resumes instead of rebuilding). A head for other
-    classes there is replaced only with --overwrite, whose run redoes every mask anyway."""
+    built for the same request (re-running resumes instead of rebuilding). Checked before it is
+    written: the backbone's weights can be had, and OUTPUT holds no masks of another model (a head
+    for other classes there is replaced only with --overwrite, whose run redoes every mask)."""
     import fsspec
 
     from model.checkpoint import save_head_checkpoint
+    from model.errors import WeightsError
+    from model.hub import head_checksum
     from model.text_head import TextHeadRequest, build_text_head
-    from model.weights import load_checkpoint
+    from model.weights import backbone_file, fetch_hub_file, load_checkpoint
+    from pipeline.io.files import absolute_input
 
     url = f"{out}/text_head.pt"
     request = TextHeadRequest(config.classes_text, backbone=config.backbone)
+    digest = request.digest(so)  # a bad class list or option fails here, before any weights are read
     fs, path = fsspec.core.url_to_fs(url, **(so or {}))
     if fs.exists(path):
-        earlier = load_checkpoint(url, so)
-        if isinstance(earlier, dict) and earlier.get("meta", {}).get("request") == request.digest(so):
+        try:
+            earlier = load_checkpoint(url, so)
+        except WeightsError:
+            earlier = None  # damaged: another head, as far as reuse goes
+        meta = earlier.get("meta") if isinstance(earlier, dict) else None
+        if isinstance(meta, dict) and meta.get("request") == digest:
             log.info("reusing %s (built for the same classes)", url)
             return url
         if not config.overwrite:
@@ -195,8 +204,20 @@ def _text_head(config: SegmentConfig, out: str, so) -> str:
                 f"{url} is a text head for other classes or options than --classes-text {config.classes_text!r}: "
                 "pass --overwrite to rebuild it (every mask is redone), or give another OUTPUT."
             )
-    save_head_checkpoint(build_text_head(request, storage_options=so), url, so)
+    ckpt_backbone = request.backbone or _dinotxt_backbone()
+    if not config.backbone_weights:  # the backbone's file can be had, before minutes of text tower
+        fetch_hub_file(backbone_file(ckpt_backbone), so)
+    ckpt = build_text_head(request, storage_options=so)
+    if not config.overwrite:  # masks of another model there: refused before the head is written
+        _done_with_this_model(out, f"{ckpt.backbone}+{absolute_input(url)}", head_checksum(ckpt.state_dict), so)
+    save_head_checkpoint(ckpt, url, so)
     return url
+
+
+def _dinotxt_backbone() -> str:
+    from model.dinotxt import BACKBONE
+
+    return BACKBONE
 
 
 def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str]:
