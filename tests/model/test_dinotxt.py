@@ -1,8 +1,9 @@
 """dino.txt (model.dinotxt): Meta's file layouts loaded strictly at full size, the files found
 through the hub machinery (local folder, file://, loopback HTTP into the cache), other models'
-files refused in one sentence, the dense path of a Segmenter with a text head against a direct
-computation written here from the state dict, encode_prompts' batching, the TextHead's
-background rules, and the peak memory of building a head with the full-size text tower."""
+files refused in one sentence, the dense path of a Segmenter with a text head and the text tower
+(TextEncoder, encode_prompts) each against a direct computation written here from the state
+dict, encode_prompts' batching, the TextHead's background rules, and the peak memory of building
+a head with the full-size text tower."""
 
 from __future__ import annotations
 
@@ -286,11 +287,14 @@ def direct_patch_tokens(backbone, image: np.ndarray, sd: dict) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     x = ((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std)[None]
-    with torch.no_grad():
-        ((patches, cls, registers),) = backbone.get_intermediate_layers(
-            x, n=1, return_class_token=True, return_register_tokens=True, norm=True
-        )
-    assert registers.shape[1] == 4 and patches.shape[1] == (image.shape[0] // 14) * (image.shape[1] // 14)
+    with torch.no_grad():  # the last block after the final norm, not through get_intermediate_layers
+        t = backbone.prepare_tokens(x)
+        for blk in backbone.blocks:
+            t = blk(t)
+        t = backbone.norm(t)
+    cls, registers, patches = t[:, 0], t[:, 1:5], t[:, 5:]  # dinov2_vits14_reg: 4 registers
+    assert backbone.num_register_tokens == 4
+    assert patches.shape[1] == (image.shape[0] // 14) * (image.shape[1] // 14)
     tokens = torch.cat([cls[:, None], registers, patches], dim=1).double()
     out = direct_vision_head(tokens, {k: v.double() for k, v in sd.items()})
     return out[0, 1 + 4 :]
@@ -407,6 +411,54 @@ def test_tokens_after_the_end_token_change_nothing(small_encoder, tokenizer):
         changed = ids.clone()
         changed[0, 2] = 1000  # a token before the end token is seen
         assert not torch.allclose(small_encoder(changed)[0], small_encoder(ids)[0], atol=1e-3)
+
+
+# ---- the text tower against a direct computation ------------------------------------------------
+
+
+def direct_text_encoder(ids: torch.Tensor, sd: dict) -> torch.Tensor:
+    """dino.txt's text tower from its state dict, with plain F ops (../shared/DESIGN.md):
+    token + position embeddings, causal pre-norm blocks (no qkv bias, exact GELU MLP, no
+    LayerScale), ln_final, the token at argmax(ids) pooled, the bias-free projection."""
+    b, n = ids.shape
+    x = sd["backbone.token_embedding.weight"][ids] + sd["backbone.positional_embedding"][:n]
+    d = x.shape[-1]
+    heads = d // 64
+    blocks = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("backbone.blocks."))
+    future = torch.ones(n, n, dtype=torch.bool).triu(1)  # j > i: not seen by token i
+    for i in range(blocks):
+        p = f"backbone.blocks.{i}."
+        y = _ln(x, sd, p + "attention_norm")
+        qkv = F.linear(y, sd[p + "attention.qkv.weight"])  # no bias
+        q, k, v = qkv.reshape(b, n, 3, heads, 64).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(64)).masked_fill(future, float("-inf"))
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + F.linear(y, sd[p + "attention.proj.weight"], sd[p + "attention.proj.bias"])
+        y = _ln(x, sd, p + "ffn_norm")
+        y = F.gelu(F.linear(y, sd[p + "feed_forward.fc1.weight"], sd[p + "feed_forward.fc1.bias"]), approximate="none")
+        x = x + F.linear(y, sd[p + "feed_forward.fc2.weight"], sd[p + "feed_forward.fc2.bias"])
+    x = _ln(x, sd, "backbone.ln_final")
+    pooled = x[torch.arange(b), ids.argmax(dim=-1)]
+    return pooled @ sd["head.linear_projection.weight"].T
+
+
+def test_the_text_encoder_and_encode_prompts_match_the_direct_computation(tokenizer):
+    sd = text_encoder_state(width=128, layers=2, embed=768, vocab=49408, context=77, seed=5)
+    encoder = text_encoder_from_state(sd, "text.pth")
+    assert encoder.config == TextConfig(vocab_size=49408, context=77, width=128, layers=2, hidden=512, embed_dim=768)
+    assert all(block.attention.num_heads == 2 for block in encoder.backbone.blocks)
+    ids = tokenizer(PROMPTS)
+    ends = ids.argmax(-1)
+    assert (ids[torch.arange(len(ids)), ends] == tokenizer.end).all()
+    assert ends.max() == 76 and ids[4, -1] == tokenizer.end  # one prompt cut at the context
+    assert len(set(ends.tolist())) >= 5 and (ends < 20).sum() >= 3  # mixed lengths, padding after most
+    direct = direct_text_encoder(ids, {k: v.double() for k, v in sd.items()}).float()
+    assert direct.shape == (len(PROMPTS), 768)
+    with torch.no_grad():
+        out = encoder(ids)
+    torch.testing.assert_close(out, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encode_prompts(encoder, ids, batch_size=4), direct, atol=1e-5, rtol=1e-5)
+    assert torch.cdist(direct, direct).add(torch.eye(len(PROMPTS)) * 1e9).min() > 1e-2  # all distinct
 
 
 # ---- TextHead: the background rules ----------------------------------------------------------

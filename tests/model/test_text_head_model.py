@@ -367,8 +367,8 @@ def test_a_text_encoder_of_another_width_is_refused_in_one_sentence(small_hub, t
 
 
 def test_the_files_may_be_given_as_urls(small_hub):
-    """../shared/DESIGN.md, Conventions: every path argument accepts a local path or any fsspec URL.
-    FAILS at present: the vocabulary is opened with gzip.open, which reads local paths only."""
+    """../shared/DESIGN.md, Conventions: every path argument accepts a local path or any fsspec URL
+    (memory:// here), the vocabulary included (ClipTokenizer opens it through fsspec)."""
     hub, _ = small_hub
     for rel in (VISION, TEXT, VOCAB):
         with fsspec.open(f"memory://dinotxt-urls/{rel}", "wb") as f:
