@@ -53,3 +53,26 @@ def test_image_and_setup_follow_the_project(cluster):
     assert cluster["file_mounts"] == {"/home/ray/dinoseg": "."}
     assert ".gitignore" in cluster["rsync_filter"]  # .venv and weights never travel
     assert any("pip install" in c and "/home/ray/dinoseg" in c for c in cluster["setup_commands"])
+
+
+def test_every_install_gets_a_torch_whose_weights_only_load_holds():
+    """torch.load(weights_only=True) is the only loader dinoseg uses; releases before 2.10 have
+    known bypasses (CVE-2025-32434, fixed in 2.6; CVE-2026-24747, fixed in 2.10). The cluster's
+    setup installs this package, so the floor in pyproject.toml is what its nodes get; bootstrap
+    pins the version the tests run on."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    text = (ROOT / "pyproject.toml").read_text()
+    torch_req = next(
+        Requirement(r) for r in re.findall(r'^\s*"(torch[^"]*)"', text, re.M) if Requirement(r).name == "torch"
+    )
+    floor = min(Version(s.version) for s in torch_req.specifier if s.operator in (">=", "=="))
+    assert floor >= Version("2.10"), f"pyproject allows torch {floor}, which has known weights_only bypasses"
+    pinned = re.search(
+        r"torch_spec=\$\{DINOSEG_TORCH_SPEC:-torch==([0-9.]+)\}", (ROOT / "scripts/bootstrap.sh").read_text()
+    )
+    assert pinned and Version(pinned[1]) in torch_req.specifier
+    import torch
+
+    assert Version(torch.__version__.split("+")[0]) in torch_req.specifier
