@@ -20,6 +20,7 @@ from torch import nn
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .classes import ClassMap
+from .convert import describe_mismatch
 from .errors import WeightsError
 from .heads import HeadConfig, build_head, output_classes
 
@@ -40,25 +41,8 @@ class HeadCheckpoint:
 
     def build(self, source: str = "the head checkpoint") -> nn.Module:
         head = build_head(self.config)
-        expected = head.state_dict()
-        missing = [k for k in expected if k not in self.state_dict]
-        unexpected = [k for k in self.state_dict if k not in expected]
-        shapes = [
-            f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-            for k, v in self.state_dict.items()
-            if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-        ]
-        if missing or unexpected or shapes:
-            found = "; ".join(
-                filter(
-                    None,
-                    [
-                        f"missing {', '.join(missing[:3])}" if missing else "",
-                        f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-                        f"shape {', '.join(shapes[:2])}" if shapes else "",
-                    ],
-                )
-            )
+        found = describe_mismatch(self.state_dict, head.state_dict())
+        if found:
             raise WeightsError(
                 f"{source}: its weights do not fit the '{self.config.kind}' head it declares ({found}); "
                 "the file is damaged or was edited: retrain or re-export it."

@@ -143,8 +143,9 @@ def describe_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     return f"a ViT with width {dim} and {depth} blocks"
 
 
-def check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise one sentence naming the first mismatched keys/shapes when `sd` is not for `what`."""
+def key_mismatch(sd: Mapping, expected: Mapping) -> tuple[list[str], list[str], list[str]]:
+    """What keeps `sd` from loading strictly into a module whose state dict is `expected`: the
+    missing keys, the unexpected ones, and 'key (shape) vs (shape)' for each mismatched shape."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [
@@ -152,6 +153,24 @@ def check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tens
         for k, v in expected.items()
         if k in sd and tuple(sd[k].shape) != tuple(v.shape)
     ]
+    return missing, unexpected, shapes
+
+
+def describe_mismatch(sd: Mapping, expected: Mapping) -> str:
+    """key_mismatch in a few words ('missing a, b; unexpected c; shape d (1,) vs (2,)'), or ''
+    when `sd` fits: for the one-sentence errors of head files."""
+    missing, unexpected, shapes = key_mismatch(sd, expected)
+    parts = [
+        f"missing {', '.join(missing[:3])}" if missing else "",
+        f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        f"shape {', '.join(shapes[:2])}" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+def check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise one sentence naming the first mismatched keys/shapes when `sd` is not for `what`."""
+    missing, unexpected, shapes = key_mismatch(sd, expected)
     if not (missing or unexpected or shapes):
         return
     parts = []

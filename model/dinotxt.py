@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convert import describe_mismatch
 from .errors import WeightsError
 from .heads import HeadConfig
 from .layers import Attention, LayerScale, Mlp
@@ -181,23 +182,8 @@ def _unwrap(obj, what: str) -> dict:
 
 def _load_strict(module: nn.Module, sd: dict, what: str, fix: str) -> None:
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        found = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:3])}" if missing else "",
-                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-                f"shapes {', '.join(shapes[:2])}" if shapes else "",
-            )
-            if part
-        )
+    found = describe_mismatch(sd, expected)
+    if found:
         raise WeightsError(f"{what} does not fit {fix} ({found}): pass the file of that name from Meta's hub.")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
 
