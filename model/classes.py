@@ -94,6 +94,12 @@ def load_class_map(url: str, storage_options: dict | None = None) -> ClassMap:
     """A bundled name ('ade20k', 'voc2012') or a YAML/JSON file at a local path or fsspec URL."""
     if url in BUNDLED:
         return bundled(url)
+    return ClassMap.from_dict(read_class_map_file(url, storage_options), source=url)
+
+
+def read_class_map_file(url: str, storage_options: dict | None = None) -> dict:
+    """A class-map file's content as written (entries may hold more than id, name and colour:
+    text heads read their prompts), not yet checked as a ClassMap."""
     import fsspec
     import yaml
 
@@ -108,7 +114,7 @@ def load_class_map(url: str, storage_options: dict | None = None) -> ClassMap:
         raise DinosegError(f"{url} is not valid YAML/JSON ({e}): fix the file.") from None
     if not isinstance(data, dict):
         raise DinosegError(f"{url} is not a class map: give {{ignore_index, classes: [{{id, name, color}}]}}.")
-    return ClassMap.from_dict(data, source=url)
+    return data
 
 
 def save_class_map(classes: ClassMap, url: str, storage_options: dict | None = None) -> None:

@@ -24,7 +24,7 @@ from importlib import resources
 
 import torch
 
-from .classes import BUNDLED, ClassMap, default_color, load_class_map
+from .classes import BUNDLED, ClassMap, bundled, default_color, read_class_map_file
 from .errors import DinosegError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ class TextHeadRequest:
     vocabulary: str | None = None
     resolution: int = DEFAULT_RESOLUTION
 
-    def digest(self, storage_options: dict | None = None) -> str:
+    def digest(self, storage_options: dict | None = None, spec: "ClassPrompts | None" = None) -> str:
         """Names the head this request makes: its options, and the class names, prompts and
-        background they resolve to (a class-map file edited in place gives another digest)."""
-        spec = class_prompts(self, storage_options)
+        background they resolve to (a class-map file edited in place gives another digest).
+        `spec`: class_prompts(self) where the caller has it already."""
+        spec = spec or class_prompts(self, storage_options)
         options = asdict(self)
         options.pop("classes")  # "sky,road" and "sky, road", or two paths to one file, make one head
         made = {
@@ -79,26 +80,6 @@ def is_class_file(spec: str) -> bool:
     return spec in BUNDLED or spec.lower().endswith((".yaml", ".yml", ".json")) or "://" in spec
 
 
-def _raw_entries(spec: str, storage_options: dict | None) -> list[dict]:
-    """The class-map file's entries as written (prompts and background flags included)."""
-    if spec in BUNDLED:
-        return [{"name": n} for n in load_class_map(spec).names]
-    import fsspec
-    import yaml
-
-    try:
-        with fsspec.open(spec, "rt", **(storage_options or {})) as f:
-            text = f.read()
-        data = json.loads(text) if spec.lower().endswith(".json") else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DinosegError(f"Cannot read the class map {spec} ({first}): check the path and its syntax.") from None
-    entries = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
-        raise DinosegError(f"{spec} is not a class map: give {{classes: [{{id, name, color, prompts}}]}}.")
-    return sorted(entries, key=lambda e: int(e.get("id", 0)))
-
-
 @dataclass(frozen=True)
 class ClassPrompts:
     classes: ClassMap
@@ -108,9 +89,13 @@ class ClassPrompts:
 
 def class_prompts(request: TextHeadRequest, storage_options: dict | None = None) -> ClassPrompts:
     spec = request.classes.strip()
-    if is_class_file(spec):
-        classes = load_class_map(spec, storage_options)  # ids, colours and checks as everywhere else
-        entries = _raw_entries(spec, storage_options)
+    if spec in BUNDLED:
+        classes = bundled(spec)
+        entries = [{"name": n} for n in classes.names]
+    elif is_class_file(spec):
+        data = read_class_map_file(spec, storage_options)  # read once: the class map and its prompts
+        classes = ClassMap.from_dict(data, source=spec)  # ids, colours and checks as everywhere else
+        entries = sorted(data["classes"], key=lambda e: int(e["id"]))
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
         if request.background and request.background not in names:
@@ -257,7 +242,7 @@ def build_text_head(
     config = text_config((depth - 1,), dim, n, len(vision.block_list), vision.block_list[0].mlp.w1.out_features)
     meta = {
         "dinotxt": NAME,
-        "request": request.digest(storage_options),
+        "request": request.digest(spec=spec),
         "templates": request.templates,
         "prompts": len(texts),
         "background": spec.classes.names[spec.background] if spec.background is not None else None,
