@@ -180,6 +180,7 @@ def _text_head(config: SegmentConfig, out: str, so) -> str:
     import fsspec
 
     from model.checkpoint import save_head_checkpoint
+    from model.dinotxt import BACKBONE
     from model.errors import WeightsError
     from model.hub import head_checksum
     from model.text_head import TextHeadRequest, build_text_head
@@ -204,20 +205,13 @@ def _text_head(config: SegmentConfig, out: str, so) -> str:
                 f"{url} is a text head for other classes or options than --classes-text {config.classes_text!r}: "
                 "pass --overwrite to rebuild it (every mask is redone), or give another OUTPUT."
             )
-    ckpt_backbone = request.backbone or _dinotxt_backbone()
     if not config.backbone_weights:  # the backbone's file can be had, before minutes of text tower
-        fetch_hub_file(backbone_file(ckpt_backbone), so)
+        fetch_hub_file(backbone_file(request.backbone or BACKBONE), so)
     ckpt = build_text_head(request, storage_options=so)
     if not config.overwrite:  # masks of another model there: refused before the head is written
         _done_with_this_model(out, f"{ckpt.backbone}+{absolute_input(url)}", head_checksum(ckpt.state_dict), so)
     save_head_checkpoint(ckpt, url, so)
     return url
-
-
-def _dinotxt_backbone() -> str:
-    from model.dinotxt import BACKBONE
-
-    return BACKBONE
 
 
 def _done_with_this_model(out: str, model_id: str, checksum: str, so) -> set[str]:
