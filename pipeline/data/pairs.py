@@ -3,7 +3,8 @@
 Two ways to name a labeled set:
 - IMAGES and MASKS folders (any fsspec URL), paired by key: `images/a/b.jpg` <-> `masks/a/b.png`.
 - a manifest (.csv or .parquet) with `image` and `mask` columns; relative entries are relative to
-  the manifest's folder, and the key is the image entry without its extension.
+  the manifest's folder, and the key is the `key` column where there is one (`dinoseg import`
+  writes it), else the image entry without its extension.
 
 A key with only one half is a problem row (reported, left out), never fatal by itself.
 """
@@ -19,6 +20,7 @@ from fsspec.core import split_protocol, url_to_fs
 from model.errors import DinosegError
 from pipeline.data.keys import extension, row_url
 from pipeline.data.sources import list_inputs
+from pipeline.io.masks import check_key
 
 PAIR_MANIFESTS = ("csv", "parquet")
 
@@ -119,9 +121,11 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
         )
     folder = posixpath.dirname(path)
     out, seen = Pairs(), set()
-    for entry, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist(), strict=True):
+    images, masks = table.column("image").to_pylist(), table.column("mask").to_pylist()
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * len(images)
+    for entry, mask, given in zip(images, masks, keys, strict=True):
         entry = str(entry or "")
-        key = _manifest_key(entry)
+        key = _given_key(given) or _manifest_key(entry)
         image, mask = (_resolve(str(v or ""), fs, folder) for v in (entry, mask))
         if not image or not mask:
             out.problems.append(problem(key, image, mask, "pair", "a manifest row is missing its image or mask entry."))
@@ -139,6 +143,16 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
             seen.add(key)
             out.add(key, image, mask)
     return out
+
+
+def _given_key(key) -> str:
+    """A manifest's own `key` column (`dinoseg import` writes one), where it is a safe key."""
+    if not isinstance(key, str) or not key:
+        return ""
+    try:
+        return check_key(key)
+    except DinosegError:
+        return ""
 
 
 def _manifest_key(entry: str) -> str:

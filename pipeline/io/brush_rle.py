@@ -71,3 +71,56 @@ def brush_rle(binary_mask: np.ndarray) -> list[int]:
         return pack_rle(np.zeros(0), np.zeros(0), 0).tolist()
     starts, ends, on = runs(flat)
     return brush_from_runs(starts[on], ends[on], flat.size).tolist()
+
+
+def unpack_rle(data, limit: int | None = None) -> np.ndarray:
+    """The words of thi.ng rle-pack bytes (what `pack_rle` writes, and what Label Studio's
+    frontend writes: repeat and literal chunks, any word size up to 32 bits). `limit` refuses
+    a header that announces more words (a mask of the wrong size, or not an RLE at all) before
+    any memory is taken. Raises ValueError for a stream that is cut short or inconsistent."""
+    raw = np.asarray(data)
+    if raw.ndim != 1 or raw.size < 7 or (raw.size and (raw.min() < 0 or raw.max() > 255)):
+        raise ValueError("an RLE is a list of byte values 0..255 with a 7-byte header at least")
+    bits = np.unpackbits(raw.astype(np.uint8))
+    weights = 1 << np.arange(63, -1, -1, dtype=np.uint64)
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > bits.size:
+            raise ValueError("the RLE ends in the middle of a chunk (cut short)")
+        v = int(bits[pos : pos + n] @ weights[64 - n :]) if n else 0
+        pos += n
+        return v
+
+    total, word = read(32), read(5) + 1
+    widths = [read(4) + 1 for _ in range(4)]
+    if limit is not None and total > limit:
+        raise ValueError(f"the RLE holds {total} words where {limit} were expected")
+    out = np.zeros(total, dtype=np.uint32)
+    i = 0
+    while i < total:
+        repeat = read(1)
+        count = read(widths[read(2)]) + 1
+        if i + count > total:
+            raise ValueError(f"an RLE chunk runs past the {total} words its header announces")
+        if repeat:
+            out[i : i + count] = read(word)
+        else:
+            if pos + count * word > bits.size:
+                raise ValueError("the RLE ends in the middle of a chunk (cut short)")
+            block = bits[pos : pos + count * word].reshape(count, word)
+            out[i : i + count] = block @ weights[64 - word :]
+            pos += count * word
+        i += count
+    return out
+
+
+def brush_mask(rle, height: int, width: int) -> np.ndarray:
+    """The (height, width) bool mask of a Label Studio brush RLE: the image is RGBA, and a pixel
+    is on where its alpha is at least half (Label Studio's brush strokes have soft edges; its
+    own converter reads the alpha channel too)."""
+    words = unpack_rle(rle, limit=4 * height * width)
+    if words.size != 4 * height * width:
+        raise ValueError(f"the RLE holds {words.size} words, a {width}x{height} RGBA image needs {4 * height * width}")
+    return words.reshape(height, width, 4)[..., 3] >= 128

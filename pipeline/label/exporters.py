@@ -91,10 +91,18 @@ def labelstudio_config(classes: ClassMap, from_name: str = "tag", to_name: str =
 # --- CVAT --------------------------------------------------------------------------------------
 
 
+# CVAT has no "no label": its unannotated pixels are the background, 0,0,0. Where that colour is
+# a class of its own (a black 'background', as in VOC), unsure pixels are given this label (VOC's
+# 'void' colour) instead, so a person sees what is left to label and `dinoseg import` reads them
+# back as 255, not as background.
+UNLABELED = ("unlabeled", (224, 224, 192))
+
+
 def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
     """(labelmap.txt, RGB colour per mask value) for CVAT, which (through Datumaro's VOC reader)
     maps mask colours to labels: every colour must name one label, and 0,0,0 is the background
-    that unlabeled (ignore) pixels become. A black class named 'background' (VOC) is that one."""
+    that unlabeled (ignore) pixels become. A black class named 'background' (VOC) is that one,
+    and then unlabeled pixels get the UNLABELED label."""
     fix = "edit a copy of the class map and pass it with --classes"
     seen: dict[tuple, str] = {}
     background = None
@@ -125,6 +133,10 @@ def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
     lut = np.zeros((max(len(classes), classes.ignore_index + 1), 3), dtype=np.uint8)
     lut[: len(classes)] = np.asarray(classes.colors, dtype=np.uint8)
     lut[classes.ignore_index] = 0
+    name, colour = UNLABELED
+    if background is not None and name not in classes.names and colour not in seen:
+        lines.append(f"{name}:{','.join(map(str, colour))}::")
+        lut[classes.ignore_index] = colour
     return "\n".join(lines) + "\n", lut
 
 

@@ -213,8 +213,10 @@ def test_cvat_round_trip(tmp_path):
 def test_cvat_voc_background_is_the_black_class():
     text, lut = cvat_labelmap(bundled("voc2012"))
     lines = text.splitlines()
-    assert lines[1] == "background:0,0,0::" and len(lines) == 1 + 21  # no second background line
-    assert lut[255].tolist() == [0, 0, 0] and lut[15].tolist() == list(bundled("voc2012").colors[15])
+    assert lines[1] == "background:0,0,0::" and len(lines) == 1 + 21 + 1  # no second background line
+    # black is a class here, so unsure pixels get a label of their own (VOC's void colour)
+    assert lines[-1] == "unlabeled:224,224,192::" and lut[255].tolist() == [224, 224, 192]
+    assert lut[15].tolist() == list(bundled("voc2012").colors[15])
 
 
 @pytest.mark.parametrize(
