@@ -34,6 +34,7 @@ from pipeline.options import REQUIRED, argument, option, storage_options_option
 log = logging.getLogger("dinoseg.import")
 MAX_EXAMPLES = 5
 OUTPUT_FILES = ("pairs.csv", "problems.jsonl", "classes.yaml", "import.json")
+OTHER_RUNS = ("run.json", "predictions", "labels", "raw", "errors")  # segment / pseudo-label outputs
 
 
 @dataclass
@@ -134,7 +135,8 @@ def run_import(config: ImportConfig) -> dict:
         raise DinosegError(
             f"none of the {counts['seen']} images in '{source.url}' could be imported{hint}: check --format, --classes and --images."
         )
-    return _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so)
+    copied = writer.copied_images
+    return _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so, copied)
 
 
 def _classes(config: ImportConfig, labels: list[str], source) -> ClassMap:
@@ -154,25 +156,36 @@ def _check_output(output: str, overwrite: bool, so: dict | None) -> None:
     from fsspec.core import url_to_fs
 
     fs, root = url_to_fs(output, **(so or {}))
+    if fs.exists(root) and not fs.isdir(root):
+        raise DinosegError(f"OUTPUT '{output}' is a file: give a folder.")
+    other = [name for name in OTHER_RUNS if fs.exists(f"{root}/{name}")]
+    if other:  # --overwrite would delete another command's masks: never
+        raise DinosegError(
+            f"'{output}' holds the output of another command ({', '.join(other)}): import into a folder of its own."
+        )
     taken = [name for name in ("masks", *OUTPUT_FILES) if fs.exists(f"{root}/{name}")]
     if taken and not overwrite:
         raise DinosegError(
             f"'{output}' holds a labeled set already ({', '.join(taken)}): pass --overwrite to replace it, or another OUTPUT."
         )
-    if fs.exists(root) and not fs.isdir(root):
-        raise DinosegError(f"OUTPUT '{output}' is a file: give a folder.")
 
 
 def _clear(output: str, so: dict | None) -> None:
+    """Remove an earlier import's files: its images/ only where that import copied them there
+    (out of a zip), so a folder of the user's own images is never touched."""
     from fsspec.core import url_to_fs
 
+    from pipeline.io.records import read_json
+
     fs, root = url_to_fs(output, **(so or {}))
-    for name in ("masks", "images", *OUTPUT_FILES):
+    earlier = read_json(f"{output}/import.json", so) or {}
+    names = ["masks", *OUTPUT_FILES] + (["images"] if earlier.get("copied_images") else [])
+    for name in names:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
 
 
-def _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so) -> dict:
+def _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so, copied) -> dict:
     from model.classes import save_class_map
     from pipeline.io.records import jsonl, versions, write_json, write_text
 
@@ -195,6 +208,7 @@ def _finish(config, output, classes, pairs, problems, counts, skipped, examples,
         "problems": f"{output}/problems.jsonl",
         "classes": list(classes.names),
         "arguments": arguments,
+        "copied_images": copied,  # OUTPUT/images/ is this import's (an --overwrite may remove it)
         "seconds": round(time.monotonic() - started, 2),
         "versions": versions(),
     }

@@ -33,6 +33,7 @@ class Writer:
         self.images_root, self.inner, self.overlap, self.crowd = images_root, inner_images, overlap, crowd
         self.so = storage_options
         self._by_key: Optional[dict[str, str]] = None  # key -> image, for formats that name images by key
+        self.copied_images = False  # whether images were copied out of the archive into OUTPUT/images/
 
     def keyed(self, records: Iterator[Record]) -> Iterator[tuple[Record, str, Optional[tuple[str, str]]]]:
         """(record, key, skip) in listing order: keys are decided here, one thread, so the first
@@ -136,6 +137,7 @@ class Writer:
             return self.source.url_of(path)
         from pipeline.io.files import write_bytes_atomic
 
+        self.copied_images = True
         url = f"{self.output}/images/{key}{posixpath.splitext(path)[1].lower()}"
         with self.source.fs.open(path, "rb") as f:
             write_bytes_atomic(url, f.read(), self.so)

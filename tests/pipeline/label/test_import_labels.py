@@ -12,9 +12,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from label_samples import CLASSES, masks, write_segmented
 from PIL import Image
 
 from jobs.options import main
@@ -25,42 +24,10 @@ from pipeline.io.masks import decode_mask_png, encode_mask_png
 from pipeline.io.rle import rle_encode
 from pipeline.label import ExportConfig, ImportConfig, run_export, run_import
 
-CLASSES = ClassMap(("road", "car", "person"), ((128, 64, 128), (0, 0, 142), (220, 20, 60)))
-
-
-def masks() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(3)
-    out = {}
-    for key, (h, w) in {"city/a": (9, 11), "b": (4, 3), "c c": (20, 30)}.items():
-        m = rng.integers(0, 3, (h, w)).astype(np.uint8)
-        m[0, :2] = 255  # unsure pixels: no label in the tools, 255 again on the way back
-        out[key] = m
-    return out
-
 
 @pytest.fixture
 def segmented(tmp_path) -> Path:
-    """A segment OUTPUT (masks, classes.yaml, a predictions Parquet naming real images)."""
-    root = tmp_path / "seg"
-    rng = np.random.default_rng(0)
-    paths = []
-    for key, m in masks().items():
-        image = tmp_path / "images" / f"{key}.jpg"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (*m.shape, 3), dtype=np.uint8)).save(image)
-        paths.append(str(image))
-        (root / "masks" / key).parent.mkdir(parents=True, exist_ok=True)
-        (root / "masks" / f"{key}.png").write_bytes(encode_mask_png(m, CLASSES))
-    save_class_map(CLASSES, str(root / "classes.yaml"))
-    (root / "predictions").mkdir()
-    table = {
-        "path": paths,
-        "key": list(masks()),
-        "height": [m.shape[0] for m in masks().values()],
-        "width": [m.shape[1] for m in masks().values()],
-    }
-    pq.write_table(pa.table(table), root / "predictions" / "part-0.parquet")
-    return root
+    return write_segmented(tmp_path)
 
 
 def read_set(out: Path) -> dict[str, np.ndarray]:
@@ -504,3 +471,17 @@ def test_from_and_to_s3(segmented, tmp_path, s3_bucket):
     imported = json.loads(fs.cat(f"{bucket}/set/import.json"))
     assert imported["arguments"]["storage_options"] == sorted(so)  # names, never the secrets
     assert "testing" not in json.dumps(imported)
+
+
+def test_overwrite_never_touches_another_commands_output_or_the_users_images(segmented, tmp_path):
+    run_export(ExportConfig(str(segmented), str(tmp_path / "coco"), "coco"))
+    source = str(tmp_path / "coco" / "annotations.json")
+    with pytest.raises(DinosegError, match="output of another command"):
+        run_import(ImportConfig(source, str(segmented), "coco", overwrite=True))  # a segment OUTPUT
+    assert len(list((segmented / "masks").rglob("*.png"))) == 3
+    out = tmp_path / "set"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "mine.jpg").write_bytes(b"the user's own")
+    run_import(ImportConfig(source, str(out), "coco"))
+    run_import(ImportConfig(source, str(out), "coco", overwrite=True))
+    assert (out / "images" / "mine.jpg").read_bytes() == b"the user's own"  # not an import's copy
