@@ -229,3 +229,23 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# --- one real Label Studio for the whole session ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory):
+    """A running Label Studio (tests/labelstudio.py: installed once into its own virtualenv,
+    started on a free loopback port); a Label Studio that cannot be installed or started fails
+    the tests that use it, with the reason, and never skips them."""
+    import labelstudio as ls
+
+    try:
+        server, reason = ls.start(tmp_path_factory.mktemp("labelstudio")), None
+    except ls.Unavailable as e:
+        server, reason = None, str(e)
+    if reason:  # failed outside the except block: the reason once, not with its context again
+        pytest.fail(reason, pytrace=False)
+    yield server
+    server.stop()

@@ -1,6 +1,6 @@
 """The README's commands, run as written (see tests/readme.py): the quick start through the
 `./dinoseg` script, the single-machine and object-storage segment commands, and the train ->
-segment -> evaluate -> pseudo-label -> export sequence. The `ray job submit`, demo and
+segment -> evaluate -> pseudo-label -> export -> import -> train sequence (the labeling loop). The `ray job submit`, demo and
 self-train commands are run by tests/jobs/test_ray_job_submit.py, test_demo.py, test_self_train.py."""
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def test_segment_from_and_to_object_storage(tmp_path, hub, s3_server, s3_client)
 
 
 @pytest.mark.slow
-def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys):
-    """The Train, Evaluate, Pseudo-labels and Export sections, in order, in one folder."""
+def test_train_segment_evaluate_pseudo_label_export_and_the_labeling_loop(ray_local, labelstudio, tmp_path, capsys):
+    """The Train, Evaluate, Pseudo-labels, Export and Labeling loop sections, in order, in one
+    folder; the people correcting are Label Studio's API (a real Label Studio on loopback)."""
 
     def run(argv: list[str]) -> str:
         assert run_in_process(argv, tmp_path) == 0, argv
@@ -195,3 +196,47 @@ def test_train_segment_evaluate_pseudo_label_export(ray_local, tmp_path, capsys)
         assert "labelmap.txt" in z.namelist()
     run(command("./dinoseg export ./seg ./seg-ls"))
     assert len(json.loads((tmp_path / "seg-ls" / "tasks.json").read_text())) == 16
+    _labeling_loop(run, labelstudio, tmp_path, len(pairs) - 1)
+
+
+def _labeling_loop(run, labelstudio, tmp_path: Path, n_pairs: int) -> None:
+    from pipeline.io.masks import decode_mask_png
+
+    pl = {
+        p.relative_to(tmp_path / "pl" / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
+        for p in (tmp_path / "pl" / "masks").rglob("*.png")
+    }
+    assert len(pl) == n_pairs
+    run(command("./dinoseg export ./pl ./pl-ls"))
+    project = labelstudio.create_project((tmp_path / "pl-ls" / "labeling_config.xml").read_text())
+    labelstudio.import_tasks(project, json.loads((tmp_path / "pl-ls" / "tasks.json").read_text()))
+    tasks = labelstudio.tasks(project)
+    for task in tasks[1:]:  # the annotators accept the predictions, and skip the first task
+        labelstudio.create_annotation(task["id"], labelstudio.task(task["id"])["predictions"][0]["result"])
+    (tmp_path / "corrected.json").write_text(json.dumps(labelstudio.export(project)))
+    printed = run(command("./dinoseg import ./corrected.json"))
+    assert "skipped: not annotated" in printed
+    fixed = {
+        p.relative_to(tmp_path / "fixed" / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
+        for p in (tmp_path / "fixed" / "masks").rglob("*.png")
+    }
+    assert len(fixed) == n_pairs - 1 and all((fixed[k] == pl[k]).all() for k in fixed)  # 255 stays 255
+    run(command("./dinoseg train ./fixed/pairs.csv"))
+    trained = json.loads((tmp_path / "run3" / "train.json").read_text())
+    assert trained["counts"]["train_pairs"] + trained["counts"]["val_pairs"] == n_pairs - 1
+    run(command("./dinoseg pseudo-label ./more/train/images ./pl2"))
+    assert (tmp_path / "pl2" / "pairs.csv").is_file()
+
+    # CVAT and COCO: our own exports stand for what the tools give back after the corrections
+    (tmp_path / "cvat-export.zip").write_bytes((tmp_path / "pl-cvat.zip").read_bytes())
+    (tmp_path / "instances.json").write_bytes((tmp_path / "pl-coco" / "annotations.json").read_bytes())
+    for argv, out in (
+        (command("./dinoseg import ./cvat-export.zip"), "fixed-cvat"),
+        (command("./dinoseg import ./instances.json"), "fixed-coco"),
+    ):
+        run(argv)
+        back = {
+            p.relative_to(tmp_path / out / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
+            for p in (tmp_path / out / "masks").rglob("*.png")
+        }
+        assert sorted(back) == sorted(pl) and all((back[k] == pl[k]).all() for k in pl), out
