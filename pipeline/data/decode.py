@@ -19,10 +19,9 @@ from PIL import Image
 
 from model.errors import DinosegError
 from pipeline.data.schema import failed, object_array, set_error, with_error_columns
+from pipeline.io.masks import MAX_MEGAPIXELS  # the limit images and masks share
 
 log = logging.getLogger(__name__)
-
-MAX_MEGAPIXELS = 100.0  # the default decompression-bomb limit (a 50 MP photo passes)
 
 
 def max_megapixels_option():

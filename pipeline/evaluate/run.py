@@ -14,7 +14,6 @@ the ignore index are not scored at all.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -216,19 +215,13 @@ def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_inde
 
 
 def _decode(path: str, data: bytes) -> np.ndarray | str:
-    """The mask, or why it is not one."""
-    from PIL import Image
-
+    """The mask, or why it is not one (corrupt, truncated, not a PNG, RGB: the pair is skipped)."""
     from pipeline.io.masks import decode_mask_png
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            mode = image.mode
-        if mode in ("RGB", "RGBA"):
-            return f"'{path}' is an {mode} image, not an index mask: save masks as palette (P) or grayscale (L) PNGs of class indices."
         return decode_mask_png(data)
-    except Exception as e:  # corrupt, truncated, not an image at all: the pair is skipped
-        return f"'{path}' cannot be decoded as an index mask ({type(e).__name__}: {e})."
+    except DinosegError as e:
+        return f"'{path}' cannot be decoded as an index mask: {e}"
 
 
 def _stray(mask: np.ndarray, n: int, ignore_index: int | None) -> list[int]:

@@ -13,7 +13,6 @@ resized with nearest neighbour and padded with 255, so it lines up with the patc
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from pipeline.data.schema import (
     with_error_columns,
 )
 from pipeline.data.sources import ReadBytes
+from pipeline.io.masks import decode_mask_png
 
 LONG_SIDE_RATIO = 4.0  # the long side is capped at this x the short side (Meta: 2048 for 512)
 
@@ -58,38 +58,20 @@ class ReadPair:
         return out
 
 
-def decode_label(data: bytes, num_classes: int) -> np.ndarray:
+def decode_label(data: bytes, num_classes: int, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it.
 
     Training labels are 8-bit: classes 0..254 and 255 = ignore, so a class map has at most 255
     classes. A 16-bit ('I;16') mask is taken when every value is a class or 255 (ignore, as in
     8-bit masks; with <= 255 classes 255 cannot be a class id) and refused otherwise, never
-    truncated. A 1-bit mask ('1') is 0/1: background and class 1."""
+    truncated. A 1-bit mask ('1') is 0/1: background and class 1. Read by `decode_mask_png`, the
+    mask reader every command shares."""
     if num_classes > IGNORE_INDEX:
         raise DinosegError(
             f"training supports at most {IGNORE_INDEX} classes (labels are 8-bit: 0..{IGNORE_INDEX - 1}, {IGNORE_INDEX} = ignore) "
             f"and the class map has {num_classes}: pass a class map with at most {IGNORE_INDEX} classes."
         )
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("RGB", "RGBA"):
-                raise DinosegError(
-                    "the mask is an RGB image, not an index mask: save class indices as a palette or grayscale PNG."
-                )
-            mask = np.array(img)  # '1' -> bool (0/1), 'P'/'L' -> uint8, 'I;16' -> uint16, 'I' -> int32
-    except DinosegError:
-        raise
-    except Exception as e:
-        raise DinosegError(f"the mask is not a readable image ({type(e).__name__}: {e}).") from None
-    if mask.ndim != 2:
-        raise DinosegError(
-            f"the mask has shape {mask.shape}, not (height, width): save class indices as a single-channel PNG."
-        )
-    if mask.dtype.kind not in "uib":
-        raise DinosegError(
-            f"the mask holds {mask.dtype} values, not class indices: save class indices as an integer PNG."
-        )
+    mask = decode_mask_png(data, max_megapixels)  # PNG only, size from the header: one sentence if not
     bad = ((mask >= num_classes) & (mask != IGNORE_INDEX)) | (mask < 0)
     if bad.any():
         value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
@@ -156,7 +138,7 @@ class DecodePair:
                     except DinosegError as e:
                         set_error(out, i, "decode", e)
                         continue
-                label = decode_label(masks[i], self.config.num_classes)
+                label = decode_label(masks[i], self.config.num_classes, self.config.max_megapixels)
                 if label.shape != (heights[i], widths[i]):
                     raise DinosegError(
                         f"the mask is {label.shape[1]}x{label.shape[0]} but its image is {widths[i]}x{heights[i]}: "

@@ -49,14 +49,51 @@ def encode_mask_png(mask: np.ndarray, classes: ClassMap) -> bytes:
     return buf.getvalue()
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
-    """The class-index mask of a mask PNG: (H, W) uint8 for 'P'/'L', uint16 for 16-bit."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("P", "L"):
-            return np.asarray(image, dtype=np.uint8).copy()
-        if image.mode.startswith("I"):  # 'I;16' (or 'I' from older Pillow)
-            return np.asarray(image).astype(np.uint16)
-        raise DinosegError(f"a mask PNG must be palette or grayscale, this one is {image.mode}.")
+# The decompression-bomb limit, for images (`pipeline.data.decode`, --max-megapixels) and masks
+# alike: a mask has its image's size, so a bigger one is refused from its header.
+MAX_MEGAPIXELS = 100.0  # a 50 MP photo passes
+
+
+def decode_mask_png(data: bytes, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+    """The class-index mask of a mask PNG: (H, W) uint8 for 'P'/'L'/'1', uint16 for 16-bit.
+
+    The one way masks are read (train, evaluate, export, pseudo-label, import): only PNG's
+    decoder is reached, whatever the file holds (an EPS named .png never reaches Ghostscript);
+    the size is checked from the header before a pixel is decoded, against this call's limit and
+    no process-wide setting; 32-bit values are refused, never wrapped to 16 bits. Everything
+    wrong ends in DinosegError with one sentence."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Image.UnidentifiedImageError:
+        raise DinosegError(f"the mask is not a PNG (it starts with {bytes(data[:8])!r}): save masks as PNGs.") from None
+    except Exception as e:  # a truncated header; PIL's own bomb check where it is still on
+        raise DinosegError(f"the mask PNG cannot be read ({type(e).__name__}: {e}).") from None
+    with image:
+        w, h = image.size
+        if w * h > max_megapixels * 1e6:
+            raise DinosegError(
+                f"the mask is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the limit of {max_megapixels:g}: "
+                "raise --max-megapixels if the file is trusted."
+            )
+        mode = image.mode
+        if mode in ("RGB", "RGBA", "LA", "PA"):
+            raise DinosegError(
+                f"the mask is an {mode} image, not an index mask: save class indices as a palette or grayscale PNG."
+            )
+        if mode not in ("P", "L", "1") and not mode.startswith("I"):
+            raise DinosegError(f"a mask PNG must be palette or grayscale, this one is {mode}.")
+        try:
+            image.load()
+            pixels = np.asarray(image)
+        except Exception as e:  # truncated or corrupt pixel data
+            raise DinosegError(f"the mask PNG is truncated or corrupt ({type(e).__name__}: {e}).") from None
+    if mode in ("P", "L", "1"):
+        return pixels.astype(np.uint8)  # '1' is bool: 0/1
+    if pixels.dtype.itemsize > 2 and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise DinosegError(
+            f"the mask holds values {int(pixels.min())}..{int(pixels.max())}, beyond 16 bits: class indices fit 0..65535."
+        )
+    return pixels.astype(np.uint16)
 
 
 def check_key(key: str) -> str:

@@ -124,7 +124,7 @@ def test_skips_are_counted_and_never_fatal(dirs):
     assert ex["only_pred"] == ["only/in_pred"] and ex["only_gt"] == ["x/only_in_gt", "y"]
     assert ex["size_mismatch"] == ["small: the prediction is 2x2, the ground truth 3x3."]
     unreadable = " ".join(ex["unreadable"])
-    assert "rgb.png' is an RGB image, not an index mask" in unreadable
+    assert "rgb.png' cannot be decoded as an index mask: the mask is an RGB image" in unreadable
     assert "corrupt.png' cannot be decoded" in unreadable
     assert any(e.startswith("bad_gt: the ground truth has values [7]") for e in ex["out_of_range"])
     assert any(e.startswith("wide_pred: the prediction has values [7]") for e in ex["out_of_range"])

@@ -27,10 +27,11 @@ from fsspec.core import split_protocol
 from model.classes import ClassMap
 from model.errors import DinosegError
 from pipeline.data.keys import key_from_parts, split_url
+from pipeline.io.masks import MAX_MEGAPIXELS
 
 OVERLAPS = ("smaller", "later", "unsure")
 CROWDS = ("class", "ignore")
-MAX_PIXELS = 1 << 28  # 268 MP: a mask beyond it is refused from its header or size, before any allocation
+MAX_PIXELS = int(MAX_MEGAPIXELS * 1e6)  # a mask beyond it is refused from its header or size, before allocation
 
 
 @dataclass

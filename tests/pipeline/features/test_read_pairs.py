@@ -129,7 +129,7 @@ def test_corrupt_image_is_decode_and_missing_mask_is_read(tmp_path):
 def test_decode_label_reports_what_is_wrong():
     with pytest.raises(DinosegError, match="RGB"):
         decode_label(png(photo(4, 4)), 3)
-    with pytest.raises(DinosegError, match="not a readable image"):
+    with pytest.raises(DinosegError, match="not a PNG"):
         decode_label(b"garbage", 3)
     with pytest.raises(DinosegError, match="class 9"):
         decode_label(png(np.full((4, 4), 9, np.uint8), "L"), 3)

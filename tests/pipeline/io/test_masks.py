@@ -100,3 +100,47 @@ def test_existing_keys_s3(s3_bucket):
         write_bytes_atomic(mask_url(out, key), b"png", so)
     write_bytes_atomic(f"s3://{bucket}/run1/masksx/f.png", b"png", so)  # a sibling prefix, not masks/
     assert existing_keys(out, so) == {"a", "b/c", "b/d/e"}
+
+
+# ---- the one mask reader: PNG only, size from the header, 16 bits at most -----------------------
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "BMP", "GIF"])
+def test_only_pngs_are_decoded_whatever_the_name_says(fmt):
+    """Another format named .png (an EPS would reach Ghostscript) never reaches its decoder."""
+    data = encoded(Image.new("L", (4, 3), 1), fmt)
+    with pytest.raises(DinosegError, match="not a PNG"):
+        decode_mask_png(data)
+
+
+def test_a_32_bit_mask_is_refused_not_wrapped():
+    """What used to come back with 70000 wrapped to 4464 (a valid class id)."""
+    data = encoded(Image.fromarray(np.array([[70000, 1]], dtype=np.int32)), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    with pytest.raises(DinosegError):
+        decode_mask_png(data)
+
+
+def test_a_mask_over_the_pixel_limit_is_refused_from_its_header(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # as it is once an image was decoded (decode.py)
+    data = encoded(Image.new("L", (4000, 3000)), "PNG")  # 12 MP of zeros: a few KB of file
+    assert len(data) < 100_000
+    with pytest.raises(DinosegError, match=r"4000x3000 .*over the limit of 10"):
+        decode_mask_png(data, max_megapixels=10)
+    assert decode_mask_png(data, max_megapixels=12).shape == (3000, 4000)
+
+
+def test_rgb_truncated_and_one_bit_masks():
+    with pytest.raises(DinosegError, match="RGB image, not an index mask"):
+        decode_mask_png(encoded(Image.new("RGB", (2, 2)), "PNG"))
+    whole = encode_mask_png(np.zeros((64, 64), dtype=np.uint8), ClassMap(("a",), ((1, 2, 3),)))
+    with pytest.raises(DinosegError, match="truncated or corrupt|cannot be read"):
+        decode_mask_png(whole[: len(whole) // 2])
+    one_bit = decode_mask_png(encoded(Image.fromarray(np.eye(3, dtype=bool)), "PNG"))
+    assert one_bit.dtype == np.uint8 and one_bit.tolist() == np.eye(3, dtype=int).tolist()
