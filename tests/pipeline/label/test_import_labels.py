@@ -7,6 +7,7 @@ and bad input is one sentence with OUTPUT untouched. No Ray."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -485,3 +486,24 @@ def test_overwrite_never_touches_another_commands_output_or_the_users_images(seg
     run_import(ImportConfig(source, str(out), "coco"))
     run_import(ImportConfig(source, str(out), "coco", overwrite=True))
     assert (out / "images" / "mine.jpg").read_bytes() == b"the user's own"  # not an import's copy
+
+
+def test_cvat_coco_zip_with_its_images(tmp_path):
+    """CVAT's 'COCO 1.0' export: annotations/instances_default.json and images/ in one zip."""
+    square = np.zeros((6, 8), dtype=np.uint8)
+    square[1:4, 2:6] = 1
+    doc = {
+        "images": [{"id": 5, "file_name": "street/one.jpg", "width": 8, "height": 6}],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "segmentation": rle_encode(square), "iscrowd": 0}],
+    }
+    image = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(image, format="JPEG")
+    with zipfile.ZipFile(tmp_path / "task.zip", "w") as z:
+        z.writestr("annotations/instances_default.json", json.dumps(doc))
+        z.writestr("images/street/one.jpg", image.getvalue())
+    result = run_import(ImportConfig(str(tmp_path / "task.zip"), str(tmp_path / "out"), "coco"))
+    assert result["classes"] == ["car"] and result["counts"]["imported"] == 1
+    got = read_set(tmp_path / "out")["street/one"]
+    assert (got == np.where(square == 1, 0, 255)).all()
+    assert (tmp_path / "out" / "images" / "street" / "one.jpg").read_bytes() == image.getvalue()
