@@ -78,7 +78,9 @@ class BackendConfig:
 
     def __repr__(self) -> str:
         token = "<set>" if self.labelstudio_token else None
-        return f"BackendConfig(host={self.host!r}, port={self.port}, labelstudio_url={self.labelstudio_url!r}, token={token}, predict={self.predict!r})"
+        # storage options may hold credentials: their names only
+        predict = replace(self.predict, storage_options=sorted(self.predict.storage_options or {}))
+        return f"BackendConfig(host={self.host!r}, port={self.port}, labelstudio_url={self.labelstudio_url!r}, token={token}, predict={predict!r})"
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ def resolve_image_url(url: str, labelstudio_url: str | None) -> tuple[str, bool]
                 f"the task's image '{url}' is a file on Label Studio's server: start the backend with "
                 f"--labelstudio-url (and Label Studio's API token in ${TOKEN_ENVS[0]})."
             )
-        return urljoin(labelstudio_url.rstrip("/") + "/", url.lstrip("/")), True
+        resolved = urljoin(labelstudio_url.rstrip("/") + "/", url.lstrip("/"))
+        # a path such as '/https://elsewhere/x.png' joins to another host: it never gets the token
+        return resolved, _origin(resolved) == _origin(labelstudio_url)
     if labelstudio_url and _origin(url) == _origin(labelstudio_url):
         return url, True
     return url, False

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ from pipeline.io.masks import PNG_COMPRESS_LEVEL, check_key
 from pipeline.io.rle import rle_encode_labels
 
 FORMATS = ("coco", "cvat", "labelstudio")
+log = logging.getLogger("dinoseg.export")
 
 
 @dataclass
@@ -137,6 +139,14 @@ def cvat_labelmap(classes: ClassMap) -> tuple[str, np.ndarray]:
     if background is not None and name not in classes.names and colour not in seen:
         lines.append(f"{name}:{','.join(map(str, colour))}::")
         lut[classes.ignore_index] = colour
+    elif background is not None:
+        log.warning(
+            "a class is named '%s' or coloured %s, so unsure pixels are exported as the background (0,0,0) and "
+            "come back as '%s': rename or recolour that class to keep them apart",
+            name,
+            ",".join(map(str, colour)),
+            classes.names[background],
+        )
     return "\n".join(lines) + "\n", lut
 
 

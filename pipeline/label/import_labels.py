@@ -101,9 +101,8 @@ def run_import(config: ImportConfig) -> dict:
     images_root = absolute_output(config.images) if config.images else None
     labels, records, inner_images = read_records(source, config.format, images_root, config)
     classes = _classes(config, labels, source)
-    _check_output(output, config.overwrite, so)  # everything read and checked: now OUTPUT may change
-    if config.overwrite:
-        _clear(output, so)
+    copies = source.archive and inner_images is not None  # images inside a zip go to OUTPUT/images/
+    earlier = _check_output(output, config.overwrite, copies, so)  # read and checked: OUTPUT may change now
     overlap = (
         config.overlap if config.overlap != "default" else ("later" if config.format == "labelstudio" else "smaller")
     )
@@ -135,6 +134,8 @@ def run_import(config: ImportConfig) -> dict:
         raise DinosegError(
             f"none of the {counts['seen']} images in '{source.url}' could be imported{hint}: check --format, --classes and --images."
         )
+    if config.overwrite:  # the new set is whole: what the earlier import left and this one did not write goes
+        _remove_stale(output, {p["key"] for p in pairs}, {p["image"] for p in pairs}, earlier, so)
     copied = writer.copied_images
     return _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so, copied)
 
@@ -148,12 +149,21 @@ def _classes(config: ImportConfig, labels: list[str], source) -> ClassMap:
         raise DinosegError("--match id maps category ids to class indices: pass the class map with --classes.")
     if not labels:
         raise DinosegError(f"'{source.url}' names no labels: pass the class map with --classes.")
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice:
+        raise DinosegError(
+            f"'{source.url}' names the labels {twice} more than once (two COCO categories of one name?): "
+            "pass a class map with --classes, which matches them by name."
+        )
     colours = source.colours or {}
     return ClassMap(tuple(labels), tuple(colours.get(n, default_color(i)) for i, n in enumerate(labels)))
 
 
-def _check_output(output: str, overwrite: bool, so: dict | None) -> None:
+def _check_output(output: str, overwrite: bool, copies: bool, so: dict | None) -> dict:
+    """Refuse an OUTPUT this import must not write into; returns the earlier import's record ({} if none)."""
     from fsspec.core import url_to_fs
+
+    from pipeline.io.records import read_json
 
     fs, root = url_to_fs(output, **(so or {}))
     if fs.exists(root) and not fs.isdir(root):
@@ -168,21 +178,33 @@ def _check_output(output: str, overwrite: bool, so: dict | None) -> None:
         raise DinosegError(
             f"'{output}' holds a labeled set already ({', '.join(taken)}): pass --overwrite to replace it, or another OUTPUT."
         )
+    earlier = (read_json(f"{output}/import.json", so) or {}) if taken else {}
+    if copies and fs.exists(f"{root}/images") and not earlier.get("copied_images"):
+        raise DinosegError(
+            f"'{output}/images' exists and this import copies the export's images there: import into another OUTPUT "
+            "(the folder is not an earlier import's, so it is left as it is)."
+        )
+    return earlier
 
 
-def _clear(output: str, so: dict | None) -> None:
-    """Remove an earlier import's files: its images/ only where that import copied them there
-    (out of a zip), so a folder of the user's own images is never touched."""
+def _remove_stale(output: str, keys: set[str], images: set[str], earlier: dict, so: dict | None) -> None:
+    """After an --overwrite import: masks of keys it did not import, and images an earlier import
+    copied out of an archive that this one does not pair (never anything else)."""
     from fsspec.core import url_to_fs
 
-    from pipeline.io.records import read_json
-
     fs, root = url_to_fs(output, **(so or {}))
-    earlier = read_json(f"{output}/import.json", so) or {}
-    names = ["masks", *OUTPUT_FILES] + (["images"] if earlier.get("copied_images") else [])
-    for name in names:
-        if fs.exists(f"{root}/{name}"):
-            fs.rm(f"{root}/{name}", recursive=True)
+    fs.invalidate_cache(root)
+    prefix = f"{root}/masks/"
+    stale = [p for p in _files(fs, f"{root}/masks") if p[len(prefix) : -len(".png")] not in keys]
+    if earlier.get("copied_images"):
+        kept = {url_to_fs(i, **(so or {}))[1] for i in images}
+        stale += [p for p in _files(fs, f"{root}/images") if p not in kept]
+    for path in stale:
+        fs.rm(path)
+
+
+def _files(fs, folder: str) -> list[str]:
+    return sorted(fs.find(folder)) if fs.isdir(folder) else []
 
 
 def _finish(config, output, classes, pairs, problems, counts, skipped, examples, started, so, copied) -> dict:

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from model.errors import DinosegError
-from pipeline.label.imports.common import Record, Shape, join
+from pipeline.label.imports.common import Record, Shape, join, polygon_pixels
 
 MATCHES = ("name", "id")
 
@@ -70,36 +70,46 @@ def read_coco(fs, files: list[str], images_root: Optional[str], match: str) -> t
 
 
 def _records(documents: list[dict], label_of: dict, images_root: Optional[str]) -> Iterator[Record]:
-    from pipeline.label.imports.common import resolve_image
-
     for doc in documents:
         by_image: dict = {}
         for a in doc.get("annotations") or []:
-            by_image.setdefault(a.get("image_id"), []).append(a)
-        for im in doc["images"]:
-            name = str(im.get("file_name") or "")
-            record = Record(
-                name=name, key=im.get("dinoseg_key"), image=resolve_image(name, images_root) if name else None
+            if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str)):
+                by_image.setdefault(a["image_id"], []).append(a)
+        for n, im in enumerate(doc["images"]):
+            if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not im["file_name"]:
+                yield Record(
+                    name=f"image entry {n}", skip=("malformed", f"image entry {n} has no file_name: {str(im)[:200]}")
+                )
+                continue
+            yield _record(
+                im, by_image.get(im.get("id")) if isinstance(im.get("id"), (int, str)) else None, label_of, images_root
             )
-            try:
-                record.size = (int(im["height"]), int(im["width"]))
-            except (KeyError, TypeError, ValueError):
-                record.size = None  # read from the image's header
-            annotations = by_image.get(im.get("id"), [])
-            if not annotations:
-                record.skip = ("not annotated", f"'{name}' has no annotations in the COCO file")
-            for a in annotations:
-                cid = a.get("category_id")
-                if cid not in label_of:
-                    record.notes.append(f"an annotation names category {cid!r}, which the file does not declare")
-                    continue
-                if not a.get("segmentation"):
-                    record.notes.append(
-                        f"a '{label_of[cid]}' annotation has no segmentation (a box only) and was left out"
-                    )
-                    continue
-                record.shapes.append(Shape(label_of[cid], _pixels(a["segmentation"]), bool(a.get("iscrowd"))))
-            yield record
+
+
+def _record(im: dict, annotations: Optional[list], label_of: dict, images_root: Optional[str]) -> Record:
+    from pipeline.label.imports.common import resolve_image
+
+    name = im["file_name"]
+    key = im.get("dinoseg_key")  # our own export names the key
+    record = Record(
+        name=name, key=key if isinstance(key, str) and key else None, image=resolve_image(name, images_root)
+    )
+    try:
+        record.size = (int(im["height"]), int(im["width"]))
+    except (KeyError, TypeError, ValueError):
+        record.size = None  # read from the image's header
+    if not annotations:
+        record.skip = ("not annotated", f"'{name}' has no annotations in the COCO file")
+    for a in annotations or []:
+        cid = a.get("category_id")
+        if not isinstance(cid, int) or cid not in label_of:
+            record.notes.append(f"an annotation names category {cid!r}, which the file does not declare")
+            continue
+        if not a.get("segmentation"):
+            record.notes.append(f"a '{label_of[cid]}' annotation has no segmentation (a box only) and was left out")
+            continue
+        record.shapes.append(Shape(label_of[cid], _pixels(a["segmentation"]), bool(a.get("iscrowd"))))
+    return record
 
 
 def _pixels(segmentation):
@@ -107,11 +117,9 @@ def _pixels(segmentation):
         from pycocotools import mask as coco_mask
 
         if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
-            polygons = [[float(v) for v in p] for p in segmentation]
-            # pycocotools reads a 4-number list as a box, not a polygon: a polygon needs 3 points
-            if not polygons or any(len(p) < 6 or len(p) % 2 for p in polygons):
-                raise ValueError("a polygon needs an even number of coordinates, at least 6")
-            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, h, w))
+            if not all(isinstance(p, list) for p in segmentation):
+                raise ValueError("polygons must be lists of coordinates")
+            return polygon_pixels(segmentation, h, w)
         elif isinstance(segmentation, dict):
             size = [int(v) for v in segmentation.get("size", ())]
             if size != [h, w]:
@@ -123,6 +131,8 @@ def _pixels(segmentation):
                     raise ValueError(f"the RLE's run lengths sum to {sum(counts)}, not {h}x{w}")
                 rle = coco_mask.frPyObjects({"size": size, "counts": counts}, h, w)
             else:
+                if not isinstance(counts, (str, bytes)):
+                    raise ValueError(f"RLE counts must be a list or a string, not {type(counts).__name__}")
                 rle = {"size": size, "counts": counts.encode() if isinstance(counts, str) else counts}
                 _check_compressed(rle, h * w)
         else:

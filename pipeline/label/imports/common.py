@@ -20,7 +20,6 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import fsspec
 import numpy as np
 from fsspec.core import split_protocol
 
@@ -31,6 +30,7 @@ from pipeline.io.masks import MAX_MEGAPIXELS
 
 OVERLAPS = ("smaller", "later", "unsure")
 CROWDS = ("class", "ignore")
+MAX_MEMBER_BYTES = 1 << 29  # 512 MiB: a mask or image file beyond it is not read (an archive's bomb)
 MAX_PIXELS = int(MAX_MEGAPIXELS * 1e6)  # a mask beyond it is refused from its header or size, before allocation
 
 
@@ -88,18 +88,32 @@ def resolve_image(reference: str, root: Optional[str]) -> Optional[str]:
 
 
 def image_size(url: str, storage_options: dict | None) -> tuple[int, int]:
-    """(height, width) from the image's header (a few KB read, not the pixels)."""
-    from PIL import Image
+    """(height, width) of the image at `url` from its header (a few KB read, not the pixels),
+    after its EXIF orientation, as `segment` sees the image (so as the mask must be)."""
+    from fsspec.core import url_to_fs
 
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    return file_image_size(fs, path)
+
+
+def file_image_size(fs, path: str) -> tuple[int, int]:
+    """`image_size` of a file in a filesystem (an export's folder or archive)."""
+    with fs.open(path, "rb") as f:
         head = f.read(1 << 16)
         try:
-            with Image.open(io.BytesIO(head)) as im:
-                return im.height, im.width
+            return header_size(head)
         except Exception:  # a header past the first 64 KiB (big EXIF blocks): read it whole
             rest = f.read()
-    with Image.open(io.BytesIO(head + rest)) as im:
-        return im.height, im.width
+    return header_size(head + rest)
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
+    return (w, h) if turned else (h, w)
 
 
 def class_lookup(classes: ClassMap) -> dict[str, int]:
@@ -116,47 +130,50 @@ def _class_of(label: str | int, lookup: dict[str, int], n: int) -> Optional[int]
 def compose(
     record: Record, classes: ClassMap, size: tuple[int, int], overlap: str = "smaller", crowd: str = "class"
 ) -> tuple[np.ndarray, list[str]]:
-    """(index mask, problems) of a record's shapes at `size`; ignore_index where nothing was drawn."""
+    """(index mask, problems) of a record's shapes at `size`; ignore_index where nothing was drawn.
+
+    One shape's pixels are held at a time: `smaller` measures every shape first and draws them
+    again in order (a shape is cheap to draw again; 300 full-size masks at once would not be)."""
     if overlap not in OVERLAPS:
         raise DinosegError(f"unknown overlap rule '{overlap}': use one of {', '.join(OVERLAPS)}.")
     h, w = size
     ignore = classes.ignore_index
-    dtype = np.uint8 if len(classes) <= 256 and ignore < 256 else np.uint16
     lookup = class_lookup(classes)
     problems: list[str] = []
     unknown: dict[str, int] = {}
-    painted = []  # (class, bool mask, area, crowd, order)
+    usable = []  # (crowd, -area or 0, order, class, shape)
     for order, shape in enumerate(record.shapes):
         if shape.crowd and crowd == "ignore":
             continue
-        try:
-            pixels = shape.pixels(h, w)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            problems.append(f"a '{shape.label}' shape is malformed and was left out ({e})")
+        pixels = _draw(shape, h, w, problems)
+        if pixels is None:
             continue
         cls = _class_of(shape.label, lookup, len(classes))
         if cls is None:
             unknown[str(shape.label)] = unknown.get(str(shape.label), 0) + int(pixels.sum())
             continue
-        painted.append((cls, pixels, int(pixels.sum()), shape.crowd, order))
+        area = -int(pixels.sum()) if overlap == "smaller" else 0
+        usable.append((not shape.crowd, area, order, cls, shape))
     for label, n in unknown.items():
         problems.append(
             f"label '{label}' is not in the class map: its {n} pixels are left unlabeled (add it to --classes)"
         )
-    mask = np.full((h, w), ignore, dtype=dtype)
-    if overlap == "smaller":
-        painted.sort(key=lambda p: (not p[3], -p[2], p[4]))  # crowds first, then big to small
-    else:
-        painted.sort(key=lambda p: (not p[3], p[4]))  # crowds first, then in drawing order
+    usable.sort(key=lambda u: u[:3])  # crowds first; then big to small (smaller), or in drawing order
+    mask = np.full((h, w), ignore, dtype=np.uint8 if len(classes) <= 256 and ignore < 256 else np.uint16)
     owner = np.full((h, w), -1, dtype=np.int32)  # the class painted last at each pixel
     under_crowd = np.zeros((h, w), dtype=bool)  # ... and whether a crowd region painted it
-    contested = np.zeros((h, w), dtype=bool)
-    for cls, pixels, _, is_crowd, _ in painted:
-        # a shape over a crowd region is no conflict: crowds lie beneath by the rule
-        contested |= pixels & (owner >= 0) & (owner != cls) & (is_crowd | ~under_crowd)
+    contested = np.zeros((h, w), dtype=bool)  # claimed by two shapes of different classes
+    for _, _, _, cls, shape in usable:
+        pixels = _draw(shape, h, w, [])
+        clash = pixels & (owner >= 0) & (owner != cls)
+        if shape.crowd:
+            contested |= clash
+        else:  # a shape over a crowd region is no conflict: crowds lie beneath by the rule
+            contested &= ~pixels | ~under_crowd  # nor is an older clash of crowds it now covers
+            contested |= clash & ~under_crowd
         mask[pixels] = cls
         owner[pixels] = cls
-        under_crowd[pixels] = is_crowd
+        under_crowd[pixels] = shape.crowd
     if contested.any():
         n = int(contested.sum())
         if overlap == "unsure":
@@ -165,3 +182,41 @@ def compose(
         else:
             problems.append(f"{n} pixels claimed by shapes of different classes went to the {overlap} shape")
     return mask, problems
+
+
+def _draw(shape: Shape, h: int, w: int, problems: list[str]) -> Optional[np.ndarray]:
+    try:
+        pixels = shape.pixels(h, w)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        problems.append(f"a '{shape.label}' shape is malformed and was left out ({e})")
+        return None
+    if pixels.shape != (h, w):
+        problems.append(
+            f"a '{shape.label}' shape is {pixels.shape[1]}x{pixels.shape[0]}, not {w}x{h}, and was left out"
+        )
+        return None
+    return pixels
+
+
+def polygon_pixels(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
+    """The (h, w) bool mask of polygons in pixel coordinates ([x0, y0, x1, y1, ...] each), drawn
+    by pycocotools as COCO's tools draw them. Coordinates must be finite and near the image
+    (within one image size of it): pycocotools allocates by the coordinates' extent, so one
+    absurd point would cost gigabytes or crash the process."""
+    from pycocotools import mask as coco_mask
+
+    checked = []
+    for p in polygons:
+        xy = np.asarray(p, dtype=np.float64)  # ValueError for anything that is not numbers
+        if xy.ndim != 1 or xy.size < 6 or xy.size % 2:
+            raise ValueError("a polygon needs an even number of coordinates, at least 6")
+        x, y = xy[0::2], xy[1::2]
+        if not (
+            np.isfinite(xy).all() and (-w <= x).all() and (x <= 2 * w).all() and (-h <= y).all() and (y <= 2 * h).all()
+        ):
+            raise ValueError(f"a polygon point lies far outside the {w}x{h} image (or is not a number)")
+        checked.append(xy.tolist())
+    if not checked:
+        raise ValueError("no polygon")
+    # a 4-number list would be read as a box: every polygon here has 6 numbers at least
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(checked, h, w))).astype(bool)

@@ -20,7 +20,7 @@ import numpy as np
 from model.classes import ClassMap, default_color
 from model.errors import DinosegError
 from pipeline.label.exporters import UNLABELED
-from pipeline.label.imports.common import MAX_PIXELS, Record, join
+from pipeline.label.imports.common import MAX_MEMBER_BYTES, MAX_PIXELS, Record, join
 
 IMAGE_FOLDER = "JPEGImages"
 
@@ -102,6 +102,8 @@ def _raster(fs, path: str, colours: dict):
 
         from pipeline.label.imports.common import class_lookup
 
+        if fs.info(path).get("size", 0) > MAX_MEMBER_BYTES:  # what an archive says it unpacks to
+            raise ValueError(f"the mask file is over {MAX_MEMBER_BYTES >> 20} MiB")
         with fs.open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data), formats=["PNG"]) as im:  # PNG only: no other decoder is reached

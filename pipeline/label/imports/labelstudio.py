@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from model.errors import DinosegError
-from pipeline.label.imports.common import Record, Shape, key_of, resolve_image
+from pipeline.label.imports.common import Record, Shape, key_of, polygon_pixels, resolve_image
 
 DRAWN = ("brushlabels", "polygonlabels", "rectanglelabels")
 _UPLOAD = re.compile(r"^/data/upload/\d+/(?:[0-9a-f]{8}-)?(?P<name>.+)$")
@@ -51,20 +51,26 @@ def read_labelstudio(
         )
     labels: dict[str, None] = {}
     for task in tasks:
-        for source in (task.get("annotations") or [], task.get("predictions") or []):
+        for source in (_list(task.get("annotations")), _list(task.get("predictions"))):
             for entry in source:
-                for r in (entry.get("result") or []) if isinstance(entry, dict) else []:
+                for r in _list(entry.get("result")) if isinstance(entry, dict) else []:
                     for name in _labels(r):
                         labels.setdefault(name)
     return list(labels), _records(tasks, images_root, predictions, image_field)
+
+
+def _list(value) -> list:
+    """A list field of the export, or [] where the file holds something else."""
+    return value if isinstance(value, list) else []
 
 
 def _labels(result: dict) -> list[str]:
     value = result.get("value") if isinstance(result, dict) else None
     if not isinstance(value, dict):
         return []
-    names = value.get(result.get("type")) or value.get("labels") or []
-    return [str(n) for n in names] if isinstance(names, list) else []
+    kind = result.get("type")
+    names = (value.get(kind) if isinstance(kind, str) else None) or value.get("labels") or []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _records(
@@ -82,15 +88,15 @@ def _records(
         record = Record(name=reference)
         try:
             record.image, record.key = _locate(reference, images_root)
-        except DinosegError as e:
+        except (DinosegError, ValueError) as e:  # unsafe names; URLs urllib cannot parse
             record.skip = ("bad reference", f"task {tid}: {e}")
             yield record
             continue
         if isinstance(data.get("key"), str) and data["key"]:
             record.key = data["key"]  # our own export says which key it came from
-        chosen = choose_annotation(task.get("annotations") or [])
+        chosen = choose_annotation(_list(task.get("annotations")))
         if chosen is None and predictions:
-            chosen = _latest(task.get("predictions") or [])
+            chosen = _latest(_list(task.get("predictions")))
         if chosen is None:
             why = "all annotations were cancelled" if task.get("annotations") else "not annotated"
             if task.get("predictions") and not predictions:
@@ -98,7 +104,7 @@ def _records(
             record.skip = ("not annotated", f"task {tid} ('{reference}'): {why}")
             yield record
             continue
-        for result in chosen.get("result") or []:
+        for result in _list(chosen.get("result")):
             _add(record, result, tid)
         yield record
 
@@ -156,7 +162,7 @@ def _int(v) -> int:
 
 def _add(record: Record, result: dict, tid) -> None:
     kind = result.get("type") if isinstance(result, dict) else None
-    if kind not in DRAWN:
+    if not isinstance(kind, str) or kind not in DRAWN or not isinstance(result.get("value"), dict):
         record.notes.append(f"task {tid}: a '{kind}' result is not a region and was left out")
         return
     names = _labels(result)
@@ -191,11 +197,6 @@ def _pixels(kind: str, value: dict, size: tuple[int, int]):
             a = math.radians(float(value.get("rotation") or 0))
             c, s = math.cos(a), math.sin(a)
             points = [(x + px * c - py * s, y + px * s + py * c) for px, py in ((0, 0), (bw, 0), (bw, bh), (0, bh))]
-        if len(points) < 3:
-            raise ValueError("a polygon needs 3 points at least")
-        from pycocotools import mask as coco_mask
-
-        flat = [v for p in points for v in p]
-        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([flat], h, w))).astype(bool)
+        return polygon_pixels([[v for p in points for v in p]], h, w)
 
     return draw

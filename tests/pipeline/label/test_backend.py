@@ -112,6 +112,9 @@ def test_label_studio_urls_get_the_token_and_others_do_not():
     assert resolve_image_url(f"{ls}/data/upload/3/a.png", ls) == (f"{ls}/data/upload/3/a.png", True)
     assert resolve_image_url("http://elsewhere:8080/a.png", ls) == ("http://elsewhere:8080/a.png", False)
     assert resolve_image_url("s3://b/a.png", ls) == ("s3://b/a.png", False)
+    # a path that joins to another host is fetched without the token
+    assert resolve_image_url("/https://evil.example/x.png", ls) == ("https://evil.example/x.png", False)
+    assert resolve_image_url("//evil.example/x.png", ls)[1] is False
     with pytest.raises(BackendError, match="--labelstudio-url"):
         resolve_image_url("/data/upload/3/a.png", None)
 
@@ -250,5 +253,10 @@ def test_a_request_that_cannot_be_answered_is_a_400_with_the_reason(backend, bod
     assert status == 400 and says in answer["error"]
 
 
-def test_the_config_repr_hides_the_token():
-    assert TOKEN not in repr(BackendConfig(labelstudio_token=TOKEN))
+def test_the_config_repr_hides_the_token_and_the_storage_secrets():
+    from dataclasses import replace
+
+    config = BackendConfig(labelstudio_token=TOKEN)
+    config = replace(config, predict=replace(config.predict, storage_options={"key": "AKIA-ID", "secret": "s3cr3t"}))
+    shown = repr(config)
+    assert TOKEN not in shown and "s3cr3t" not in shown and "AKIA-ID" not in shown and "'secret'" in shown

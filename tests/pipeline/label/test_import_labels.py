@@ -507,3 +507,140 @@ def test_cvat_coco_zip_with_its_images(tmp_path):
     got = read_set(tmp_path / "out")["street/one"]
     assert (got == np.where(square == 1, 0, 255)).all()
     assert (tmp_path / "out" / "images" / "street" / "one.jpg").read_bytes() == image.getvalue()
+
+
+# ---- what a careless or hostile export holds: one problem row each, never the run ----------------
+
+
+def test_absurd_polygon_coordinates_are_malformed_shapes_not_a_crash(tmp_path):
+    """pycocotools allocates by the coordinates' extent: 1e7 took 1.2 GB, 1e8 a segfault."""
+    good = [[0, 0, 8, 0, 8, 6, 0, 6]]
+    path = coco_file(
+        tmp_path,
+        [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": good},
+            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": [[0, 0, 1e8, 0, 0, 1e8]]},
+            {"id": 3, "image_id": 1, "category_id": 2, "segmentation": [[0, 0, float("nan"), 0, 0, 3]]},
+            {"id": 4, "image_id": 1, "category_id": 2, "segmentation": [["a", "b", "c", "d", "e", "f"]]},
+        ],
+    )
+    result, got = coco_import(tmp_path, path)
+    assert (got == 0).all() and result["counts"]["with_problems"] == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "problems.jsonl").read_text().splitlines()]
+    assert len(row["problems"]) == 3 and all("malformed" in p for p in row["problems"])
+
+
+def test_sizes_follow_exif_and_a_mismatch_is_a_problem_row(tmp_path):
+    from PIL.Image import Exif
+
+    exif = Exif()
+    exif[0x0112] = 6  # stored 20 wide, 10 high; shown turned: 10 wide, 20 high
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "imgs" / "turned.jpg", exif=exif.tobytes())
+    Image.new("RGB", (8, 6)).save(tmp_path / "imgs" / "small.jpg")
+    doc = {
+        "images": [
+            {"id": 1, "file_name": "turned.jpg"},  # no size: from the header, as segment sees it
+            {"id": 2, "file_name": "small.jpg", "width": 80, "height": 60},  # drawn on another size
+        ],
+        "categories": [{"id": 1, "name": "road"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 20, 0, 20]]},
+            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": [[0, 0, 8, 0, 8, 6]]},
+        ],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    result = run_import(
+        ImportConfig(str(tmp_path / "c.json"), str(tmp_path / "out"), "coco", images=str(tmp_path / "imgs"))
+    )
+    assert read_set(tmp_path / "out")["turned"].shape == (20, 10)
+    assert result["skipped"] == {"size mismatch": 1}
+
+
+def test_an_empty_record_does_not_take_the_key_of_an_annotated_one(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (10, 8)).save(tmp_path / "imgs" / "a.png")
+    poly = ls_result("polygonlabels", "road", {"points": [[0, 0], [100, 0], [100, 100]]})
+    tasks = [
+        {"id": 1, "data": {"image": "/data/upload/1/a.png"}, "annotations": [{"id": 1, "result": []}]},
+        {"id": 2, "data": {"image": "/data/upload/1/a.png"}, "annotations": [{"id": 2, "result": [poly]}]},
+        {"id": 3, "data": {"image": "http://[::1/a.png"}, "annotations": [{"id": 3, "result": [poly]}]},
+        {"id": 4, "data": {"image": "/data/upload/1/b.png"}, "annotations": 5},
+    ]
+    (tmp_path / "ls.json").write_text(json.dumps(tasks))
+    save_class_map(CLASSES, str(tmp_path / "classes.yaml"))
+    config = ImportConfig(
+        str(tmp_path / "ls.json"), str(tmp_path / "out"), "labelstudio", classes=str(tmp_path / "classes.yaml")
+    )
+    config.images = str(tmp_path / "imgs")
+    result = run_import(config)
+    assert result["counts"]["imported"] == 1 and "a" in read_set(tmp_path / "out")
+    assert result["skipped"] == {"empty": 1, "bad reference": 1, "not annotated": 1}
+
+
+def test_malformed_coco_entries_are_problem_rows(tmp_path):
+    full = rle_encode(np.ones((6, 8), dtype=np.uint8))
+    path = coco_file(
+        tmp_path,
+        [
+            "x",
+            {"id": 1, "image_id": [1], "category_id": 1},
+            {"id": 2, "image_id": 1, "category_id": [1]},
+            {"id": 3, "image_id": 1, "category_id": 1, "segmentation": full},
+            {"id": 4, "image_id": 1, "category_id": 1, "segmentation": {"size": [6, 8], "counts": 7}},
+        ],
+        images=[{"id": 1, "file_name": "x/one.jpg", "width": 8, "height": 6, "dinoseg_key": 5}, "not an image"],
+    )
+    result, got = coco_import(tmp_path, path)
+    assert (got == 0).all() and result["skipped"] == {"malformed": 1}
+    assert "category [1]" in (tmp_path / "out" / "problems.jsonl").read_text()
+
+
+def test_duplicate_category_names_need_a_class_map(tmp_path):
+    path = coco_file(tmp_path, [], categories=[{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}])
+    with pytest.raises(DinosegError, match=r"\['cat'\] more than once.*--classes"):
+        coco_import(tmp_path, path)
+
+
+def test_crowds_clashing_beneath_a_shape_are_not_unsure_there(tmp_path):
+    left, right, person = (np.zeros((6, 8), dtype=np.uint8) for _ in range(3))
+    left[:, :5], right[:, 3:], person[:, 2:6] = 1, 1, 1
+    path = coco_file(
+        tmp_path,
+        [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle_encode(left), "iscrowd": 1},
+            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": rle_encode(right), "iscrowd": 1},
+            {"id": 3, "image_id": 1, "category_id": 3, "segmentation": rle_encode(person), "iscrowd": 0},
+        ],
+    )
+    _, got = coco_import(tmp_path, path, overlap="unsure")
+    assert (got[:, 2:6] == 2).all()  # the person, over both crowds
+    assert (got[:, :2] == 0).all() and (got[:, 6:] == 1).all()
+
+
+def test_a_failed_overwrite_keeps_the_earlier_set_and_a_zip_never_writes_into_the_users_images(segmented, tmp_path):
+    run_export(ExportConfig(str(segmented), str(tmp_path / "coco"), "coco"))
+    source = str(tmp_path / "coco" / "annotations.json")
+    out = tmp_path / "set"
+    run_import(ImportConfig(source, str(out), "coco"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = ClassMap(("sky",), ((1, 2, 3),))
+    save_class_map(other, str(tmp_path / "other.yaml"))
+    with pytest.raises(DinosegError, match="none of the 3 images"):
+        run_import(ImportConfig(source, str(out), "coco", classes=str(tmp_path / "other.yaml"), overwrite=True))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export = tmp_path / "cvat"
+    (export / "SegmentationClass").mkdir(parents=True)
+    (export / "JPEGImages").mkdir()
+    (export / "labelmap.txt").write_text("road:128,64,128::\n")
+    Image.fromarray(np.full((2, 3, 3), (128, 64, 128), dtype=np.uint8)).save(export / "SegmentationClass" / "a.png")
+    Image.new("RGB", (3, 2)).save(export / "JPEGImages" / "a.jpg")
+    with zipfile.ZipFile(tmp_path / "cvat.zip", "w") as z:
+        for f in export.rglob("*"):
+            z.write(f, str(f.relative_to(export)))
+    users = tmp_path / "users"
+    (users / "images").mkdir(parents=True)
+    (users / "images" / "a.jpg").write_bytes(b"the user's own photo")
+    with pytest.raises(DinosegError, match="images' exists"):
+        run_import(ImportConfig(str(tmp_path / "cvat.zip"), str(users), "cvat"))
+    assert (users / "images" / "a.jpg").read_bytes() == b"the user's own photo"
