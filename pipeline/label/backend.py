@@ -20,7 +20,6 @@ original size, and the mean confidence of the class's pixels as the region's sco
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
@@ -34,9 +33,9 @@ from fsspec.core import split_protocol
 from model.errors import DinosegError
 from pipeline.data.decode import Decode, DecodeConfig
 from pipeline.data.schema import object_array, set_error, with_error_columns
-from pipeline.io.brush_rle import brush_from_runs, runs
 from pipeline.io.files import bounded_map
 from pipeline.io.masks import CONFIDENCE_SCALE
+from pipeline.label.exporters import brush_results
 from pipeline.options import option
 from pipeline.segment.predict import Predict, PredictConfig
 
@@ -337,32 +336,11 @@ def brush_regions(
 ) -> tuple[list[dict], float]:
     """One brushlabels region per labelled class present (score: the mean confidence of its
     pixels), and the prediction's score: the mean confidence of every labelled pixel."""
-    h, w = mask.shape
     flat = mask.ravel()
     counts = np.bincount(flat)
     sums = np.bincount(flat, weights=confidence.ravel().astype(np.float64) / CONFIDENCE_SCALE)
-    starts, ends, values = runs(flat)
     regions, pixels, total = [], 0, 0.0
-    for c in np.unique(values):
-        if int(c) not in labels:
-            continue
-        sel = values == c
-        regions.append(
-            {
-                "id": hashlib.sha1(f"{key}\0{int(c)}".encode()).hexdigest()[:10],
-                "from_name": target.from_name,
-                "to_name": target.to_name,
-                "type": "brushlabels",
-                "original_width": int(w),
-                "original_height": int(h),
-                "image_rotation": 0,
-                "value": {
-                    "format": "rle",
-                    "rle": brush_from_runs(starts[sel], ends[sel], flat.size).tolist(),
-                    "brushlabels": [labels[int(c)]],
-                },
-                "score": round(float(sums[c] / counts[c]), 6),
-            }
-        )
+    for c, region in brush_results(mask, key, labels, target.from_name, target.to_name):
+        regions.append(region | {"score": round(float(sums[c] / counts[c]), 6)})
         pixels, total = pixels + int(counts[c]), total + float(sums[c])
     return regions, round(total / pixels, 6) if pixels else 0.0

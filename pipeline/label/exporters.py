@@ -315,32 +315,12 @@ class LabelStudioExporter(_Exporter):
         self.n_tasks = 0
 
     def encode(self, item: ExportItem) -> str:
-        h, w = item.mask.shape
-        flat = item.mask.ravel()
-        starts, ends, labels = runs(flat)
         o = self.options
-        results = []
-        for c in np.unique(labels):
-            if c == self.classes.ignore_index:
-                continue
-            sel = labels == c
-            rid = hashlib.sha1(f"{item.key}\0{c}".encode()).hexdigest()[:10]  # stable across runs
-            results.append(
-                {
-                    "id": rid,
-                    "from_name": o.get("from_name", "tag"),
-                    "to_name": o.get("to_name", "image"),
-                    "type": "brushlabels",
-                    "original_width": int(w),
-                    "original_height": int(h),
-                    "image_rotation": 0,
-                    "value": {
-                        "format": "rle",
-                        "rle": brush_from_runs(starts[sel], ends[sel], flat.size).tolist(),
-                        "brushlabels": [self.classes.names[int(c)]],
-                    },
-                }
-            )
+        names = dict(enumerate(self.classes.names))  # the ignore index names no class: no region
+        results = [
+            r
+            for _, r in brush_results(item.mask, item.key, names, o.get("from_name", "tag"), o.get("to_name", "image"))
+        ]
         task = {
             "data": {"image": item.image, "key": item.key},
             "predictions": [{"model_version": o.get("model_version", "dinoseg"), "result": results}],
@@ -362,6 +342,38 @@ class LabelStudioExporter(_Exporter):
         self.published.append(f"{self.output}/labeling_config.xml")
         self.abort()
         return self.published
+
+
+def brush_results(
+    mask: np.ndarray, key: str, labels: dict[int, str], from_name: str, to_name: str
+) -> list[tuple[int, dict]]:
+    """(class, Label Studio brushlabels result) for each class of `labels` present in the mask:
+    its pixels in Label Studio's brush RLE at the mask's size, under the label `labels[class]`,
+    with an id stable across runs. Shared by the export's predictions and the ML backend's."""
+    h, w = mask.shape
+    flat = mask.ravel()
+    starts, ends, values = runs(flat)
+    out = []
+    for c in np.unique(values).tolist():
+        if c not in labels:
+            continue
+        sel = values == c
+        result = {
+            "id": hashlib.sha1(f"{key}\0{c}".encode()).hexdigest()[:10],
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": "brushlabels",
+            "original_width": int(w),
+            "original_height": int(h),
+            "image_rotation": 0,
+            "value": {
+                "format": "rle",
+                "rle": brush_from_runs(starts[sel], ends[sel], flat.size).tolist(),
+                "brushlabels": [labels[c]],
+            },
+        }
+        out.append((c, result))
+    return out
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -165,11 +165,7 @@ def after_ray_init() -> None:
         return
     # Ray Data's logger writes to the session's ray-data.log and to the console (INFO and up):
     # the console handler goes, its records go up to ours
-    data_logger = logging.getLogger("ray.data")
-    for handler in list(data_logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            data_logger.removeHandler(handler)
-    data_logger.propagate = True
+    to_our_handlers("ray.data")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = interactive()  # else Ray Data logs its progress (to the log file)
     ctx.enable_operator_progress_bars = False  # one bar per run, not one per operator
@@ -232,3 +228,13 @@ def _absorb_actor_argument_notice() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(target)
+
+
+def to_our_handlers(name: str) -> None:
+    """A Ray logger that writes to the console by itself (Ray Data's, Serve's) loses its console
+    handler; its records go up to ours (the log file, and the console with --verbose)."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+    logger.propagate = True

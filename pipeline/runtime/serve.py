@@ -130,10 +130,5 @@ def _quiet_serve_logger() -> None:
     to the run's log file instead (`pipeline.runtime.console`), as Ray Data's do."""
     from pipeline.runtime import console
 
-    if console.is_verbose():
-        return
-    serve_logger = logging.getLogger("ray.serve")
-    for handler in list(serve_logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            serve_logger.removeHandler(handler)
-    serve_logger.propagate = True
+    if not console.is_verbose():
+        console.to_our_handlers("ray.serve")
