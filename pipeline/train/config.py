@@ -37,6 +37,7 @@ RESUME_KEYS = (
     "resolution",
     "crop",
     "epochs",
+    "steps",
     "batch_size",
     "lr",
     "weight_decay",
@@ -47,6 +48,20 @@ RESUME_KEYS = (
     "class_names",
 )
 
+
+# Options whose value, when not given, follows from the training set's size (`plan`): --resume
+# compares the values the run used, once the set is counted.
+PLANNED = ("epochs", "steps", "lr")
+
+# The default budget: DEFAULT_EPOCHS passes, and at least MIN_STEPS steps, so that a set of 50-100
+# corrected images (3-6 steps an epoch at batch 16) is not cut off after a couple of hundred steps.
+DEFAULT_EPOCHS = 40
+MIN_STEPS = 300
+# Meta's linear protocol: AdamW lr 1e-3 over 40k iterations. The default lr keeps Meta's at
+# Meta's budget and grows as sqrt(META_STEPS / steps) for shorter runs, up to MAX_AUTO_LR.
+META_STEPS = 40_000
+META_LR = 1e-3
+MAX_AUTO_LR = 0.03
 
 HEADS = ("linear", "ms", "conv")
 SCHEDULES = ("poly", "cosine")
@@ -71,9 +86,14 @@ class TrainConfig:
     layers: Optional[str] = layers_option("the head's")
     resolution: int = option(512, "Short side images are resized to (features are computed at it).")
     crop: int = option(518, "Training crop in pixels, rounded to whole 14-px patches.")
-    epochs: int = option(40, "Passes over the training pairs.")
+    epochs: Optional[int] = option(
+        None, f"Passes over the training pairs (default: {DEFAULT_EPOCHS}, and at least {MIN_STEPS} steps)."
+    )
+    steps: Optional[int] = option(None, "Optimizer steps in all, instead of --epochs (Meta's protocol: 40000).")
     batch_size: int = option(16, "Crops per optimizer step, over all workers.")
-    lr: float = option(1e-3, "AdamW learning rate.")
+    lr: Optional[float] = option(
+        None, f"AdamW learning rate (default: {META_LR:g} x sqrt({META_STEPS} / steps), at most {MAX_AUTO_LR:g})."
+    )
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     warmup: float = option(0.04, "Linear warm-up, as a fraction of all steps.")
     schedule: str = option("poly", "Decay after warm-up.", choices=SCHEDULES)
@@ -115,10 +135,39 @@ class LoopConfig:
     settings: dict = field(default_factory=dict)  # the job's options, stored with the state
     storage_options: dict | None = None
     weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
+    steps: int = 0  # all the run's optimizer steps (the schedule's length); 0: epochs * steps_per_epoch
 
 
 def steps_per_epoch(n_train: int, workers: int, batch_size: int) -> int:
     return math.ceil((n_train // workers) / batch_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long a run trains and at which peak lr, resolved from the options and the set's size."""
+
+    epochs: int
+    steps: int
+    steps_per_epoch: int
+    lr: float
+
+
+def auto_lr(steps: int) -> float:
+    """The default peak lr for a run of `steps`: Meta's 1e-3 at Meta's 40k steps, and for shorter
+    runs sqrt(40k / steps) times that (a head trained for 1000 steps: 6.3e-3), at most MAX_AUTO_LR."""
+    return min(MAX_AUTO_LR, META_LR * math.sqrt(META_STEPS / max(1, steps)))
+
+
+def plan(n_train: int, workers: int, batch_size: int, epochs: int | None, steps: int | None, lr: float | None) -> Plan:
+    """The run's budget: `steps` when given (the last epoch is cut short), else `epochs` passes
+    (given: exactly that; default: DEFAULT_EPOCHS, and at least MIN_STEPS steps); `lr` when given,
+    else auto_lr(steps). `batch_size` is per worker."""
+    per_epoch = steps_per_epoch(n_train, workers, batch_size)
+    if steps is None:
+        steps = per_epoch * (epochs or DEFAULT_EPOCHS)
+        if epochs is None:
+            steps = max(steps, MIN_STEPS)
+    return Plan(math.ceil(steps / per_epoch), steps, per_epoch, lr if lr is not None else auto_lr(steps))
 
 
 def describe(record: dict) -> str:

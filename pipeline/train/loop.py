@@ -72,7 +72,7 @@ def train_loop(config: dict) -> None:
     if state is not None:
         head.load_state_dict(state["head"]["state_dict"])
     model = worker.prepare_model(head)  # to the device, DDP when world > 1
-    total = loop.epochs * loop.steps_per_epoch
+    total = loop.steps or loop.epochs * loop.steps_per_epoch
     optimizer, scheduler = make_optimizer(model, loop.schedule, max(total, 1))
     history, best, start = [], {"miou": None, "epoch": 0}, 0
     if state is not None:
@@ -110,7 +110,11 @@ def train_loop(config: dict) -> None:
         batches = train_shard.iter_batches(
             batch_size=loop.batch_size, batch_format="numpy", local_shuffle_buffer_size=max(64, 4 * loop.batch_size)
         )
-        stats = train_epoch(model, source, batches, optimizer, scheduler, device, weight, head_precision)
+        # a budget in steps ends within the last epoch
+        limit = total - epoch * loop.steps_per_epoch if epoch == loop.epochs - 1 else None
+        stats = train_epoch(
+            model, source, batches, optimizer, scheduler, device, weight, head_precision, max_steps=limit
+        )
         t_train = time.time() - t0
         loss = epoch_loss(stats, device)
         plain = model.module if hasattr(model, "module") else model

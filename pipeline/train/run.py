@@ -15,16 +15,21 @@ from dataclasses import asdict, replace
 
 from model.errors import DinosegError
 from pipeline.io.records import versions
-from pipeline.train.config import RESUME_KEYS, TrainConfig
+from pipeline.train.config import PLANNED, RESUME_KEYS, Plan, TrainConfig
 
 log = logging.getLogger("dinoseg.train")
 
 
 def _check(config: TrainConfig) -> None:
     bad = [
-        (config.epochs >= 1, f"--epochs {config.epochs} must be at least 1"),
+        (config.epochs is None or config.epochs >= 1, f"--epochs {config.epochs} must be at least 1"),
+        (config.steps is None or config.steps >= 1, f"--steps {config.steps} must be at least 1"),
+        (
+            config.epochs is None or config.steps is None,
+            f"--epochs {config.epochs} and --steps {config.steps} both set the run's length; pass one",
+        ),
         (config.batch_size >= 1, f"--batch-size {config.batch_size} must be at least 1"),
-        (config.lr > 0, f"--lr {config.lr} must be positive"),
+        (config.lr is None or config.lr > 0, f"--lr {config.lr} must be positive"),
         (config.weight_decay >= 0, f"--weight-decay {config.weight_decay} must not be negative"),
         (0 <= config.warmup < 1, f"--warmup {config.warmup} must be a fraction in [0, 1)"),
         (config.resolution >= 14 and config.crop >= 14, "--resolution and --crop must be at least 14 pixels"),
@@ -81,7 +86,7 @@ def run_train(config: TrainConfig) -> dict:
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.io.records import write_text
     from pipeline.runtime.train import fit
-    from pipeline.train.config import LoopConfig, steps_per_epoch
+    from pipeline.train.config import LoopConfig, plan
     from pipeline.train.data import DataSpec, training_datasets
     from pipeline.train.loop import read_state, train_loop
     from pipeline.train.progress import EpochLines
@@ -110,8 +115,6 @@ def run_train(config: TrainConfig) -> dict:
     head = HeadConfig(config.head, layers, bb.embed_dim, len(classes))
     run_settings = settings(config, layers, classes) | {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     run_id, state = _run_id(config, out, so, run_settings, read_state)
-    if state is not None and state["epoch"] >= config.epochs:
-        log.info("the run in %s finished all %d epochs already", out, config.epochs)
 
     # the backbone loads on the driver first: a wrong name or weights file fails here, in one sentence
     from model.hub import load_backbone
@@ -155,6 +158,17 @@ def run_train(config: TrainConfig) -> dict:
         if len(train) < workers:
             raise DinosegError(f"{len(train)} training pairs for {workers} workers: use fewer --workers or more data.")
         per_worker = max(1, config.batch_size // workers)
+        budget = plan(len(train), workers, per_worker, config.epochs, config.steps, config.lr)
+        _check_plan(state, budget, out)
+        log.info(
+            "training %d steps (%d epochs of %d) at lr %.3g",
+            budget.steps,
+            budget.epochs,
+            budget.steps_per_epoch,
+            budget.lr,
+        )
+        if state is not None and state["epoch"] >= budget.epochs:
+            log.info("the run in %s finished all %d epochs already", out, budget.epochs)
         cpus = config.cpus_per_worker or (
             1.0 if use_gpu else max(0.25, min(1.0, (cluster.get("CPU", 1) - 1) / workers))
         )
@@ -167,15 +181,16 @@ def run_train(config: TrainConfig) -> dict:
             config.backbone_weights,
             config.resolution,
             config.cache,
-            config.epochs,
+            budget.epochs,
             per_worker,
-            steps_per_epoch(len(train), workers, per_worker),
-            Schedule(config.lr, config.weight_decay, config.warmup, config.schedule),
+            budget.steps_per_epoch,
+            Schedule(budget.lr, config.weight_decay, config.warmup, config.schedule),
             weights,
             config.precision,
             config.seed,
-            run_settings | {"val_pairs": len(val)},
+            run_settings | {"val_pairs": len(val), "plan": asdict(budget)},
             so,
+            steps=budget.steps,
             weights_env=weights_env(),
         )
         spec = DataSpec(
@@ -188,7 +203,7 @@ def run_train(config: TrainConfig) -> dict:
             so,
             max_megapixels=config.max_megapixels,
         )
-        if state is None or state["epoch"] < config.epochs:
+        if state is None or state["epoch"] < budget.epochs:
             with EpochLines(f"{out}/metrics.jsonl", so):
                 fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
     finally:
@@ -201,6 +216,7 @@ def run_train(config: TrainConfig) -> dict:
         "versions": versions(),
         "counts": counts,
         "workers": workers,
+        "plan": asdict(budget),
         "epochs_done": final["epoch"] if final else 0,
         "best": final["best"] if final else None,
         "history": final["history"] if final else [],
@@ -230,14 +246,41 @@ def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -
             "--overwrite to start over, or another --output."
         )
     before = state.get("settings", {})
+    planned = before.get("plan") or {}
     for key in RESUME_KEYS:
-        if key in before and before[key] != run_settings.get(key):
+        now = run_settings.get(key)
+        if key in PLANNED:
+            if now is None:
+                continue  # follows from the set's size: _check_plan compares it once the set is counted
+            was = planned.get(key, before.get(key))
+            if was is None:
+                continue
+        elif key in before:
+            was = before[key]
+        else:
+            continue
+        if was != now:
             flag = "--" + key.replace("_", "-")
             raise DinosegError(
-                f"{out}/last.pt was trained with {flag} {before[key]!r}, not {run_settings.get(key)!r}: "
+                f"{out}/last.pt was trained with {flag} {was!r}, not {now!r}: "
                 f"resume with the same options, or pass --overwrite to start over."
             )
     return state["run_id"], state
+
+
+def _check_plan(state: dict | None, budget: Plan, out: str) -> None:
+    """A resumed run keeps its steps and lr: defaults derived from a set that has grown since differ."""
+    if state is None:
+        return
+    before = state.get("settings", {})
+    planned = before.get("plan") or {"epochs": before.get("epochs"), "lr": before.get("lr")}  # older states
+    keys = ("steps", "lr") if "steps" in planned else ("epochs", "lr")
+    for key in keys:
+        if planned.get(key) is not None and planned[key] != getattr(budget, key):
+            raise DinosegError(
+                f"{out}/last.pt was trained with --{key} {planned[key]!r}, and these options on this training set "
+                f"give {getattr(budget, key)!r}: resume with --{key} {planned[key]!r}, or pass --overwrite to start over."
+            )
 
 
 def _check_pass(config, train, val, classes, layers, so, cluster):

@@ -140,8 +140,10 @@ def train_epoch(
     weight=None,
     precision="fp32",
     on_step=None,
+    max_steps: int | None = None,
 ) -> dict:
-    """One pass over `batches`. A batch with no labelled pixel (all 255) has no loss: it is left
+    """One pass over `batches`, or its first `max_steps` steps (the last epoch of a run whose
+    budget is in steps). A batch with no labelled pixel (all 255) has no loss: it is left
     out of the epoch's loss, and it still takes its place in the schedule (the scheduler steps
     once per batch, so the lr follows the planned steps) and in DDP's gradient all-reduce (a
     zero loss keeps the graph). The optimizer steps only when some gradient is non-zero; under
@@ -153,9 +155,13 @@ def train_epoch(
 
     head.train()
     total, count, samples = 0.0, 0, 0
+    steps = 0
     for batch in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
         if not len(batch["label"]):  # a block of the other split's rows
             continue
+        steps += 1
         kind, x, label = to_tensors(batch, device)
         maps = source(kind, x)
         with autocast(device, precision):
