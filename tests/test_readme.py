@@ -199,13 +199,18 @@ def test_train_segment_evaluate_pseudo_label_export_and_the_labeling_loop(ray_lo
     _labeling_loop(run, labelstudio, tmp_path, len(pairs) - 1)
 
 
-def _labeling_loop(run, labelstudio, tmp_path: Path, n_pairs: int) -> None:
+def _masks(folder: Path) -> dict:
+    """{key: mask} of the masks under folder/masks."""
     from pipeline.io.masks import decode_mask_png
 
-    pl = {
-        p.relative_to(tmp_path / "pl" / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
-        for p in (tmp_path / "pl" / "masks").rglob("*.png")
+    root = folder / "masks"
+    return {
+        p.relative_to(root).with_suffix("").as_posix(): decode_mask_png(p.read_bytes()) for p in root.rglob("*.png")
     }
+
+
+def _labeling_loop(run, labelstudio, tmp_path: Path, n_pairs: int) -> None:
+    pl = _masks(tmp_path / "pl")
     assert len(pl) == n_pairs
     run(command("./dinoseg export ./pl ./pl-ls"))
     project = labelstudio.create_project((tmp_path / "pl-ls" / "labeling_config.xml").read_text())
@@ -216,10 +221,7 @@ def _labeling_loop(run, labelstudio, tmp_path: Path, n_pairs: int) -> None:
     (tmp_path / "corrected.json").write_text(json.dumps(labelstudio.export(project)))
     printed = run(command("./dinoseg import ./corrected.json"))
     assert "skipped: not annotated" in printed
-    fixed = {
-        p.relative_to(tmp_path / "fixed" / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
-        for p in (tmp_path / "fixed" / "masks").rglob("*.png")
-    }
+    fixed = _masks(tmp_path / "fixed")
     assert len(fixed) == n_pairs - 1 and all((fixed[k] == pl[k]).all() for k in fixed)  # 255 stays 255
     run(command("./dinoseg train ./fixed/pairs.csv"))
     trained = json.loads((tmp_path / "run3" / "train.json").read_text())
@@ -235,8 +237,5 @@ def _labeling_loop(run, labelstudio, tmp_path: Path, n_pairs: int) -> None:
         (command("./dinoseg import ./instances.json"), "fixed-coco"),
     ):
         run(argv)
-        back = {
-            p.relative_to(tmp_path / out / "masks").with_suffix("").as_posix(): decode_mask_png(p.read_bytes())
-            for p in (tmp_path / out / "masks").rglob("*.png")
-        }
+        back = _masks(tmp_path / out)
         assert sorted(back) == sorted(pl) and all((back[k] == pl[k]).all() for k in pl), out

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from model.errors import DinosegError
 from pipeline.label.imports.coco import MATCHES
-from pipeline.label.imports.common import CROWDS, OVERLAPS, Record, join
+from pipeline.label.imports.common import CROWDS, OVERLAPS, Record
 
 FORMATS = ("cvat", "coco", "labelstudio")
 
@@ -67,11 +67,9 @@ def read_records(
     """(label names, records, the export's images folder in source.fs or None)."""
     fs, root = source.fs, source.root
     if fmt == "cvat":
-        from pipeline.label.imports.cvat import parse_labelmap, read_cvat
+        from pipeline.label.imports.cvat import read_cvat
 
-        labels, records, inner = read_cvat(fs, root)
-        with fs.open(join(root, "labelmap.txt"), "rb") as f:
-            source.colours = {name: colour for colour, name in parse_labelmap(f.read().decode("utf-8-sig")).items()}
+        labels, records, inner, source.colours = read_cvat(fs, root)
         return labels, records, inner
     if fmt == "coco":
         from pipeline.label.imports.coco import coco_name_root, find_annotation_files, read_coco

@@ -132,8 +132,9 @@ def compose(
 ) -> tuple[np.ndarray, list[str]]:
     """(index mask, problems) of a record's shapes at `size`; ignore_index where nothing was drawn.
 
-    One shape's pixels are held at a time: `smaller` measures every shape first and draws them
-    again in order (a shape is cheap to draw again; 300 full-size masks at once would not be)."""
+    One shape's pixels are held at a time, each drawn once; `smaller` measures every shape first
+    and draws it again in order (a shape is cheap to draw again; 300 full-size masks at once would
+    not be)."""
     if overlap not in OVERLAPS:
         raise DinosegError(f"unknown overlap rule '{overlap}': use one of {', '.join(OVERLAPS)}.")
     h, w = size
@@ -141,30 +142,40 @@ def compose(
     lookup = class_lookup(classes)
     problems: list[str] = []
     unknown: dict[str, int] = {}
-    usable = []  # (crowd, -area or 0, order, class, shape)
-    for order, shape in enumerate(record.shapes):
-        if shape.crowd and crowd == "ignore":
-            continue
+
+    def usable(shape: Shape) -> Optional[tuple[int, np.ndarray]]:
+        """(class, pixels) of a shape to paint; a malformed or unknown one is noted instead."""
         pixels = _draw(shape, h, w, problems)
         if pixels is None:
-            continue
+            return None
         cls = _class_of(shape.label, lookup, len(classes))
         if cls is None:
             unknown[str(shape.label)] = unknown.get(str(shape.label), 0) + int(pixels.sum())
-            continue
-        area = -int(pixels.sum()) if overlap == "smaller" else 0
-        usable.append((not shape.crowd, area, order, cls, shape))
-    for label, n in unknown.items():
-        problems.append(
-            f"label '{label}' is not in the class map: its {n} pixels are left unlabeled (add it to --classes)"
-        )
-    usable.sort(key=lambda u: u[:3])  # crowds first; then big to small (smaller), or in drawing order
+            return None
+        return cls, pixels
+
+    # crowds first; then in drawing order, or for `smaller` big to small (measured in a first pass)
+    shapes = sorted(
+        (s for s in record.shapes if not (s.crowd and crowd == "ignore")),
+        key=lambda s: not s.crowd,  # sorted() is stable: drawing order within each group
+    )
+    if overlap == "smaller":
+        measured = []  # (shape, class, area): the pixels are let go as soon as they are counted
+        for s in shapes:
+            if (u := usable(s)) is not None:
+                measured.append((s, u[0], int(u[1].sum())))
+        measured.sort(key=lambda m: (not m[0].crowd, -m[2]))
+        painting = ((s, (cls, _draw(s, h, w, []))) for s, cls, _ in measured)
+    else:
+        painting = ((s, usable(s)) for s in shapes)
     mask = np.full((h, w), ignore, dtype=np.uint8 if len(classes) <= 256 and ignore < 256 else np.uint16)
     owner = np.full((h, w), -1, dtype=np.int32)  # the class painted last at each pixel
     under_crowd = np.zeros((h, w), dtype=bool)  # ... and whether a crowd region painted it
     contested = np.zeros((h, w), dtype=bool)  # claimed by two shapes of different classes
-    for _, _, _, cls, shape in usable:
-        pixels = _draw(shape, h, w, [])
+    for shape, paint in painting:
+        if paint is None:
+            continue
+        cls, pixels = paint
         clash = pixels & (owner >= 0) & (owner != cls)
         if shape.crowd:
             contested |= clash
@@ -174,6 +185,10 @@ def compose(
         mask[pixels] = cls
         owner[pixels] = cls
         under_crowd[pixels] = shape.crowd
+    for label, n in unknown.items():
+        problems.append(
+            f"label '{label}' is not in the class map: its {n} pixels are left unlabeled (add it to --classes)"
+        )
     if contested.any():
         n = int(contested.sum())
         if overlap == "unsure":

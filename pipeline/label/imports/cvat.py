@@ -52,8 +52,9 @@ def parse_labelmap(text: str) -> dict[tuple[int, int, int], str]:
     return colours
 
 
-def read_cvat(fs, root: str) -> tuple[list[str], Iterator[Record], Optional[str]]:
-    """(label names in labelmap order, records, the images folder inside the export or None)."""
+def read_cvat(fs, root: str) -> tuple[list[str], Iterator[Record], Optional[str], dict]:
+    """(label names in labelmap order, records, the images folder inside the export or None,
+    {label: colour} as labelmap.txt declares them)."""
     labelmap = join(root, "labelmap.txt")
     if not fs.isfile(labelmap):
         raise DinosegError(
@@ -68,7 +69,8 @@ def read_cvat(fs, root: str) -> tuple[list[str], Iterator[Record], Optional[str]
     listed = _listed(fs, join(root, "ImageSets/Segmentation"))
     images = join(root, IMAGE_FOLDER) if fs.isdir(join(root, IMAGE_FOLDER)) else None
     labels = [name for name in colours.values() if name.lower() != "background" and name != UNLABELED[0]]
-    return labels, _records(fs, masks, listed, colours), images
+    by_name = {name: colour for colour, name in colours.items()}
+    return labels, _records(fs, masks, listed, colours), images, by_name
 
 
 def _rel(path: str, root: str) -> str:

@@ -417,12 +417,21 @@ def test_labelstudio_annotations_shapes_and_references(tmp_path):
 # ---- refusals: one sentence, nothing touched ---------------------------------------------------
 
 
-def test_output_is_refused_before_anything_changes(segmented, tmp_path):
+def imported_set(segmented: Path, tmp_path: Path) -> tuple[str, Path]:
+    """(SOURCE, OUTPUT) of a finished import of our COCO export of `segmented`."""
     run_export(ExportConfig(str(segmented), str(tmp_path / "coco"), "coco"))
     source = str(tmp_path / "coco" / "annotations.json")
-    out = tmp_path / "set"
-    run_import(ImportConfig(source, str(out), "coco"))
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    run_import(ImportConfig(source, str(tmp_path / "set"), "coco"))
+    return source, tmp_path / "set"
+
+
+def files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_output_is_refused_before_anything_changes(segmented, tmp_path):
+    source, out = imported_set(segmented, tmp_path)
+    before = files(out)
     with pytest.raises(DinosegError, match="holds a labeled set already.*--overwrite"):
         run_import(ImportConfig(source, str(out), "coco"))
     (tmp_path / "bad.json").write_text("{not json")
@@ -434,7 +443,7 @@ def test_output_is_refused_before_anything_changes(segmented, tmp_path):
         run_import(ImportConfig(str(tmp_path / "nope"), str(out), "coco", overwrite=True))
     with pytest.raises(DinosegError, match="OUTPUT is SOURCE"):
         run_import(ImportConfig(str(tmp_path / "coco"), str(tmp_path / "coco"), "coco", overwrite=True))
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
 
 
 # ---- object storage ------------------------------------------------------------------------------
@@ -619,16 +628,13 @@ def test_crowds_clashing_beneath_a_shape_are_not_unsure_there(tmp_path):
 
 
 def test_a_failed_overwrite_keeps_the_earlier_set_and_a_zip_never_writes_into_the_users_images(segmented, tmp_path):
-    run_export(ExportConfig(str(segmented), str(tmp_path / "coco"), "coco"))
-    source = str(tmp_path / "coco" / "annotations.json")
-    out = tmp_path / "set"
-    run_import(ImportConfig(source, str(out), "coco"))
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    source, out = imported_set(segmented, tmp_path)
+    before = files(out)
     other = ClassMap(("sky",), ((1, 2, 3),))
     save_class_map(other, str(tmp_path / "other.yaml"))
     with pytest.raises(DinosegError, match="none of the 3 images"):
         run_import(ImportConfig(source, str(out), "coco", classes=str(tmp_path / "other.yaml"), overwrite=True))
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert files(out) == before
     export = tmp_path / "cvat"
     (export / "SegmentationClass").mkdir(parents=True)
     (export / "JPEGImages").mkdir()
