@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 import typer
 
 from model.errors import DinosegError
+from model.redact import redact_text
+from model.storage import scope_options
 
 Source = tuple[type, Callable[[str], bool]]  # a config class and which of its fields to offer
 
@@ -90,6 +92,8 @@ def command(
     def cmd(**values) -> None:
         values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
         values = {k: parse[k](v) if k in parse else v for k, v in values.items()}
+        if values.get("storage_options"):
+            values["storage_options"] = scoped_storage_options(values)
         result = run(make(values))
         if show is not None:
             typer.echo(show(result))
@@ -98,6 +102,14 @@ def command(
     cmd.__signature__ = inspect.Signature(params)
     cmd.__annotations__ = {p.name: p.annotation for p in params}
     return cmd
+
+
+def scoped_storage_options(values: dict) -> dict:
+    """--storage-options as given for this command's URLs (`model.storage.scope_options`): plain
+    options reach object stores and the http(s) hosts named on the command line (INPUT, OUTPUT,
+    --head ...), nothing else: not the weights hub, not the other hosts of a manifest."""
+    urls = [u for v in values.values() for u in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(u, str)]
+    return scope_options(values["storage_options"], urls)
 
 
 def config_command(
@@ -114,8 +126,22 @@ def run_command(typer_app, argv: list[str] | None = None, prog: str = "dinoseg")
     try:
         typer_app(args=argv, prog_name=prog)
     except DinosegError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {redact_text(str(e))}", err=True)
         return 2  # the one sentence stays the only line
+    except Exception as e:  # the store out of reach after every retry: one sentence, not a traceback
+        from pipeline.io.retry import is_transient
+
+        console.log_to_file(f"{prog} failed", e)  # the traceback, whatever the error, in the run's log
+        # a storage fault itself, or raised from one: not an error raised while handling one (a bug)
+        if not is_transient(e, context=False):
+            raise
+        where = f"; the traceback is in {console.log_path()}" if console.log_path() else ""
+        typer.echo(
+            f"error: the storage did not answer ({type(e).__name__}: {redact_text(str(e))}): re-run the same command "
+            f"once it does (finished work is kept and skipped){where}.",
+            err=True,
+        )
+        return 3
     except SystemExit as e:  # click's standalone mode ends every run with SystemExit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     else:

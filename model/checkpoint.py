@@ -23,6 +23,7 @@ from .classes import ClassMap
 from .convert import describe_mismatch
 from .errors import WeightsError
 from .heads import HeadConfig, build_head, output_classes
+from .storage import options_for
 
 FORMAT = "dinoseg.head"
 VERSION = 1
@@ -105,7 +106,7 @@ def parse_head_checkpoint(obj, source: str, backbone: str | None = None) -> Head
         ckpt = HeadCheckpoint(
             backbone=str(obj["backbone"]),
             config=HeadConfig.from_dict(obj["head"]),
-            classes=ClassMap.from_dict(obj["classes"], source=source),
+            classes=ClassMap.from_dict(obj["classes"], source=source, written_by_dinoseg=True),
             state_dict=dict(obj["state_dict"]),
             resolution=int(obj.get("resolution", 512)),
             mean=tuple(obj.get("normalization", {}).get("mean", IMAGENET_MEAN)),
@@ -150,5 +151,5 @@ def save_head_checkpoint(ckpt: HeadCheckpoint, url: str, storage_options: dict |
         return
     import fsspec
 
-    with fsspec.open(url, "wb", **(storage_options or {})) as f:
+    with fsspec.open(url, "wb", **options_for(url, storage_options)) as f:
         f.write(data)

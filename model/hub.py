@@ -36,7 +36,7 @@ def load_backbone(name: str, weights: str | None = None, storage_options: dict |
     # memory is spent; the loaded tensors become the parameters, in the model's dtype as before.
     with torch.device("meta"):
         model = build_backbone(name)
-    source = weights or str(fetch_hub_file(backbone_file(name), storage_options))
+    source = weights or str(fetch_hub_file(backbone_file(name)))
     sd = to_meta_layout(load_checkpoint(source, storage_options), source)
     expected = model.state_dict()
     check_fits(sd, expected, name)
@@ -122,7 +122,7 @@ def build_segmenter(
         spec = segmentation_model(model)
         if backbone and backbone != spec.backbone:
             raise DinosegError(f"Model {model} uses {spec.backbone}, not {backbone}: leave --backbone out.")
-        head_path = str(fetch_hub_file(head_file(spec.backbone, spec.dataset, spec.head), storage_options))
+        head_path = str(fetch_hub_file(head_file(spec.backbone, spec.dataset, spec.head)))
         loaded = load_head(head_path, spec.backbone, spec.head, storage_options)
         loaded.classes = bundled(spec.dataset)
     elif head:

@@ -94,7 +94,8 @@ def class_prompts(request: TextHeadRequest, storage_options: dict | None = None)
         entries = [{"name": n} for n in classes.names]
     elif is_class_file(spec):
         data = read_class_map_file(spec, storage_options)  # read once: the class map and its prompts
-        classes = ClassMap.from_dict(data, source=spec)  # ids, colours and checks as everywhere else
+        # ids, colours and checks as everywhere else; the head's outputs count from 0
+        classes = ClassMap.from_dict(data, source=spec).internal()
         entries = sorted(data["classes"], key=lambda e: int(e["id"]))
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -150,7 +151,7 @@ def class_prompts(request: TextHeadRequest, storage_options: dict | None = None)
 def _file(path: str | None, relpath: str, storage_options: dict | None) -> str:
     from .weights import fetch_hub_file
 
-    return path or str(fetch_hub_file(relpath, storage_options))
+    return path or str(fetch_hub_file(relpath))  # the hub's own options, not the user's
 
 
 def build_text_head(

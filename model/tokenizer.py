@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsError
+from .storage import options_for
 
 CONTEXT = 77
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -53,7 +54,7 @@ class ClipTokenizer:
 
         source = str(vocab_file)
         try:
-            with fsspec.open(source, "rb", **(storage_options or {})) as f:
+            with fsspec.open(source, "rb", **options_for(str(source), storage_options)) as f:
                 packed = f.read()
         except FileNotFoundError:
             raise WeightsError(f"The vocabulary {source} does not exist: check the path or URL.") from None

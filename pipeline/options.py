@@ -19,6 +19,7 @@ from dataclasses import MISSING, field
 from typing import Any, Callable
 
 from model.errors import DinosegError
+from model.storage import is_scoped
 
 REQUIRED: Any = MISSING  # an option the command line must give (`--classes FILE`)
 
@@ -32,9 +33,11 @@ def option(
     cli_default: Any = MISSING,
     parse: Callable[[Any], Any] | None = None,
     flag: str | None = None,
+    repr: bool = True,
 ) -> Any:
     """A config field that is also `--<name>`. `cli_type`/`cli_default`/`parse`: what the command line
-    takes when it differs from the field (a JSON string for a dict, a switch for a bit depth)."""
+    takes when it differs from the field (a JSON string for a dict, a switch for a bit depth).
+    `repr=False`: the value stays out of the config's repr (storage options hold credentials)."""
     meta = {
         "help": help,
         "choices": choices,
@@ -45,10 +48,10 @@ def option(
         "argument": False,
     }
     if default is MISSING:
-        return field(metadata=meta)
+        return field(metadata=meta, repr=repr)
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
 
 
 def argument(help: str, *, cli_default: Any = MISSING) -> Any:
@@ -68,25 +71,32 @@ def argument(help: str, *, cli_default: Any = MISSING) -> Any:
 
 
 def parse_storage_options(text: str | dict) -> dict:
-    """--storage-options: a JSON object of fsspec options."""
+    """--storage-options: a JSON object of fsspec options, plain or scoped (`model.storage`)."""
     if isinstance(text, dict):
-        return text
-    try:
-        options = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise DinosegError(f"--storage-options is not valid JSON ({e}): pass e.g. '{{\"anon\": true}}'.") from None
+        options = text
+    else:
+        try:
+            options = json.loads(text or "{}")
+        except json.JSONDecodeError as e:  # e.msg, not the text: it may hold a secret
+            raise DinosegError(
+                f"--storage-options is not valid JSON ({e.msg} at character {e.pos}): pass e.g. '{{\"anon\": true}}'."
+            ) from None
     if not isinstance(options, dict):
         raise DinosegError("--storage-options must be a JSON object: pass e.g. '{\"anon\": true}'.")
+    is_scoped(options)  # a mix of scopes and plain options is one sentence here
     return options
 
 
 def storage_options_option() -> Any:
     return option(
         {},
-        "JSON of fsspec storage options (endpoint, credentials...).",
+        "JSON of fsspec storage options (endpoint, profile...) for the stores named on the command line; "
+        'or scoped: {"s3://bucket/": {...}, "https://host/": {...}} (longest prefix wins). Put secrets in '
+        "the environment or a profile, not here.",
         cli_type=str,
         cli_default="{}",
         parse=parse_storage_options,
+        repr=False,  # credentials: a config's repr (logs, tracebacks) never shows them
     )
 
 

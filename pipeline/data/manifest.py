@@ -2,9 +2,13 @@
 column) file, as rows in the manifest's order (`list_inputs` in `pipeline.data.sources` says what a
 manifest may hold; `pipeline.data.keys` the key and collision rules).
 
-The manifest is read twice, streaming, so that its paths are never all held in memory: once for
-the common folder of all entries and an 8-byte hash of each entry's key, to find collisions;
-once to yield the rows, remembering only the colliding entries.
+The manifest is read twice, streaming, so that its paths are never held twice in memory: once for
+the common folder of all entries and 8-byte hashes of each entry's URL and folded stem key, to
+find the entries whose stems collide (they keep their extension); once to yield the rows, whose
+keys the listing's `KeyRegistry` makes unique (the same URL twice is a DuplicateInput row).
+Keys depend on the common folder, so a new entry elsewhere would change them: what makes them
+stable across runs is the earlier run's record (`recorded_keys`), which the registry keeps (by
+URL without credentials, or by the name relative to the common folder when the entries moved).
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from fsspec.core import split_protocol
 
 from model.errors import DinosegError
 from pipeline.data.keys import (
+    KeyRegistry,
     canonical_protocol,
     extension,
-    input_row,
+    fold_key,
     is_local,
     key_from_parts,
     list_error_row,
     split_url,
 )
+from pipeline.data.walk import storage_fault
 
 MANIFEST_EXTENSIONS = ("txt", "csv", "parquet")
 
@@ -77,6 +83,12 @@ def _manifest_lines(fs, path: str, input: str) -> Iterator[str]:
         raise DinosegError(
             f"cannot read the manifest '{input}' ({type(e).__name__}: {e}): check that it is a valid .{ext} file."
         ) from None
+    except Exception as e:  # botocore's EndpointConnectionError and kin are no OSError
+        if storage_fault(e) is None:
+            raise
+        raise DinosegError(
+            f"cannot read the manifest '{input}' ({type(e).__name__}: {e}): check the endpoint, then run again."
+        ) from None
 
 
 def _resolve(entry: str, fs, folder: str) -> tuple[str, str, list[str]]:
@@ -95,15 +107,17 @@ def _resolve(entry: str, fs, folder: str) -> tuple[str, str, list[str]]:
     return url, protocol, parts
 
 
-def manifest_rows(fs, path: str, input: str) -> Iterator[dict]:
-    """Rows for the manifest at `path` on `fs` (`input` as the user wrote it, for messages)."""
+def manifest_rows(fs, path: str, input: str, registry: KeyRegistry | None = None) -> Iterator[dict]:
+    """Rows for the manifest at `path` on `fs` (`input` as the user wrote it, for messages);
+    keys are claimed in `registry` (unique over the listing, recorded keys kept)."""
+    registry = KeyRegistry() if registry is None else registry
     folder = path.rsplit("/", 1)[0] if "/" in path else ""
-    # pass 1: the common folder and the stem-key hashes (8 bytes an entry), to find collisions
+    # pass 1: the common folder, and per distinct entry the hash of its folded stem key
     protocols: set[str] = set()
     prefix: list[str] | None = None
-    stems = array("Q")
+    stems, urls = array("Q"), array("Q")
     for entry in _manifest_lines(fs, path, input):
-        _, protocol, parts = _resolve(entry, fs, folder)
+        url, protocol, parts = _resolve(entry, fs, folder)
         protocols.add(protocol)
         dirs = parts[:-1]
         if prefix is None:
@@ -113,46 +127,50 @@ def manifest_rows(fs, path: str, input: str) -> Iterator[dict]:
             while n < min(len(prefix), len(dirs)) and prefix[n] == dirs[n]:
                 n += 1
             del prefix[n:]
-        stems.append(_hash("/".join(dirs + [os.path.splitext(parts[-1])[0]])) if parts else 0)
+        stems.append(_stem_hash(parts))
+        urls.append(_hash(url))
     if prefix is None:
         return
     root = prefix if len(protocols) == 1 else []
-    sorted_stems = np.sort(np.frombuffer(stems, dtype=np.uint64)) if len(stems) else np.zeros(0, np.uint64)
+    pairs = np.unique(np.stack([np.frombuffer(stems, np.uint64), np.frombuffer(urls, np.uint64)], axis=1), axis=0)
+    del stems, urls
+    sorted_stems = pairs[:, 0]  # sorted: np.unique sorts the rows; a URL listed twice counts once
     repeated = sorted_stems[1:][sorted_stems[1:] == sorted_stems[:-1]]
     colliding = {int(h) for h in np.unique(repeated)}
-    del stems
 
     def is_stem(h: int) -> bool:
         i = np.searchsorted(sorted_stems, np.uint64(h))
         return i < len(sorted_stems) and int(sorted_stems[i]) == h
 
-    # pass 2: the rows; only colliding entries are remembered
-    taken: dict[str, str] = {}
-    seen: set[str] = set()
+    # pass 2: the rows
     for entry in _manifest_lines(fs, path, input):
         url, _, parts = _resolve(entry, fs, folder)
         rel = parts[len(root) :]
+        # an earlier run's key, whatever the common folder is now; or the key of the entry with the
+        # same name relative to it, when all entries moved (another bucket prefix, host or mount)
+        kept = registry.recorded(url, rel)
+        if kept is not None:
+            yield registry.claim(url, kept, recorded=True)
+            continue
         try:
             key = key_from_parts(rel, url)
         except DinosegError as e:
             yield list_error_row(url, str(e), "UnsafePath")
             continue
-        if _hash("/".join(parts[:-1] + [os.path.splitext(parts[-1])[0]])) in colliding:
-            if url in seen:
-                message = f"'{url}' is listed more than once in the manifest: only its first line is processed."
-                yield list_error_row(url, message, "DuplicateInput")
-                continue
-            seen.add(url)
+        if _stem_hash(parts) in colliding:
             key = key_from_parts(rel, url, keep_extension=True)
-            h = _hash("/".join(parts))
-            other = taken.get(key)
-            if other is not None or (is_stem(h) and h not in colliding):
-                by = f"'{other}'" if other else "another entry"
+            h = _hash(fold_key("/".join(parts)))
+            if is_stem(h) and h not in colliding and not registry.reserved(key):  # the plain key wins
                 yield list_error_row(
                     url,
-                    f"its key '{key}' is already used by {by}: rename one of them or list only one.",
+                    f"'{url}' would get the key '{key}', already used by another entry without extension: "
+                    "rename one of them or list only one.",
                     "KeyCollision",
                 )
                 continue
-            taken[key] = url
-        yield input_row(url, key)
+        yield registry.claim(url, key)
+
+
+def _stem_hash(parts: list[str]) -> int:
+    """The hash of an entry's stem key, folded (`fold_key`): entries that share it keep their extension."""
+    return _hash(fold_key("/".join(parts[:-1] + [os.path.splitext(parts[-1])[0]]))) if parts else 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fsspec.core import split_protocol, url_to_fs
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.keys import extension, row_url
 from pipeline.data.sources import list_inputs
 from pipeline.io.masks import check_key
@@ -106,7 +107,7 @@ def _manifest_pairs(url: str, storage_options: dict | None) -> Pairs:
     import pyarrow.parquet as pq
 
     try:
-        fs, path = url_to_fs(url, **(storage_options or {}))
+        fs, path = url_to_fs(url, **options_for(url, storage_options))
         with fs.open(path, "rb") as f:
             table = pacsv.read_csv(f) if extension(path) == "csv" else pq.read_table(f)
     except FileNotFoundError:

@@ -23,6 +23,7 @@ import numpy as np
 from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
 from model.geometry import PATCH_SIZE
+from model.storage import options_for
 from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
 from pipeline.data.keys import extension
 from pipeline.data.pairs import Pairs, list_pairs, problem
@@ -45,7 +46,7 @@ def is_point_file(url: str | None, storage_options: dict | None = None) -> bool:
     import fsspec
 
     try:
-        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+        with fsspec.open(url, "rt", **options_for(url, storage_options)) as f:
             header = f.readline()
     except (OSError, ValueError):
         return False
@@ -57,7 +58,7 @@ def read_points(url: str, storage_options: dict | None = None) -> list[dict]:
     import fsspec
 
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        with fsspec.open(url, "rb", **options_for(url, storage_options)) as f:
             data = f.read()
     except FileNotFoundError:
         raise DinosegError(f"the point file '{url}' does not exist: check the path.") from None
@@ -189,7 +190,10 @@ def points_to_pairs(
         if not inside:
             continue
         mask_url = f"{folder.rstrip('/')}/{key}.png"
-        write_bytes_atomic(mask_url, encode_mask_png(draw_points(height, width, inside, radius), classes), so)
+        drawn = draw_points(height, width, inside, radius)
+        # in the class map's own values, as the masks of a folder are: training reads both alike
+        drawn = np.where(drawn == IGNORE_INDEX, classes.ignore_index, drawn.astype(np.int64) + classes.first_id)
+        write_bytes_atomic(mask_url, encode_mask_png(drawn, classes), so)
         out.add(key, url, mask_url)
     if not len(out):
         raise DinosegError(

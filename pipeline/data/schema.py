@@ -39,6 +39,8 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 MASK_PNG_FIELD = pa.field("mask_png", HF_IMAGE)  # with --masks parquet|both
+# the digest of what made the mask (pipeline.segment.identity): resume refuses rows of another one
+IDENTITY_FIELD = pa.field("identity", pa.string())
 RLE_FIELD = pa.field("rle", pa.list_(pa.struct([("class_id", pa.int32()), ("counts", pa.string())])))
 
 ERROR_SCHEMA = pa.schema(
@@ -48,8 +50,26 @@ ERROR_SCHEMA = pa.schema(
         ("stage", pa.string()),  # one of STAGES
         ("error_type", pa.string()),
         ("message", pa.string()),
+        # a transient fault (the store unreachable, slow, overloaded): the next run tries it again
+        # and will likely succeed; false for a corrupt image, an unsafe path, a key collision
+        ("retryable", pa.bool_()),
     ]
 )
+
+
+def error_rows(table: pa.Table) -> pa.Table:
+    """ERROR_SCHEMA rows from rows with path, key, stage, error_type, message (and maybe
+    `retryable`): where `retryable` is missing or null, it follows from the stage and error type."""
+    from pipeline.io.retry import retryable_error
+
+    given = table["retryable"].to_pylist() if "retryable" in table.column_names else [None] * len(table)
+    stages, types = table["stage"].to_pylist(), table["error_type"].to_pylist()
+    flags = [
+        bool(r) if r is not None else retryable_error(s or "", t or "")
+        for r, s, t in zip(given, stages, types, strict=True)
+    ]
+    columns = {n: table[n] for n in ERROR_SCHEMA.names if n != "retryable"}
+    return pa.table({**columns, "retryable": pa.array(flags, pa.bool_())}).cast(ERROR_SCHEMA)
 
 
 def empty_errors(n: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Where rows come from: list the inputs under a URL, a glob or in a manifest, and read their
-bytes (keys and collisions are `pipeline.data.keys`, manifests `pipeline.data.manifest`, decoding
-`pipeline.data.decode`).
+bytes (keys and collisions are `pipeline.data.keys`, the folder walk `pipeline.data.walk`,
+manifests `pipeline.data.manifest`, decoding `pipeline.data.decode`).
 
 Listing runs on the driver and streams; `ReadBytes` is a numpy-batch callable
 (`__init__(config)`, `__call__(batch) -> batch`) that runs as it is in a unit test and as a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from fnmatch import fnmatchcase
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import fsspec
 import numpy as np
@@ -19,25 +19,25 @@ from fsspec.core import split_protocol, url_to_fs
 from fsspec.utils import glob_translate
 
 from model.errors import DinosegError
+from model.storage import options_for, scope_of
 from pipeline.data.keys import (
+    IMAGE_EXTENSIONS,
+    KeyRegistry,
     canonical_protocol,
     extension,
-    input_row,
-    key_from_parts,
-    list_error_row,
+    is_image_name,
     make_key,
     row_url,
     split_url,
 )
 from pipeline.data.manifest import MANIFEST_EXTENSIONS, manifest_rows
 from pipeline.data.schema import failed, object_array, set_error, with_error_columns
+from pipeline.data.walk import retrying, storage_fault, walk_rows
+from pipeline.io.retry import retry_each
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")  # matched case-insensitively
+__all__ = ["IMAGE_EXTENSIONS", "ReadBytes", "is_image_name", "list_inputs"]
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def is_image_name(name: str) -> bool:
-    return extension(name) in IMAGE_EXTENSIONS
 
 
 def _extensions() -> str:
@@ -47,7 +47,13 @@ def _extensions() -> str:
 # ---- listing ---------------------------------------------------------------------------------
 
 
-def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dict]:
+def list_inputs(
+    input: str,
+    storage_options: dict | None = None,
+    recorded: Mapping[str, str] | None = None,
+    stats: dict | None = None,
+    refuse_outside_links: bool = False,
+) -> Iterator[dict]:
     """Yield one row {path, key, error_stage, error_type, error_message} per input, lazily.
 
     INPUT is a folder or prefix (local, or any fsspec URL), a glob (`*`, `?`, `[`; only when
@@ -56,7 +62,9 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
     Folders are walked recursively, one directory at a time, files sorted within each
     directory and subdirectories visited in sorted order; only names with an extension in
     IMAGE_EXTENSIONS (any case) are kept. A glob's key root is its folder before the first
-    wildcard; a folder that matches the glob is taken whole.
+    wildcard; a folder that matches the glob is taken whole. Symbolic links are followed (with
+    `refuse_outside_links`, as segment and pseudo-label list, only within INPUT: the others are
+    error rows), and failed folder listings retried (`pipeline.data.walk`).
 
     Manifests keep their order and are not filtered (what is listed is an input, and a file
     that is missing or not an image becomes a read or decode error). An entry without a
@@ -65,12 +73,22 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
     filesystems have none, so their key is the path without its scheme. The manifest is read
     twice, to find that folder and the collisions without holding its paths in memory.
 
+    Keys are unique over the whole listing, also on case-insensitive disks (`pipeline.data.keys`).
+    `recorded` (path -> key, from `recorded_keys(OUTPUT)`) is what an earlier run gave: those
+    paths keep their keys (compared without credentials, and in folders relative to INPUT, so a
+    renamed INPUT resumes), and no other input takes one. `stats`, when given, gets
+    'unlisted_folders' (subfolders that could not be listed: their images are missing),
+    'symlinks_refused' (links outside INPUT) and 'recorded_not_listed' (inputs of earlier runs not
+    listed now, whose keys stay reserved), where there are any.
+
     Rows hold full URLs that fsspec opens with the same storage_options ('s3://b/x.jpg';
     local files as absolute local paths). Raises DinosegError (when iteration starts) if
-    INPUT does not exist, and (at the end) if it holds no images. Unsafe or colliding paths
-    come out as rows with error_stage 'list' (see `pipeline.data.keys`).
+    INPUT does not exist or cannot be looked at, and (at the end) if it holds no images. Unsafe,
+    colliding or refused paths come out as rows with error_stage 'list'.
     """
-    options = dict(storage_options or {})
+    options = options_for(input, storage_options)
+    stats = {} if stats is None else stats
+    registry = KeyRegistry(recorded)
     try:
         fs, path = url_to_fs(input, **options)
     except (ImportError, ValueError) as e:
@@ -78,16 +96,18 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
     path = path.rstrip("/") or fs.root_marker or "/"
     kind = _input_kind(fs, path, input)
     if kind == "dir":
-        rows = _walk_rows(fs, path, path)
+        rows = walk_rows(fs, path, path, registry, stats, refuse_outside_links=refuse_outside_links)
         nothing = f"'{input}' holds no images with extensions {_extensions()}: check the prefix."
     elif kind == "glob":
-        rows = _glob_rows(fs, path, input)
+        rows = _glob_rows(fs, path, input, registry, stats, refuse_outside_links)
         nothing = f"'{input}' matches no images with extensions {_extensions()}: check the pattern."
     elif kind == "manifest":
-        rows = manifest_rows(fs, path, input)
+        rows = manifest_rows(fs, path, input, registry)
         nothing = f"the manifest '{input}' lists no paths: check the file."
     else:
-        rows = iter([input_row(row_url(fs, path), make_key(path, path))])
+        url, name = row_url(fs, path), split_url(path)[1][-1:]
+        kept = registry.recorded(url, name)  # also the same file moved to another folder
+        rows = iter([registry.claim(url, kept, recorded=True) if kept else registry.claim(url, make_key(path, path))])
         nothing = ""
     n = 0
     for row in rows:
@@ -95,13 +115,15 @@ def list_inputs(input: str, storage_options: dict | None = None) -> Iterator[dic
         yield row
     if n == 0:
         raise DinosegError(nothing)
+    if registry.unlisted():
+        stats["recorded_not_listed"] = registry.unlisted()
 
 
 def _input_kind(fs, path: str, input: str) -> str:
     try:
-        if fs.isdir(path):
+        if retrying(fs.isdir, path, what=f"looking at {input}"):
             return "dir"
-        if fs.isfile(path):
+        if retrying(fs.isfile, path, what=f"looking at {input}"):
             ext = extension(path)
             if ext in MANIFEST_EXTENSIONS:
                 return "manifest"
@@ -118,82 +140,31 @@ def _input_kind(fs, path: str, input: str) -> str:
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError: a missing bucket says so here
         if not isinstance(e, FileNotFoundError):
             raise DinosegError(f"cannot look at '{input}' ({e}): check the URL and the storage options.") from None
+    except Exception as e:  # botocore's EndpointConnectionError and kin are no OSError
+        if storage_fault(e) is None:
+            raise
+        raise DinosegError(
+            f"cannot look at '{input}' ({type(e).__name__}: {e}): check the endpoint and the storage options, "
+            "then run again."
+        ) from None
     if _GLOB_CHARS.search(path):
         return "glob"
     raise DinosegError(f"the input '{input}' does not exist: check the path.")
 
 
-def _walk_rows(fs, walk_root: str, key_root: str, dir_wanted=None, file_wanted=None) -> Iterator[dict]:
-    """Walk `walk_root` one directory listing at a time, keyed relative to `key_root`: a folder's
-    files (sorted), then its subfolders (sorted, depth first). `dir_wanted(path)` prunes
-    subfolders; `file_wanted(dirpath)` returns a predicate over a file's full path.
-
-    Not `fs.walk`: it drops its `on_error` when it recurses, so an unreadable subfolder would
-    vanish without a word; here it becomes a `list` error row."""
-    _, root_parts = split_url(key_root)
-    stack = [walk_root]
-    while stack:
-        folder = stack.pop()
-        try:
-            listing = fs.ls(folder, detail=True)
-        except OSError as e:
-            if folder == walk_root:
-                raise DinosegError(
-                    f"cannot list '{row_url(fs, folder)}' ({e}): check the path and the permissions."
-                ) from None
-            where = row_url(fs, folder)
-            message = f"the folder '{where}' could not be listed ({e}): its images are missing from this run; check its permissions."
-            yield list_error_row(where, message, type(e).__name__)
-            continue
-        fs.invalidate_cache(folder)  # s3fs would keep every listing: memory would grow with the bucket
-        dirs, files = [], []
-        for info in listing:
-            name = info["name"].rstrip("/")
-            if name != folder:  # an object store's folder placeholder lists itself
-                (dirs if info["type"] == "directory" else files).append(name)
-        keep = file_wanted(folder) if file_wanted is not None else None
-        paths = [p for p in sorted(files) if is_image_name(p) and (keep is None or keep(p))]
-        yield from _folder_rows(fs, paths, root_parts)
-        stack.extend(d for d in sorted(dirs, reverse=True) if dir_wanted is None or dir_wanted(d))
-
-
-def _folder_rows(fs, paths: list[str], root_parts: list[str]) -> Iterator[dict]:
-    """Rows for one folder's files, applying the collision rule within the folder."""
-    items = []
-    for p in paths:
-        url, rel = row_url(fs, p), split_url(p)[1][len(root_parts) :]
-        try:
-            items.append((url, rel, key_from_parts(rel, url)))
-        except DinosegError as e:
-            items.append((url, rel, e))
-    counts: dict[str, int] = {}
-    for _, _, key in items:
-        if isinstance(key, str):
-            counts[key] = counts.get(key, 0) + 1
-    plain = {k for k, n in counts.items() if n == 1}
-    taken: set[str] = set()
-    for url, rel, key in items:
-        if isinstance(key, DinosegError):
-            yield list_error_row(url, str(key), "UnsafePath")
-            continue
-        if counts[key] > 1:
-            key = key_from_parts(rel, url, keep_extension=True)
-            if key in plain or key in taken:
-                yield list_error_row(
-                    url,
-                    f"its key '{key}' is already used by another file in its folder: rename one of them.",
-                    "KeyCollision",
-                )
-                continue
-        taken.add(key)
-        yield input_row(url, key)
-
-
-def _glob_rows(fs, pattern: str, input: str) -> Iterator[dict]:
+def _glob_rows(
+    fs, pattern: str, input: str, registry: KeyRegistry, stats: dict, refuse_outside_links: bool
+) -> Iterator[dict]:
     parts = pattern.split("/")
     first = next(i for i, c in enumerate(parts) if _GLOB_CHARS.search(c))
     root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
-    if not root or not fs.exists(root):
+    try:
+        exists = bool(root) and retrying(fs.exists, root, what=f"looking at {root}")
+    except Exception as e:
+        if storage_fault(e) is None:
+            raise
+        raise DinosegError(f"cannot look at '{root}' ({type(e).__name__}: {e}): check the storage options.") from None
+    if not exists:
         raise DinosegError(
             f"the input '{input}' does not exist: check the path (the part before the first wildcard must exist)."
         )
@@ -213,7 +184,7 @@ def _glob_rows(fs, pattern: str, input: str) -> Iterator[dict]:
         whole = any(regex.match("/".join(comps[:i])) for i in range(first + 1, len(comps) + 1))
         return (lambda p: True) if whole else (lambda p: regex.match(p) is not None)
 
-    return _walk_rows(fs, root, root, dir_wanted, file_wanted)
+    return walk_rows(fs, root, root, registry, stats, dir_wanted, file_wanted, refuse_outside_links)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -229,29 +200,32 @@ class ReadBytes:
 
     def __init__(self, storage_options: dict | None = None):
         self.storage_options = dict(storage_options or {})
-        self._filesystems: dict[str, object] = {}
+        self._filesystems: dict[tuple, object] = {}
 
-    def _fs(self, protocol: str):
-        if protocol not in self._filesystems:
-            options = {} if protocol == "file" else self.storage_options
-            self._filesystems[protocol] = fsspec.filesystem(protocol, **options)
-        return self._filesystems[protocol]
+    def _fs(self, group: tuple[str, str | None], url: str):
+        """One filesystem per protocol and options scope: a manifest's hosts get only the options
+        meant for them (`model.storage`), never another host's headers."""
+        if group not in self._filesystems:
+            self._filesystems[group] = fsspec.filesystem(group[0], **options_for(url, self.storage_options))
+        return self._filesystems[group]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = with_error_columns(batch)
         n = len(out["path"])
         data: list[bytes] = [b""] * n
         bad = failed(out)
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i in range(n):
             if not bad[i]:
-                groups.setdefault(canonical_protocol(split_protocol(str(out["path"][i]))[0]), []).append(i)
-        for protocol, rows in groups.items():
+                url = str(out["path"][i])
+                group = (canonical_protocol(split_protocol(url)[0]), scope_of(url, self.storage_options))
+                groups.setdefault(group, []).append(i)
+        for group, rows in groups.items():
             paths = [str(out["path"][i]) for i in rows]
-            try:
-                results = self._fs(protocol).cat_ranges(paths, None, None, on_error="return")
-            except Exception as e:  # the filesystem itself failed (bad options, no driver)
-                results = [e] * len(rows)
+            # per-path exceptions; the filesystem failing as a whole (bad options, no driver) fails
+            # each path; transient failures are read again with backoff (`pipeline.io.retry`)
+            fs = lambda ps, g=group, u=paths[0]: self._fs(g, u).cat_ranges(ps, None, None, on_error="return")
+            results = retry_each(fs, paths)
             for i, path, result in zip(rows, paths, results, strict=True):
                 if isinstance(result, BaseException):
                     set_error(out, i, "read", _read_message(path, result), type(result).__name__)

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.files import bounded_map
 from pipeline.options import REQUIRED, argument, option, storage_options_option
 
@@ -68,8 +69,11 @@ def counts_summary(result: dict) -> str:
 def run_evaluate(config: EvaluateConfig) -> dict:
     """The whole job; returns the report also written as JSON: `scores()` + counts, examples, arguments."""
     from model.classes import load_class_map
+    from model.storage import scope_config
     from pipeline.data.metrics import scores
     from pipeline.io.files import absolute_output, write_bytes_atomic
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     so = config.storage_options or None
     classes = load_class_map(config.classes, so)
@@ -135,14 +139,14 @@ def compare_masks(pairs, classes, storage_options: dict | None, skip, threads: i
     from pipeline.data.sources import ReadBytes
 
     n = len(classes)
-    unlabeled = (
-        classes.ignore_index if classes.ignore_index >= n else None
-    )  # an ignore index that is a class id stays a class
+    # predictions are dinoseg's masks (classes 0..n-1): unsure pixels hold the ignore index of the
+    # map, or of its 0-based form when the map numbers its classes from 1 (its 0 is unlabeled)
+    unlabeled = classes.ignore_index if classes.first_id == 0 else classes.internal().ignore_index
     confusion = np.zeros((n, n + (unlabeled is not None)), dtype=np.int64)
     reader = ReadBytes(storage_options)
 
     def compare(pair):
-        return _compare(*pair, reader, n, classes.ignore_index, unlabeled)
+        return _compare(*pair, reader, n, classes.ignore_index, unlabeled, classes.first_id)
 
     compared = 0
     for done, outcome in enumerate(bounded_map(compare, pairs, max(1, threads), "dinoseg-evaluate"), 1):
@@ -175,14 +179,17 @@ def _list(root: str, side: str, storage_options: dict | None) -> tuple[dict[str,
 def _default_output(pred: str, storage_options: dict | None) -> str:
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(pred, **(storage_options or {}))
+    fs, path = url_to_fs(pred, **options_for(pred, storage_options))
     if not fs.isdir(path.rstrip("/") or "/"):
         raise DinosegError(f"PRED '{pred}' is not a folder, so the report has no default place: pass --output.")
     return pred.rstrip("/") + "/evaluation.json"
 
 
-def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None):
-    """The pair's confusion matrix, or (reason, example) when it is skipped."""
+def _compare(
+    key: str, pred_path: str, gt_path: str, reader, n: int, ignore_index: int, unlabeled: int | None, first_id: int = 0
+):
+    """The pair's confusion matrix, or (reason, example) when it is skipped. The ground truth is
+    in the class map's values (classes from `first_id`, `ignore_index`); the prediction 0-based."""
     from pipeline.data.metrics import confusion_matrix
     from pipeline.data.schema import object_array
 
@@ -201,12 +208,16 @@ def _compare(key: str, pred_path: str, gt_path: str, reader, n: int, ignore_inde
             "size_mismatch",
             f"{key}: the prediction is {pred.shape[1]}x{pred.shape[0]}, the ground truth {gt.shape[1]}x{gt.shape[0]}.",
         )
-    stray = _stray(gt, n, ignore_index)
+    stray = _stray(gt, n, ignore_index, first_id)
     if stray:
         return (
             "out_of_range",
-            f"{key}: the ground truth has values {stray} that are not classes 0..{n - 1} or the ignore index {ignore_index}.",
+            f"{key}: the ground truth has values {stray} that are not classes "
+            f"{first_id}..{n - 1 + first_id} or the ignore index {ignore_index}.",
         )
+    if first_id:  # classes 1..n and 0 = unlabeled: to 0-based, with the predictions' unsure value
+        gt = np.where(gt == ignore_index, unlabeled, gt.astype(np.int64) - first_id)
+        ignore_index = unlabeled
     stray = _stray(pred, n, unlabeled)
     if stray:
         also = f" or the unsure value {unlabeled}" if unlabeled is not None else ""
@@ -224,8 +235,9 @@ def _decode(path: str, data: bytes) -> np.ndarray | str:
         return f"'{path}' cannot be decoded as an index mask: {e}"
 
 
-def _stray(mask: np.ndarray, n: int, ignore_index: int | None) -> list[int]:
-    """Up to 5 values in the mask that are neither a class nor the ignore index."""
+def _stray(mask: np.ndarray, n: int, ignore_index: int | None, first_id: int = 0) -> list[int]:
+    """Up to 5 values in the mask that are neither a class (first_id..) nor the ignore index."""
     present = np.flatnonzero(np.bincount(mask.ravel()))
-    stray = present[(present >= n) & (present != (-1 if ignore_index is None else ignore_index))]
+    outside = (present < first_id) | (present >= n + first_id)
+    stray = present[outside & (present != (-1 if ignore_index is None else ignore_index))]
     return [int(v) for v in stray[:MAX_EXAMPLES]]

@@ -7,7 +7,9 @@ pass (`ComputeFeatures` actors, on GPUs where there are some) computes them once
     CACHE/<backbone>-<weights>-r<resolution>-l<layers>/part-<uuid>.parquet
 
 one row per image, keyed by the image's URL. Masks are not cached: they are read fresh every
-epoch (`CachedSamples`), so corrected labels are picked up without recomputing features. A part
+epoch (`CachedSamples`), so corrected labels are picked up without recomputing features, and
+nothing in the cache depends on the class map (its classes or ignore index): the folder's
+name holds only what changes the features. A part
 appears whole or not at all, so an interrupted pass resumes where it stopped.
 """
 
@@ -26,8 +28,9 @@ import pyarrow.parquet as pq
 
 from model.classes import IGNORE_INDEX
 from model.geometry import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from model.storage import options_for
 from pipeline.data.schema import failed, object_array, set_error
-from pipeline.features.pairs import decode_label, pad_label, padded_geometry, resize_pair
+from pipeline.features.pairs import decode_label, pad_label, padded_geometry, refuse_unread, resize_pair
 from pipeline.io.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -60,8 +63,8 @@ class FeatureConfig:
     batch_size: int = 8
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    storage_options: dict | None = None
-    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
+    weights_env: dict = field(default_factory=dict, repr=False)  # the driver's (model.weights.weights_env)
 
     def folder(self, cache: str) -> str:
         """Where these features live: everything that changes them is in the name."""
@@ -101,7 +104,7 @@ def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, 
 
     out = {}
     for url in part_files(folder, storage_options):
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        with fsspec.open(url, "rb", **options_for(url, storage_options)) as f:
             t = pq.read_table(f, columns=["image", "width", "height"])
         out.update(
             zip(t["image"].to_pylist(), zip(t["width"].to_pylist(), t["height"].to_pylist(), strict=True), strict=True)
@@ -112,7 +115,7 @@ def cached_sizes(folder: str, storage_options: dict | None = None) -> dict[str, 
 def part_files(folder: str, storage_options: dict | None = None) -> list[str]:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(folder, **options_for(folder, storage_options))
     if not fs.exists(root):
         return []
     paths = [p for p in sorted(fs.find(root)) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
@@ -235,7 +238,9 @@ class SampleConfig:
     crop_cells: int | None = None  # training: random crops of this many patches a side; None: whole
     flip: bool = True
     seed: int | None = None
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
+    ignore_index: int = IGNORE_INDEX  # the class map's mask values (decode_label)
+    first_id: int = 0
 
 
 class CachedSamples:
@@ -255,7 +260,9 @@ class CachedSamples:
         cfg = self.config
         rows = [i for i, url in enumerate(batch["image"]) if url in cfg.masks]
         paths = np.asarray([cfg.masks[batch["image"][i]] for i in rows], dtype=object)
-        masks = self.read({"path": paths})["bytes"] if rows else []
+        read = self.read({"path": paths}) if rows else {"bytes": [], "error_stage": []}
+        refuse_unread(read)  # a mask the store failed to give is never trained as all-ignore
+        masks = read["bytes"]
         feats, labels = [], []
         for i, data in zip(rows, masks, strict=True):
             c, gh, gw = (int(batch[k][i]) for k in ("channels", "grid_h", "grid_w"))
@@ -275,7 +282,8 @@ class CachedSamples:
     def _label(self, data: bytes, batch, i: int) -> np.ndarray:
         h, w = int(batch["resized_h"][i]), int(batch["resized_w"][i])
         try:
-            label = decode_label(data, self.config.num_classes)
+            cfg = self.config
+            label = decode_label(data, cfg.num_classes, ignore_index=cfg.ignore_index, first_id=cfg.first_id)
             if label.shape != (int(batch["height"][i]), int(batch["width"][i])):
                 raise ValueError(f"size {label.shape[::-1]} differs from the image's")
         except Exception as e:  # changed since the check: train on it as 'ignore', say so

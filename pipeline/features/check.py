@@ -12,6 +12,7 @@ from pipeline import runtime
 from pipeline.data.pairs import Pairs
 from pipeline.features.cache import ComputeFeatures, FeatureConfig, WriteFeatures
 from pipeline.features.pairs import DecodePair, PairConfig, ReadPair
+from pipeline.io.retry import retryable_error
 from pipeline.runtime import datasets
 
 STATUS = ("path", "key", "image", "mask", "width", "height", "error_stage", "error_type", "error_message")
@@ -78,9 +79,9 @@ def check_pairs(
     for table in check_pass(pairs_table(pairs, cached), pair, storage_options, resources, features, folder):
         for row in table.to_pylist():
             if row["error_stage"]:
-                problems.append(
-                    problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
-                )
+                bad = problem(row["key"], row["image"], row["mask"], row["error_stage"], row["error_message"])
+                bad["retryable"] = retryable_error(row["error_stage"], row["error_type"])  # the store, not the pair
+                problems.append(bad)
             else:
                 good.add(row["image"])
     return good, problems

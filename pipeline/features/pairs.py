@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from model.classes import IGNORE_INDEX
+from model.classes import IGNORE_INDEX, mask_indices
 from model.errors import DinosegError
 from model.geometry import PATCH_SIZE, centre_pad, resized_size
 from pipeline.data.decode import MAX_MEGAPIXELS, DecodeConfig, decode_image
@@ -31,16 +31,22 @@ from pipeline.data.schema import (
 )
 from pipeline.data.sources import ReadBytes
 from pipeline.io.masks import decode_mask_png
+from pipeline.io.retry import retryable_error
 
 LONG_SIDE_RATIO = 4.0  # the long side is capped at this x the short side (Meta: 2048 for 512)
 
 
 class ReadPair:
     """+ image_bytes, mask_bytes (rows hold `path` = the image URL, `image`, `mask`). A row with
-    `cached` set skips its image: its features are in the cache already."""
+    `cached` set skips its image: its features are in the cache already.
 
-    def __init__(self, storage_options: dict | None = None):
+    Transient read faults are read again (`ReadBytes`). With `fail_reads` (the epochs of a
+    training run, whose pairs the check pass read already), a transient read that still fails
+    raises instead of dropping the pair: a model is never trained quietly on less than it was given."""
+
+    def __init__(self, storage_options: dict | None = None, fail_reads: bool = False):
         self.read = ReadBytes(storage_options)
+        self.fail_reads = fail_reads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = with_error_columns(batch)
@@ -55,31 +61,45 @@ class ReadPair:
                     out[k][rows] = part[k]
                 data[rows] = part["bytes"]
             out[target] = data
+        if self.fail_reads:
+            refuse_unread(out)
         return out
 
 
-def decode_label(data: bytes, num_classes: int, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
-    """An index-mask PNG -> (H, W) uint8, or DinosegError naming what is wrong with it.
+def refuse_unread(batch: dict[str, np.ndarray]) -> None:
+    """Raise DinosegError naming the first row of `batch` whose read failed transiently (the
+    store, after retries; a file deleted since is the user's change, and stays a row's problem)."""
+    for i, stage in enumerate(batch["error_stage"]):
+        if stage == "read" and retryable_error(stage, str(batch["error_type"][i])):
+            raise DinosegError(
+                f"{batch['error_message'][i]} The storage failed while training read its pairs (after retries): "
+                "re-run with --resume once it answers, training continues from the last finished epoch."
+            )
+
+
+def decode_label(
+    data: bytes,
+    num_classes: int,
+    max_megapixels: float = MAX_MEGAPIXELS,
+    ignore_index: int = IGNORE_INDEX,
+    first_id: int = 0,
+) -> np.ndarray:
+    """An index-mask PNG in the class map's values -> (H, W) uint8 training label, or
+    DinosegError naming what is wrong with it.
 
     Training labels are 8-bit: classes 0..254 and 255 = ignore, so a class map has at most 255
-    classes. A 16-bit ('I;16') mask is taken when every value is a class or 255 (ignore, as in
-    8-bit masks; with <= 255 classes 255 cannot be a class id) and refused otherwise, never
-    truncated. A 1-bit mask ('1') is 0/1: background and class 1. Read by `decode_mask_png`, the
-    mask reader every command shares."""
+    classes. The map's own values (`ignore_index`, ids from `first_id`: a map whose 0 means
+    unlabeled numbers its classes from 1) become those here, once (`model.classes.mask_indices`),
+    so every later step knows one ignore value. A 16-bit ('I;16') mask is taken when every value
+    is a class or the ignore index and refused otherwise, never truncated. A 1-bit mask ('1') is
+    0/1. Read by `decode_mask_png`, the mask reader every command shares."""
     if num_classes > IGNORE_INDEX:
         raise DinosegError(
             f"training supports at most {IGNORE_INDEX} classes (labels are 8-bit: 0..{IGNORE_INDEX - 1}, {IGNORE_INDEX} = ignore) "
             f"and the class map has {num_classes}: pass a class map with at most {IGNORE_INDEX} classes."
         )
     mask = decode_mask_png(data, max_megapixels)  # PNG only, size from the header: one sentence if not
-    bad = ((mask >= num_classes) & (mask != IGNORE_INDEX)) | (mask < 0)
-    if bad.any():
-        value = int(mask[bad].max()) if (mask[bad] >= 0).any() else int(mask[bad].min())
-        raise DinosegError(
-            f"the mask holds class {value} but the class map has {num_classes} classes "
-            f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore): pass the class map these masks were made with."
-        )
-    return mask.astype(np.uint8)
+    return mask_indices(mask, num_classes, ignore_index, first_id, IGNORE_INDEX).astype(np.uint8)
 
 
 def resize_pair(pixels: np.ndarray | None, label: np.ndarray, h: int, w: int):
@@ -104,6 +124,13 @@ class PairConfig:
     long_side_ratio: float = LONG_SIDE_RATIO
     max_megapixels: float = MAX_MEGAPIXELS
     keep: bool = True  # False: only check the pair (the row keeps its size, not its pixels)
+    ignore_index: int = IGNORE_INDEX  # the class map's mask value of "no label" (decode_label)
+    first_id: int = 0  # the class map's first id: 1 when its 0 means unlabeled
+
+    @classmethod
+    def of(cls, classes, resolution: int | None = None, **kw) -> "PairConfig":
+        """The pair config of a class map: its size and the mask values it gives."""
+        return cls(len(classes), resolution, ignore_index=classes.ignore_index, first_id=classes.first_id, **kw)
 
 
 class DecodePair:
@@ -138,7 +165,8 @@ class DecodePair:
                     except DinosegError as e:
                         set_error(out, i, "decode", e)
                         continue
-                label = decode_label(masks[i], self.config.num_classes, self.config.max_megapixels)
+                c = self.config
+                label = decode_label(masks[i], c.num_classes, c.max_megapixels, c.ignore_index, c.first_id)
                 if label.shape != (heights[i], widths[i]):
                     raise DinosegError(
                         f"the mask is {label.shape[1]}x{label.shape[0]} but its image is {widths[i]}x{heights[i]}: "

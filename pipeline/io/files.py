@@ -1,16 +1,26 @@
 """Files under any fsspec URL: absolute local paths for the workers, and atomic writes (a reader
-sees the old file or all of the new one)."""
+sees the old file or all of the new one).
+
+A write that is not one atomic PUT goes through a temporary name of its own shape (`temp_name`:
+hidden, short, ending in `.dinoseg-tmp`), which readers skip (`is_temp_name`) and the next run
+removes (`sweep_temp_files`) when a kill left one behind."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model.errors import DinosegError
+from model.storage import options_for
+
+log = logging.getLogger(__name__)
 
 
 def join_url(output: str, *parts: str) -> str:
@@ -40,29 +50,136 @@ def absolute_input(url: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(url))
 
 
+# Object stores whose single PUT (pipe_file) makes the object appear whole or not at all, a
+# multipart upload included (the object exists only once the upload is completed). memory:// sets
+# the whole value at once.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+# Filesystems fsspec can read but not write: refused before any work, in one sentence.
+READ_ONLY_PROTOCOLS = frozenset({"http", "https", "github", "zip", "tar", "libarchive"})
+
+TEMP_SUFFIX = ".dinoseg-tmp"
+TEMP_STEM_BYTES = 64  # of the final name kept in the temp name: it stays far below a 255-byte name limit
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX), re.DOTALL)
+# temp names of earlier versions (write_bytes_atomic's and the Parquet parts'), swept as well
+_OLD_TEMP_NAME = re.compile(r"\.(?:.+\.[0-9a-f]{12}|part-[0-9a-f]{8}-\d{5}\.parquet)\.tmp", re.DOTALL)
+
+
+def temp_name(name: str) -> str:
+    """A temporary name for a file that will be renamed to `name`, in the same folder:
+    `.<first 64 bytes of name>.<8 hex>.dinoseg-tmp`. Hidden, unique, recognisable by
+    `is_temp_name` (so a sweep never takes a user's file), and short whatever `name` is."""
+    stem = name.encode("utf-8", "surrogateescape")[:TEMP_STEM_BYTES].decode("utf-8", "ignore")
+    return f".{stem}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name (no folder) is one of dinoseg's temporary names, which readers ignore."""
+    return bool(_TEMP_NAME.fullmatch(name) or _OLD_TEMP_NAME.fullmatch(name))
+
+
+def check_writable(url: str) -> None:
+    """DinosegError for a URL on a filesystem that cannot be written (http, zip...)."""
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in READ_ONLY_PROTOCOLS:
+        raise DinosegError(
+            f"{url} is on a read-only filesystem ({protocol}://): write to a local folder or an object store "
+            "such as s3://bucket/out."
+        )
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write `data` to `url` so that readers see the old file, or all of the new one.
 
-    Local: a temporary name in the same folder, then os.replace (no fsync: this guards against
-    killed workers, not power loss, and an fsync per mask would dominate on network disks).
-    Remote: one PUT (`pipe_file`), which object stores apply atomically."""
-    if is_local_url(url):
-        path = LocalFileSystem._strip_protocol(url)
-        parent = os.path.dirname(path) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    Local: a temporary name (`temp_name`) in the same folder, then os.replace (no fsync: this
+    guards against killed workers, not power loss, and an fsync per mask would dominate on network
+    disks). Object stores (ATOMIC_PUT_PROTOCOLS): one PUT (`pipe_file`). Any other writable
+    filesystem (sftp, ftp, webdav, smb, hdfs...), where a write streams into the name it is given:
+    a temporary name, then `fs.mv`, a rename on those, so the final name never holds half a file;
+    a kill leaves at most a temporary file, which readers ignore and the next run sweeps
+    (`sweep_temp_files`). A name too long for the filesystem is one DinosegError."""
+    check_writable(url)
+    try:
+        if is_local_url(url):
+            _write_local(LocalFileSystem._strip_protocol(url), data)
+            return
+        fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+        if fsspec.utils.get_protocol(url) in ATOMIC_PUT_PROTOCOLS:
+            fs.pipe_file(path, data)  # no makedirs fallback: on s3fs that would create a missing bucket
+            return
+        _write_then_move(fs, path, data)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
             raise
-        return
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    fs.pipe_file(path, data)  # no makedirs fallback: on s3fs that would create a missing bucket
+        longest = max(url.split("/"), key=lambda p: len(p.encode("utf-8", "surrogateescape")))
+        raise DinosegError(
+            f"{url} has a name of {len(longest.encode('utf-8', 'surrogateescape'))} bytes, too long for this "
+            "filesystem (most allow 255 per name): shorten the input's name, or write OUTPUT to an object store."
+        ) from None
+
+
+def _write_local(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, temp_name(os.path.basename(path)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_then_move(fs, path: str, data: bytes) -> None:
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/{temp_name(name)}" if parent else temp_name(name)
+    with contextlib.suppress(Exception):  # folders may be implicit; a real failure shows on the write
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe_file(tmp, data)
+        try:
+            fs.mv(tmp, path)
+        except OSError:  # some servers refuse to rename onto an existing name: the old file goes first
+            if not fs.exists(path):
+                raise
+            fs.rm(path)
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def sweep_temp_files(output: str, storage_options: dict | None = None) -> int:
+    """Delete the temporary files (`is_temp_name`) that killed writes left under `output`;
+    returns how many. Only dinoseg's own temp names, only under `output`, symlinked folders not
+    followed. Call it once the run holds OUTPUT (nothing else writes there): a running writer's
+    temp file would go too. Object stores (ATOMIC_PUT_PROTOCOLS) get no temp files, so are not
+    listed."""
+    if fsspec.utils.get_protocol(output) in ATOMIC_PUT_PROTOCOLS:
+        return 0
+    swept = 0
+    if is_local_url(output):
+        root = LocalFileSystem._strip_protocol(output)
+        for folder, _dirs, files in os.walk(root):  # followlinks=False: never outside OUTPUT
+            for name in files:
+                if is_temp_name(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                        swept += 1
+    else:
+        fs, root = fsspec.core.url_to_fs(output, **options_for(output, storage_options))
+        if not fs.exists(root):
+            return 0
+        for path in fs.find(root):
+            if is_temp_name(path.rsplit("/", 1)[-1]):
+                fs.rm(path)
+                swept += 1
+    if swept:
+        log.info("removed %d temporary files that an interrupted run left under %s", swept, output)
+    return swept
 
 
 def bounded_map(fn, items, threads: int, name: str = "dinoseg-io"):
@@ -85,6 +202,6 @@ def bounded_map(fn, items, threads: int, name: str = "dinoseg-io"):
 def refuse_to_replace(url: str, overwrite: bool, storage_options: dict | None, option: str) -> None:
     """Nothing a user made is replaced silently: raise DinosegError naming `option` when `url`
     exists and `overwrite` is not set."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     if fs.exists(path) and not overwrite:
         raise DinosegError(f"{url} exists already: pass --overwrite to replace it, or another {option}.")

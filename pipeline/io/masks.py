@@ -15,6 +15,7 @@ from PIL import Image
 
 from model.classes import ClassMap
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.files import join_url
 
 # zlib level for mask PNGs. On a 1024x768 ADE20K-palette mask (AMD EPYC, Pillow 13, one core):
@@ -146,7 +147,9 @@ def overlay_url(output: str, key: str) -> str:
 
 def existing_keys(output: str, storage_options: dict | None = None) -> set[str]:
     """Keys whose mask exists under OUTPUT/masks/ (temporary files excluded), for resume."""
-    fs, root = fsspec.core.url_to_fs(join_url(output, "masks"), **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(
+        join_url(output, "masks"), **options_for(join_url(output, "masks"), storage_options)
+    )
     fs.invalidate_cache(root)
     prefix = root.rstrip("/") + "/"
     keys = set()

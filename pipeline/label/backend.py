@@ -31,6 +31,7 @@ import numpy as np
 from fsspec.core import split_protocol
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.decode import Decode, DecodeConfig
 from pipeline.data.schema import object_array, set_error, with_error_columns
 from pipeline.io.files import bounded_map
@@ -183,7 +184,7 @@ def fetch_bytes(url: str, token: str | None = None, storage_options: dict | None
     elif protocol == "data":
         fs = fsspec.filesystem("data")
     else:
-        fs = fsspec.filesystem(protocol, **(storage_options or {}))
+        fs = fsspec.filesystem(protocol, **options_for(url, storage_options))
     return fs.cat_file(url)
 
 

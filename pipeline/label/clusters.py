@@ -5,6 +5,7 @@ prototype head, without touching the images again."""
 from __future__ import annotations
 
 from model.errors import DinosegError
+from model.storage import options_for
 
 
 def from_clusters(config) -> dict:
@@ -69,7 +70,7 @@ def _cluster_entries(url: str, clusters: int, so) -> list[tuple[int, str, tuple 
     import yaml
 
     try:
-        with fsspec.open(url, "rt", **(so or {})) as f:
+        with fsspec.open(url, "rt", **options_for(url, so)) as f:
             data = yaml.safe_load(f.read())
         entries = data["classes"]
         out = []

@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.decode import max_megapixels_option
 from pipeline.features.config import backbone_option, backbone_weights_option, layers_option, precision_option
 from pipeline.label.patches import RESULT_COLUMNS, DecodeResized, SampleConfig, SampleFeatures, results, sample_rank
@@ -72,12 +73,15 @@ def run_discover(config: DiscoverConfig) -> dict:
     """Sample, cluster, write; returns what OUTPUT/discover.json holds."""
     from model.backbone import backbone_config
     from model.hub import load_backbone
+    from model.storage import scope_config
     from pipeline import runtime
     from pipeline.data.sources import ReadBytes, list_inputs
     from pipeline.features.cache import feature_config
     from pipeline.features.config import parse_layers
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.label.accumulate import kmeans, unit_rows
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     started = time.time()
     _check(config)
@@ -160,7 +164,7 @@ def _refuse_to_replace(out: str, overwrite: bool, so) -> None:
     class map of its own: neither is replaced silently."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(out, **(so or {}))
+    fs, root = fsspec.core.url_to_fs(out, **options_for(out, so))
     taken = [name for name in ("head.pt", "classes.yaml") if fs.exists(f"{root}/{name}")]
     if taken and not overwrite:
         raise DinosegError(
@@ -174,7 +178,7 @@ def _clear_earlier_run(out: str, so) -> None:
     new clustering succeeded): no stale sheet of a cluster that no longer exists."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(out, **(so or {}))
+    fs, root = fsspec.core.url_to_fs(out, **options_for(out, so))
     stale = [f"{root}/{name}" for name in OWN_FILES if fs.exists(f"{root}/{name}")]
     if fs.exists(f"{root}/clusters"):
         stale += [p for p in fs.find(f"{root}/clusters") if p.rsplit("/", 1)[-1].startswith("cluster_")]

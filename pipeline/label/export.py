@@ -15,6 +15,7 @@ from itertools import repeat
 from typing import Optional
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.files import bounded_map
 from pipeline.options import argument, option, storage_options_option
 
@@ -68,8 +69,11 @@ def summary(result: dict) -> str:
 
 def run_export(config: ExportConfig) -> dict:
     """The whole job; returns {counts: {masks, exported, failed}, examples, unnamed, files, arguments}."""
+    from model.storage import scope_config
     from pipeline.io.files import absolute_output
     from pipeline.label.exporters import make_exporter
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     so = config.storage_options or None
     labels = absolute_output(config.labels).rstrip("/")
@@ -154,7 +158,7 @@ def _mask_root(labels: str, storage_options: dict | None) -> str:
     from fsspec.core import url_to_fs
 
     try:
-        fs, root = url_to_fs(labels, **(storage_options or {}))
+        fs, root = url_to_fs(labels, **options_for(labels, storage_options))
         if fs.isdir(f"{root}/masks"):
             return f"{labels}/masks"
         if fs.isdir(root):
@@ -172,9 +176,9 @@ def _classes(classes: Optional[str], labels: str, storage_options: dict | None):
     from model.classes import load_class_map
 
     if classes:
-        return load_class_map(classes, storage_options)
+        return load_class_map(classes, storage_options).require_own_values(classes, "export reads", ignore_too=False)
     default = f"{labels}/classes.yaml"
-    fs, path = url_to_fs(default, **(storage_options or {}))
+    fs, path = url_to_fs(default, **options_for(default, storage_options))
     if not fs.isfile(path):
         raise DinosegError(
             f"'{default}' does not exist, so the class names are unknown: pass --classes with a class-map file or a bundled name (ade20k, voc2012)."
@@ -213,7 +217,7 @@ def _image_refs(images: Optional[str], labels: str, storage_options: dict | None
 
     refs: dict[str, tuple] = {}
     for folder in ("predictions", "labels"):
-        fs, root = url_to_fs(f"{labels}/{folder}", **(storage_options or {}))
+        fs, root = url_to_fs(f"{labels}/{folder}", **options_for(f"{labels}/{folder}", storage_options))
         if not fs.isdir(root):
             continue
         for path in sorted(fs.find(root)):

@@ -33,6 +33,7 @@ from PIL import Image
 
 from model.classes import ClassMap
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.brush_rle import brush_from_runs, runs
 from pipeline.io.files import is_local_url, write_bytes_atomic
 from pipeline.io.masks import PNG_COMPRESS_LEVEL, check_key
@@ -179,7 +180,7 @@ class _Exporter:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.move(src, path)  # a rename, atomic, when staging and target share a disk
         else:
-            fs, path = fsspec.core.url_to_fs(url, **(self.so or {}))
+            fs, path = fsspec.core.url_to_fs(url, **options_for(url, self.so))
             fs.put_file(src, path)
         self.published.append(url)
 

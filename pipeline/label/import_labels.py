@@ -27,6 +27,7 @@ from typing import Optional
 
 from model.classes import ClassMap, default_color
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.files import bounded_map
 from pipeline.label.imports import CROWDS, FORMATS, MATCHES, OVERLAPS
 from pipeline.options import REQUIRED, argument, option, storage_options_option
@@ -89,8 +90,11 @@ def summary(result: dict) -> str:
 
 def run_import(config: ImportConfig) -> dict:
     """The whole import; returns {counts, skipped, examples, pairs, problems, classes, arguments}."""
+    from model.storage import scope_config
     from pipeline.io.files import absolute_output
     from pipeline.label.imports import open_source, read_records
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     started = time.monotonic()
     so = config.storage_options or None
@@ -144,7 +148,8 @@ def _classes(config: ImportConfig, labels: list[str], source) -> ClassMap:
     from model.classes import load_class_map
 
     if config.classes:
-        return load_class_map(config.classes, config.storage_options or None)
+        classes = load_class_map(config.classes, config.storage_options or None)
+        return classes.require_own_values(config.classes, "import writes", ignore_too=False)
     if config.match == "id":
         raise DinosegError("--match id maps category ids to class indices: pass the class map with --classes.")
     if not labels:
@@ -165,7 +170,7 @@ def _check_output(output: str, overwrite: bool, copies: bool, so: dict | None) -
 
     from pipeline.io.records import read_json
 
-    fs, root = url_to_fs(output, **(so or {}))
+    fs, root = url_to_fs(output, **options_for(output, so))
     if fs.exists(root) and not fs.isdir(root):
         raise DinosegError(f"OUTPUT '{output}' is a file: give a folder.")
     other = [name for name in OTHER_RUNS if fs.exists(f"{root}/{name}")]
@@ -192,12 +197,12 @@ def _remove_stale(output: str, keys: set[str], images: set[str], earlier: dict, 
     copied out of an archive that this one does not pair (never anything else)."""
     from fsspec.core import url_to_fs
 
-    fs, root = url_to_fs(output, **(so or {}))
+    fs, root = url_to_fs(output, **options_for(output, so))
     fs.invalidate_cache(root)
     prefix = f"{root}/masks/"
     stale = [p for p in _files(fs, f"{root}/masks") if p[len(prefix) : -len(".png")] not in keys]
     if earlier.get("copied_images"):
-        kept = {url_to_fs(i, **(so or {}))[1] for i in images}
+        kept = {url_to_fs(i, **options_for(i, so))[1] for i in images}
         stale += [p for p in _files(fs, f"{root}/images") if p not in kept]
     for path in stale:
         fs.rm(path)

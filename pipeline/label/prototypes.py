@@ -25,6 +25,7 @@ import numpy as np
 
 from model.classes import IGNORE_INDEX
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.decode import max_megapixels_option
 from pipeline.data.points import DEFAULT_RADIUS
 from pipeline.features.config import (
@@ -76,8 +77,11 @@ class PrototypeConfig:
 
 def run_prototypes(config: PrototypeConfig) -> dict:
     """Build and write the head; returns the record written beside it (OUTPUT's .json)."""
+    from model.storage import scope_config
     from pipeline.io.files import absolute_input, absolute_output, refuse_to_replace
     from pipeline.label.clusters import from_clusters
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     started = time.time()
     config = replace(
@@ -172,7 +176,7 @@ def _fill_cache(config, pairs, classes, layers, problems, cluster):
     so = config.storage_options or None
     features = feature_config(config.backbone, layers, config.resolution, config.backbone_weights, config.precision, so)
     cache = features.folder(config.cache_dir or f"{posixpath.dirname(config.output)}/cache")
-    pair = PairConfig(len(classes), config.resolution, max_megapixels=config.max_megapixels)
+    pair = PairConfig.of(classes, config.resolution, max_megapixels=config.max_megapixels)
     resources = runtime.Resources(decode_cpus=0.25).resolve(cluster)
     good, bad = check_pairs(pairs, pair, so, resources, features, cache)
     problems += bad
@@ -196,7 +200,7 @@ def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulato
     keys = dict(zip(pairs.images, pairs.keys, strict=True))
     seen, read = set(), ReadBytes(so)
     for url in part_files(cache, so):
-        with fsspec.open(url, "rb", **(so or {})) as f:
+        with fsspec.open(url, "rb", **options_for(url, so)) as f:
             if not set(pq.read_table(f, columns=["image"])["image"].to_pylist()) & (masks.keys() - seen):
                 continue
             table = pq.read_table(f)
@@ -209,7 +213,9 @@ def _accumulate(config, pairs, classes, cache, problems, dim) -> ClassAccumulato
             try:
                 if data["error_stage"][0]:
                     raise DinosegError(str(data["error_message"][0]))
-                label = decode_label(data["bytes"][0], len(classes))
+                label = decode_label(
+                    data["bytes"][0], len(classes), ignore_index=classes.ignore_index, first_id=classes.first_id
+                )
                 if label.shape != (row["height"], row["width"]):
                     raise DinosegError(f"the mask is {label.shape[::-1]}, its image {row['width']}x{row['height']}.")
             except DinosegError as e:  # changed since the check pass
@@ -257,7 +263,7 @@ def _write_head(config, acc: ClassAccumulator, classes, layers, embed_dim, probl
     ckpt = HeadCheckpoint(
         config.backbone,
         prototype_config(layers, embed_dim, len(classes), config.prototypes),
-        classes,
+        classes.internal(),  # the head's outputs are 0-based, whatever values the masks gave
         prototype_state(torch.from_numpy(protos), torch.from_numpy(valid), config.temperature),
         resolution=config.resolution,
         meta=meta,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from model.classes import IGNORE_INDEX, ClassMap
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.files import absolute_output, write_bytes_atomic
 from pipeline.io.masks import (
     CONFIDENCE_SCALE,
@@ -141,7 +142,7 @@ class SelectConfig:
     cutoffs: tuple[int, ...]  # per class
     min_coverage: float = 0.0
     confidence_bits: int = 0  # write OUTPUT/confidence/<key>.png (8 bits) beside each mask
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
     io_threads: int = 8
 
     def __post_init__(self):
@@ -152,10 +153,10 @@ class SelectConfig:
 
 def read_raw(url: str, raw: str, key: str, storage_options: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """The model pass's (argmax mask, uint16 confidence) of one key."""
-    options = storage_options or {}
-    with fsspec.open(url, "rb", **options) as f:
+    with fsspec.open(url, "rb", **options_for(url, storage_options)) as f:
         mask = decode_mask_png(f.read())
-    with fsspec.open(confidence_url(raw, key), "rb", **options) as f:
+    conf = confidence_url(raw, key)
+    with fsspec.open(conf, "rb", **options_for(conf, storage_options)) as f:
         quantized = decode_mask_png(f.read())
     if quantized.dtype != np.uint16 or quantized.shape != mask.shape:
         raise DinosegError(
@@ -226,9 +227,13 @@ class SelectLabels:
                 out["mask"] = mask_url(cfg.output, key)
                 write_bytes_atomic(out["mask"], encode_mask_png(labels, cfg.classes), cfg.storage_options)
             elif bool(batch["was_selected"][i]):  # selected by an earlier rule: no longer a pair
-                fs, path = fsspec.core.url_to_fs(mask_url(cfg.output, key), **(cfg.storage_options or {}))
+                fs, path = fsspec.core.url_to_fs(
+                    mask_url(cfg.output, key), **options_for(mask_url(cfg.output, key), cfg.storage_options)
+                )
                 fs.rm(path)
-                _, beside = fsspec.core.url_to_fs(confidence_url(cfg.output, key), **(cfg.storage_options or {}))
+                _, beside = fsspec.core.url_to_fs(
+                    confidence_url(cfg.output, key), **options_for(confidence_url(cfg.output, key), cfg.storage_options)
+                )
                 if fs.exists(beside):
                     fs.rm(beside)
             return out

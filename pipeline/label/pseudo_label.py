@@ -80,17 +80,13 @@ class PseudoLabelConfig:
 
 def run_pseudo_label(config: PseudoLabelConfig) -> dict:
     """Both passes; returns the run's record (also OUTPUT/run.json)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from model.classes import load_class_map, save_class_map
-    from pipeline import runtime
-    from pipeline.data.schema import ERROR_SCHEMA
+    from model.storage import scope_config
     from pipeline.io.files import absolute_output
-    from pipeline.io.masks import existing_keys
-    from pipeline.io.parts import RollingParquetWriter, read_parts, remove_parts
+    from pipeline.io.lease import Lease
+    from pipeline.io.places import refuse_nesting
     from pipeline.io.records import write_run_json
-    from pipeline.label import pseudo
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     config.validate()
     started = time.time()
@@ -99,6 +95,34 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
     out = absolute_output(seg.output).rstrip("/")
     raw = f"{out}/raw"
     rule = config.rule()
+    refuse_nesting(seg.input, out)  # before the lease: an OUTPUT inside INPUT gets nothing written
+    with Lease(out, "pseudo-label", so, take_over=seg.take_over_lease) as lease:  # the model pass holds raw/'s too
+        model_counts, thresholds, rows = _passes(config, seg, out, raw, rule, so, lease)
+        lease.check()  # taken over by another run meanwhile: that run writes pairs.csv and run.json
+        result = _finish(out, so, rows, thresholds)
+        result.update(
+            model=model_counts,
+            rule=rule,
+            min_coverage=config.min_coverage,
+            wall_seconds=round(time.time() - started, 3),
+        )
+        lease.check()
+        write_run_json(out, {"arguments": _arguments(config), "versions": versions(), **result}, so)
+    return result
+
+
+def _passes(config: PseudoLabelConfig, seg, out: str, raw: str, rule: dict, so, lease):
+    """The model pass and the selection pass, under OUTPUT's `lease` (checked before each write)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from model.classes import load_class_map, save_class_map
+    from pipeline import runtime
+    from pipeline.data.schema import ERROR_SCHEMA, error_rows
+    from pipeline.io.masks import existing_keys
+    from pipeline.io.parts import RollingParquetWriter, read_parts, remove_parts
+    from pipeline.label import pseudo
+
     started_ray = runtime.start_ray(seg.address)
     try:
         model_counts = run_segment(
@@ -113,6 +137,7 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
                 max_classes_reason=f"pseudo-labels are 8-bit masks with {IGNORE_INDEX} = unsure: use a model with at most {IGNORE_INDEX} classes.",
             )
         )
+        lease.check()  # the model pass takes long: another run may hold OUTPUT by now
         classes = load_class_map(f"{raw}/classes.yaml", so)
         save_class_map(classes, f"{out}/classes.yaml", so)
         rows = _raw_rows(raw, so)
@@ -148,28 +173,23 @@ def run_pseudo_label(config: PseudoLabelConfig) -> dict:
         masks_now = existing_keys(out, so) if len(todo) else set()
         todo = todo.append_column("was_selected", pa.array([k in masks_now for k in todo["key"].to_pylist()]))
 
-        labels = RollingParquetWriter(f"{out}/labels", pseudo.LABEL_SCHEMA, so)
-        errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000)
+        lease.check()
+        labels = RollingParquetWriter(f"{out}/labels", pseudo.LABEL_SCHEMA, so, guard=lease.check)
+        errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000, guard=lease.check)
         try:
             if len(todo):
                 ds = runtime.map_rows(todo, pseudo.SelectLabels(select), SELECT_BATCH, seg.decode_cpus)
                 for table in runtime.iter_results(ds):
+                    lease.check()  # taken over by another run (this one was thought dead): stop writing rows
                     ok = table["ok"]
                     labels.write(table.filter(ok).select(pseudo.LABEL_SCHEMA.names))
-                    errors.write(table.filter(pc.invert(ok)).select(ERROR_SCHEMA.names))
+                    errors.write(error_rows(table.filter(pc.invert(ok))))  # + retryable, from stage and type
         finally:
-            labels.close()
-            errors.close()
+            lease.close_writers(labels, errors)  # dropped, not published, once the lease is lost
     finally:
         if started_ray:
             runtime.stop_ray()
-
-    result = _finish(out, so, rows, thresholds)
-    result.update(
-        model=model_counts, rule=rule, min_coverage=config.min_coverage, wall_seconds=round(time.time() - started, 3)
-    )
-    write_run_json(out, {"arguments": _arguments(config), "versions": versions(), **result}, so)
-    return result
+    return model_counts, thresholds, rows
 
 
 def _raw_rows(raw: str, so):
@@ -250,7 +270,8 @@ def _finish(out: str, so, rows, thresholds: dict) -> dict:
 
 def _model_of(raw: str, so) -> list:
     info = read_json(f"{raw}/run.json", so) or {}
-    return [info.get("model"), info.get("head_checksum")]
+    # the identity digest: a model pass with other weights or settings (--overwrite) redoes the selection
+    return [info.get("model"), info.get("head_checksum"), info.get("identity_digest")]
 
 
 def _arguments(config: PseudoLabelConfig) -> dict:

@@ -83,9 +83,12 @@ class TextHeadConfig:
 def run_text_head(config: TextHeadConfig) -> dict:
     """Build the head, write it to config.output and its record beside it; returns the record."""
     from model.checkpoint import save_head_checkpoint
+    from model.storage import scope_config
     from model.text_head import build_text_head
     from pipeline.io.files import absolute_output, refuse_to_replace
     from pipeline.io.records import write_json
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     started = time.time()
     so = config.storage_options or None

@@ -14,7 +14,9 @@ else goes to the run's log file, `log_path()`, which the CLI names at the end:
   with constructor arguments in the object store (see `_absorb_actor_argument_notice`).
 
 Worker processes' stdout and stderr are not forwarded to the driver (`log_to_driver=False`): they
-stay in Ray's session folder, which the log file names. `configure(verbose=True)` (the CLI's
+stay in Ray's session folder, which the log file names. Every log record a worker process makes
+is redacted as the driver's are (`model.redact.redact_this_process`, the workers' setup hook);
+what a worker prints without logging (a task's traceback as Ray writes it) is not. `configure(verbose=True)` (the CLI's
 `--verbose`) shows our INFO records and leaves Ray's output as Ray prints it, forwarding included.
 
 The CLI calls `configure` once, at start. A process that never does (a library user, `python -m`
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from model.redact import RedactingFilter
+
 log = logging.getLogger(__name__)
 
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -37,6 +41,7 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
 LOG_FOLDER = "dinoseg-logs"  # under the temporary folder: one file per process that logs anything
 LOG_LINE_PREFIX = "full log: "  # `log_line()`: the CLI's last line
 HIDDEN_BY_DEFAULT = ("ray", "py.warnings")  # loggers (and their children) kept off the quiet console
+WORKER_SETUP_HOOK = "model.redact.redact_this_process"  # run by every Ray worker process as it starts
 PROGRESS = "dinoseg.progress"  # INFO records of this logger (and its children) are progress lines: always shown
 
 _state: dict = {"configured": False, "verbose": False, "path": None, "handlers": [], "absorbed": False}
@@ -103,12 +108,28 @@ def configure(verbose: bool = False, log_file: str | None = None) -> str:
     console.setFormatter(_ConsoleFormat())
     if not verbose:
         console.addFilter(_quiet_console)
+    for handler in (console, to_file):  # URLs without user-info or query values: no credentials kept
+        handler.addFilter(RedactingFilter())
     root.addHandler(console)
     root.addHandler(to_file)
     root.setLevel(logging.INFO)
     logging.captureWarnings(not verbose)  # warnings -> "py.warnings" records -> the log file
     _state.update(configured=True, verbose=verbose, path=path, handlers=[console, to_file])
     return path
+
+
+def log_to_file(message: str, error: BaseException, name: str = "dinoseg.cli") -> None:
+    """`message` with `error`'s traceback, in the run's log file only (redacted like every record):
+    a command that ends in one sentence on the console still leaves the whole story behind."""
+    ensure_configured()
+    to_file = next((h for h in _state["handlers"] if isinstance(h, logging.FileHandler)), None)
+    if to_file is None:
+        return
+    record = logging.getLogger(name).makeRecord(
+        name, logging.ERROR, __file__, 0, message, None, (type(error), error, error.__traceback__)
+    )
+    to_file.handle(record)  # its filters (RedactingFilter) apply
+    to_file.flush()
 
 
 def ensure_configured() -> None:
@@ -150,7 +171,12 @@ def ray_init_options() -> dict:
     ensure_configured()
     if not is_verbose():
         logging.getLogger("ray").propagate = True
-    return {"configure_logging": False, "log_to_driver": is_verbose()}
+    return {
+        "configure_logging": False,
+        "log_to_driver": is_verbose(),
+        # worker processes' log records lose their URLs' credentials too (in the session's logs)
+        "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK},
+    }
 
 
 def after_ray_init() -> None:

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from model.storage import options_for
+
 
 def from_rows(rows: pa.Table, block_rows: int):
     """A Dataset of driver-built rows in blocks of `block_rows`, so the work spreads over tasks
@@ -94,7 +96,7 @@ def arrow_filesystem(url: str, storage_options: dict | None):
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, _ = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     return PyFileSystem(FSSpecHandler(fs))
 
 

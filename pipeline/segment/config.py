@@ -60,6 +60,9 @@ class SegmentConfig:
         parse=_confidence_bits,
     )
     overwrite: bool = option(False, "Redo keys that an earlier run finished.")
+    take_over_lease: bool = option(
+        False, "Take over OUTPUT's lease from a run known to be dead (a lease without a heartbeat is taken anyway)."
+    )
     max_megapixels: float = max_megapixels_option()
     storage_options: dict = storage_options_option()
     address: Optional[str] = address_option()

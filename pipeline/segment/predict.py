@@ -27,8 +27,8 @@ class PredictConfig:
     keep_image: bool = False  # pass the decoded image on (overlays need it)
     keep_confidence: bool = False  # pass the confidence map on, as uint16 (see quantize_confidence)
     threads: int | None = None  # torch threads for CPU inference (default: every core of the node)
-    storage_options: dict | None = None
-    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
+    weights_env: dict = field(default_factory=dict, repr=False)  # the driver's (model.weights.weights_env)
 
     def build(self):
         from model.hub import build_segmenter

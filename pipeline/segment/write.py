@@ -7,7 +7,7 @@ import io
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +15,11 @@ from PIL import Image
 
 from model.classes import ClassMap
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.schema import ERROR_FIELDS, ERROR_SCHEMA, MASK_PNG_FIELD, PREDICTION_SCHEMA, RLE_FIELD
 from pipeline.io.files import absolute_output, write_bytes_atomic
 from pipeline.io.masks import check_key, confidence_url, encode_confidence_png, encode_mask_png, mask_url, overlay_url
+from pipeline.io.retry import is_transient, retryable_error, with_retries
 from pipeline.io.rle import rle_encode_labels
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,12 @@ JPEG_QUALITY = 90
 MASK_MODES = ("png", "parquet", "both")
 
 
-ERROR_COLUMNS = tuple(ERROR_SCHEMA.names)  # path, key, stage, error_type, message
+ERROR_COLUMNS = tuple(ERROR_SCHEMA.names)  # path, key, stage, error_type, message, retryable
 
 
 def summary_table(counts: dict) -> str:
-    """The end-of-run table: inputs, predicted, skipped, failed, and a check that they add up."""
+    """The end-of-run table: inputs, predicted, skipped, failed, a check that they add up, and
+    a warning when folders could not be listed (`counts['unlisted_folders']`)."""
     names = ("inputs", "predicted", "skipped", "failed")
     n = {k: int(counts.get(k, 0)) for k in names}
     width = max(len(f"{v:,}") for v in n.values())
@@ -45,6 +48,12 @@ def summary_table(counts: dict) -> str:
         lines.append(
             f"{'check':<10} MISMATCH !!! inputs {n['inputs']:,} != predicted + skipped + failed = {done:,} "
             f"({n['inputs'] - done:+,} inputs unaccounted for)"
+        )
+    unlisted = int(counts.get("unlisted_folders", 0))
+    if unlisted:  # each is one failed row, but its images are unknown
+        lines.append(
+            f"{'listing':<10} INCOMPLETE: {unlisted:,} folder{'s' if unlisted > 1 else ''} could not be listed, "
+            "so images under them may be missing (see errors/, stage 'list'): run again to list them"
         )
     return "\n".join(lines)
 
@@ -58,7 +67,7 @@ class WriteConfig:
     overlays: bool = False  # write OUTPUT/overlays/<key>.jpg (needs the `image` column)
     model_id: str = ""
     head_checksum: str = ""
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
     io_threads: int = 8  # rows of a batch written concurrently (object-store PUTs wait on the network)
     confidence_bits: int = 0  # write confidence/<key>.png: 8 or 16 bits (needs the `confidence` column); 0: none
 
@@ -71,7 +80,8 @@ class WriteConfig:
 
 
 def write_schema(config: WriteConfig) -> pa.Schema:
-    """Every row WriteMasks returns: PREDICTION_SCHEMA (+ mask_png, rle), ok, stage, error_type, message."""
+    """Every row WriteMasks returns: PREDICTION_SCHEMA (+ mask_png, rle), ok, stage, error_type, message,
+    retryable."""
     fields = list(PREDICTION_SCHEMA)
     if config.masks in ("parquet", "both"):
         fields.append(MASK_PNG_FIELD)
@@ -84,7 +94,7 @@ def write_schema(config: WriteConfig) -> pa.Schema:
 
 def prediction_columns(config: WriteConfig) -> list[str]:
     """The columns of predictions/*.parquet (select them from the rows where ok)."""
-    return [n for n in write_schema(config).names if n not in ("ok", "stage", "error_type", "message")]
+    return [n for n in write_schema(config).names if n not in ("ok", *ERROR_SCHEMA.names[2:])]
 
 
 class WriteMasks:
@@ -122,8 +132,10 @@ class WriteMasks:
         cols: dict[str, list] = {name: [] for name in self.schema.names}
         for i in range(n):
             out = written.get(i)
+            retry = retryable_error(*errors[i][:2]) if errors[i][0] else False
             if isinstance(out, BaseException):
                 errors[i] = ["write", type(out).__name__, str(out) or type(out).__name__]
+                retry = is_transient(out) or retryable_error(*errors[i][:2])
                 log.debug("write failed for %s: %s", batch["key"][i], out)
                 out = None
             ok = out is not None
@@ -144,6 +156,7 @@ class WriteMasks:
             cols["stage"].append(errors[i][0])
             cols["error_type"].append(errors[i][1])
             cols["message"].append(errors[i][2])
+            cols["retryable"].append(bool(retry))
         return pa.Table.from_pydict(cols, schema=self.schema)
 
     def _write_row(self, batch: dict[str, np.ndarray], i: int) -> dict | BaseException:
@@ -163,16 +176,25 @@ class WriteMasks:
                     f"mask of {key} has values {stray[:5].tolist()} outside its {len(self.classes)} classes and not the ignore index."
                 )
             out: dict = {"mask": ""}
-            if cfg.overlays:  # before the mask: an existing mask means the row is done
-                jpg = self._overlay(np.asarray(batch["image"][i]), mask)
-                write_bytes_atomic(overlay_url(cfg.output, key), jpg, cfg.storage_options)
-            if cfg.confidence_bits:  # before the mask too
-                png16 = encode_confidence_png(np.asarray(batch["confidence"][i]), cfg.confidence_bits)
-                write_bytes_atomic(confidence_url(cfg.output, key), png16, cfg.storage_options)
-            if cfg.masks in ("png", "both"):
-                out["mask"] = mask_url(cfg.output, key)
-                write_bytes_atomic(out["mask"], png, cfg.storage_options)
-            else:
+            # overlay and confidence before the mask (an existing mask means the row is done), and
+            # removed again when the mask cannot be written: no overlay stands without its mask
+            extras: list[str] = []
+            try:
+                if cfg.overlays:
+                    jpg = self._overlay(np.asarray(batch["image"][i]), mask)
+                    extras.append(overlay_url(cfg.output, key))
+                    self._put(extras[-1], jpg)
+                if cfg.confidence_bits:
+                    png16 = encode_confidence_png(np.asarray(batch["confidence"][i]), cfg.confidence_bits)
+                    extras.append(confidence_url(cfg.output, key))
+                    self._put(extras[-1], png16)
+                if cfg.masks in ("png", "both"):
+                    out["mask"] = mask_url(cfg.output, key)
+                    self._put(out["mask"], png)
+            except Exception:
+                self._remove(extras)
+                raise
+            if cfg.masks not in ("png", "both"):
                 check_key(key)
             if cfg.masks in ("parquet", "both"):
                 out["mask_png"] = {"bytes": png, "path": f"{key}.png"}  # datasets.Image layout
@@ -182,6 +204,23 @@ class WriteMasks:
             return out
         except Exception as e:  # the row becomes an error row; the batch goes on
             return e
+
+    def _put(self, url: str, data: bytes) -> None:
+        """One file written atomically, tried again while the store fails transiently."""
+        with_retries(lambda: write_bytes_atomic(url, data, self.config.storage_options), f"writing {url}")
+
+    def _remove(self, urls: list[str]) -> None:
+        """Best effort: the files a row wrote before its mask failed (a re-run writes them again)."""
+        import fsspec
+
+        for url in urls:
+            try:
+                fs, path = fsspec.core.url_to_fs(url, **options_for(url, self.config.storage_options))
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass  # the one whose write failed
+            except Exception as e:
+                log.warning("could not remove %s after its mask failed (%s); the next run rewrites it", url, e)
 
     def _overlay(self, image: np.ndarray, mask: np.ndarray) -> bytes:
         """JPEG of the image (at the mask's size) blended 50% with the class colours; ignore

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.records import jsonl, read_json, write_json, write_text
 from pipeline.label import PseudoLabelConfig
 from pipeline.options import REQUIRED, option
@@ -49,9 +50,12 @@ class SelfTrainConfig:
 
 def run_self_train(config: SelfTrainConfig) -> dict:
     """All rounds; returns OUT/self_train.json's content."""
+    from model.storage import scope_config
     from pipeline import runtime
     from pipeline.data.pairs import Pairs, list_pairs, split_pairs
     from pipeline.io.files import absolute_input, absolute_output
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     if config.rounds < 0:
         raise DinosegError(f"--rounds {config.rounds} must be 0 or more.")
@@ -63,6 +67,10 @@ def run_self_train(config: SelfTrainConfig) -> dict:
     start = absolute_input(config.start_head)
     if not start and not base.images:
         raise DinosegError("give the labeled IMAGES and MASKS, or --start-head with a head to start from.")
+    from model.classes import load_class_map
+
+    # MASKS and the rounds' pseudo-labels train together: both must be in dinoseg's values
+    load_class_map(base.classes, so).require_own_values(base.classes, "self-train mixes its masks with")
     if start:
         check_start_head(start, base)  # a missing file or other classes fail before any work
     started_ray = runtime.start_ray(base.address)
@@ -252,7 +260,7 @@ def _copy(src: str, dst: str, so) -> None:
 
     from pipeline.io.files import write_bytes_atomic
 
-    with fsspec.open(src, "rb", **(so or {})) as f:
+    with fsspec.open(src, "rb", **options_for(src, so)) as f:
         write_bytes_atomic(dst, f.read(), so)
 
 

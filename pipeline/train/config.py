@@ -46,6 +46,7 @@ RESUME_KEYS = (
     "class_weights",
     "cache",
     "class_names",
+    "ignore_index",  # the masks' "no label" value: another one reads other labels
 )
 
 
@@ -133,8 +134,8 @@ class LoopConfig:
     precision: str = "auto"
     seed: int = 0
     settings: dict = field(default_factory=dict)  # the job's options, stored with the state
-    storage_options: dict | None = None
-    weights_env: dict = field(default_factory=dict)  # the driver's DINOSEG_HUB/CACHE (model.weights.weights_env)
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
+    weights_env: dict = field(default_factory=dict, repr=False)  # the driver's (model.weights.weights_env)
     steps: int = 0  # all the run's optimizer steps (the schedule's length); 0: epochs * steps_per_epoch
 
 

@@ -8,11 +8,14 @@ after the check pass (`pipeline.features.check`) has filled the feature cache.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.classes import IGNORE_INDEX
+from model.errors import DinosegError
 from model.geometry import PATCH_SIZE
+from model.storage import options_for
 from pipeline.data.decode import MAX_MEGAPIXELS
 from pipeline.data.pairs import Pairs
 from pipeline.data.schema import failed
@@ -33,9 +36,24 @@ class DataSpec:
     resolution: int
     crop: int
     cache_folder: str | None  # None: --no-cache
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
     task_cpus: float = 0.25
     max_megapixels: float = MAX_MEGAPIXELS
+    ignore_index: int = IGNORE_INDEX  # the class map's mask values, mapped to 255 as masks are read
+    first_id: int = 0
+
+
+def refuse_unread_pairs(problems: list[dict]) -> None:
+    """Raise DinosegError when the check pass could not read some pairs for a transient reason
+    (after retries): training on fewer pairs than given, because the store hiccupped, would pass
+    for a run on the whole set. Bad pairs themselves (corrupt, missing a half) are left out."""
+    unread = [p for p in problems if p.get("retryable")]
+    if unread:
+        first = unread[0]
+        raise DinosegError(
+            f"{len(unread)} pairs could not be read because the storage failed (e.g. {first['key']}: {first['message']}): "
+            "re-run once it answers (the feature cache keeps what was computed); nothing was trained."
+        )
 
 
 def training_datasets(spec: DataSpec) -> dict:
@@ -57,12 +75,18 @@ def training_datasets(spec: DataSpec) -> dict:
             if not len(pairs):
                 continue
             cfg = SampleConfig(
-                dict(zip(pairs.images, pairs.masks, strict=True)), spec.num_classes, crop, storage_options=so
+                dict(zip(pairs.images, pairs.masks, strict=True)),
+                spec.num_classes,
+                crop,
+                storage_options=so,
+                ignore_index=spec.ignore_index,
+                first_id=spec.first_id,
             )
             ds = datasets.stages(datasets.shuffled(cache) if crop else cache, [CachedSamples(cfg)], 16, cpus)
             out[name] = datasets.held(ds) if held and not crop else ds  # validation is the same every epoch
         return datasets.quiet(out)
-    pair = PairConfig(spec.num_classes, None, max_megapixels=spec.max_megapixels)
+    values = {"max_megapixels": spec.max_megapixels, "ignore_index": spec.ignore_index, "first_id": spec.first_id}
+    pair = PairConfig(spec.num_classes, None, **values)
     for name, pairs in (("train", spec.train), ("val", spec.val)):
         if not len(pairs):
             continue
@@ -70,11 +94,15 @@ def training_datasets(spec: DataSpec) -> dict:
         ds = datasets.from_rows(rows, 16)
         if name == "train":
             ds = datasets.shuffled(ds)
-            steps = [ReadPair(so), DecodePair(pair), AugmentPairs(AugmentConfig(spec.crop, spec.resolution))]
+            steps = [
+                ReadPair(so, fail_reads=True),
+                DecodePair(pair),
+                AugmentPairs(AugmentConfig(spec.crop, spec.resolution)),
+            ]
         else:
             steps = [
-                ReadPair(so),
-                DecodePair(PairConfig(spec.num_classes, spec.resolution, max_megapixels=spec.max_megapixels)),
+                ReadPair(so, fail_reads=True),
+                DecodePair(PairConfig(spec.num_classes, spec.resolution, **values)),
                 _samples,
             ]
         out[name] = datasets.stages(ds, steps, 16, cpus)
@@ -90,7 +118,7 @@ def fits_in_memory(files: list[str], storage_options: dict | None, object_store_
 
     if not files:
         return False
-    fs, _ = fsspec.core.url_to_fs(files[0], **(storage_options or {}))
+    fs, _ = fsspec.core.url_to_fs(files[0], **options_for(files[0], storage_options))
     stored = sum(fs.size(f) for f in files)
     # features are fp16 Parquet with little to compress: in memory about their size on disk
     budget = MEMORY_SHARE * object_store_bytes

@@ -23,6 +23,7 @@ from model.checkpoint import HeadCheckpoint
 from model.classes import ClassMap
 from model.geometry import IMAGENET_MEAN, IMAGENET_STD
 from model.heads import HeadConfig, build_head
+from model.storage import options_for
 from pipeline.data.metrics import scores
 from pipeline.io.records import jsonl, write_text
 from pipeline.train.config import LoopConfig
@@ -43,7 +44,7 @@ def read_state(output: str, storage_options: dict | None) -> dict | None:
     import fsspec
 
     url = f"{output.rstrip('/')}/last.pt"
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     if not fs.exists(path):
         return None
     from model.weights import load_checkpoint

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 
+from model.storage import options_for
 from pipeline.train.config import describe
 
 progress = logging.getLogger("dinoseg.progress.train")  # shown on the console at the default verbosity
@@ -52,7 +53,7 @@ class EpochLines:
         import fsspec
 
         try:
-            with fsspec.open(self.url, "rt", **(self.storage_options or {})) as f:
+            with fsspec.open(self.url, "rt", **options_for(self.url, self.storage_options)) as f:
                 text = f.read()
         except FileNotFoundError:
             return []

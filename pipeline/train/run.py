@@ -14,6 +14,7 @@ import uuid
 from dataclasses import asdict, replace
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.io.records import versions
 from pipeline.train.config import PLANNED, RESUME_KEYS, Plan, TrainConfig
 
@@ -68,7 +69,11 @@ def _class_weights(config: TrainConfig, n: int) -> tuple[float, ...] | None:
 
 def settings(config: TrainConfig, layers, classes) -> dict:
     """The options that define the run, as plain values (stored in last.pt and train.json)."""
-    s = asdict(config) | {"layers": list(layers), "class_names": list(classes.names)}
+    s = asdict(config) | {
+        "layers": list(layers),
+        "class_names": list(classes.names),
+        "ignore_index": classes.ignore_index,
+    }
     s["storage_options"] = sorted(config.storage_options)  # names only: no secrets in files
     return json.loads(json.dumps(s))
 
@@ -80,17 +85,20 @@ def run_train(config: TrainConfig) -> dict:
     from model.classes import load_class_map, save_class_map
     from model.geometry import IMAGENET_MEAN, IMAGENET_STD
     from model.heads import HeadConfig
+    from model.storage import scope_config
     from pipeline import runtime
     from pipeline.data.pairs import split_pairs
     from pipeline.data.points import labeled_pairs
     from pipeline.io.files import absolute_input, absolute_output
     from pipeline.io.records import write_text
-    from pipeline.runtime.train import fit
+    from pipeline.runtime.train import fit, refusals
     from pipeline.train.config import LoopConfig, plan
-    from pipeline.train.data import DataSpec, training_datasets
+    from pipeline.train.data import DataSpec, refuse_unread_pairs, training_datasets
     from pipeline.train.loop import read_state, train_loop
     from pipeline.train.progress import EpochLines
     from pipeline.train.training import Schedule
+
+    config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
     started = time.time()
     _check(config)
@@ -139,12 +147,14 @@ def run_train(config: TrainConfig) -> dict:
     else:
         train, val = split_pairs(pairs, config.val_fraction, config.seed)
         problems = list(pairs.problems)
-    save_class_map(classes, f"{out}/classes.yaml", so)
+    # the head's outputs are 0-based with 255 = ignore, whatever values the masks gave
+    save_class_map(classes.internal(), f"{out}/classes.yaml", so)
 
     started_ray = runtime.start_ray(config.address)
     try:
         cluster = runtime.cluster_resources(joined=not started_ray)
         train, val, bad, cache_folder = _check_pass(config, train, val, classes, layers, so, cluster)
+        refuse_unread_pairs(bad)  # the storage failing is not a bad pair: fail, never train on less
         problems += bad
         counts = {"train_pairs": len(train), "val_pairs": len(val), "problems": len(problems)}
         _report_problems(problems, out, so)
@@ -176,7 +186,7 @@ def run_train(config: TrainConfig) -> dict:
             out,
             run_id,
             head.to_dict(),
-            classes.to_dict(),
+            classes.internal().to_dict(),
             config.backbone,
             config.backbone_weights,
             config.resolution,
@@ -202,9 +212,12 @@ def run_train(config: TrainConfig) -> dict:
             cache_folder,
             so,
             max_megapixels=config.max_megapixels,
+            ignore_index=classes.ignore_index,
+            first_id=classes.first_id,
         )
         if state is None or state["epoch"] < budget.epochs:
-            with EpochLines(f"{out}/metrics.jsonl", so):
+            # a pair the storage stops giving mid-run (refuse_unread) ends the run in its sentence
+            with refusals(), EpochLines(f"{out}/metrics.jsonl", so):
                 fit(train_loop, loop, f"dinoseg-train-{run_id}", training_datasets(spec), workers, use_gpu, cpus)
     finally:
         if started_ray:
@@ -237,7 +250,7 @@ def _run_id(config: TrainConfig, out: str, so, run_settings: dict, read_state) -
     if config.overwrite:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(f"{out}/last.pt", **(so or {}))
+        fs, path = fsspec.core.url_to_fs(f"{out}/last.pt", **options_for(f"{out}/last.pt", so))
         fs.rm(path)  # a crash before the new run's first epoch must not resume the old one
         return uuid.uuid4().hex[:12], None
     if not config.resume:
@@ -298,8 +311,8 @@ def _check_pass(config, train, val, classes, layers, so, cluster):
             config.backbone, layers, config.resolution, config.backbone_weights, config.precision, so
         )
         folder = features.folder(config.cache_dir or f"{config.output.rstrip('/')}/cache")
-    pair = PairConfig(
-        len(classes),
+    pair = PairConfig.of(
+        classes,
         config.resolution if config.cache else None,
         max_megapixels=config.max_megapixels,
         keep=config.cache,

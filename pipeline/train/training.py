@@ -2,6 +2,8 @@
 epoch of training, validation into a confusion matrix, and the training state on disk.
 
 `pipeline.train.loop` runs these inside Ray Train workers; a unit test runs them as they are.
+Labels arrive 0-based with IGNORE_INDEX (255) = ignore whatever values the class map gives its
+masks: `pipeline.features.pairs.decode_label` maps them once, as masks are read.
 """
 
 from __future__ import annotations

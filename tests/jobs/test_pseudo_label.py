@@ -200,3 +200,21 @@ def _export_round_trips(out, tmp_path):
         assert np.array_equal(
             mask_utils.decode(ann["segmentation"]), (mask == category[ann["category_id"]]).astype(np.uint8)
         )
+
+
+def test_a_held_output_and_an_output_inside_input_are_refused_before_any_work(tmp_path, images, head_file):
+    """Both refused in one sentence before the model pass: OUTPUT's lease is held by another run;
+    OUTPUT lies inside INPUT (the next run would label its own masks)."""
+    from model.errors import DinosegError
+    from pipeline.io.lease import Lease
+
+    out = tmp_path / "out"
+    with Lease(str(out), "segment"):
+        with pytest.raises(DinosegError, match="held by run") as e:
+            run_pseudo_label(config(images, out, head_file))
+        assert "\n" not in str(e.value)
+        assert sorted(p.name for p in out.iterdir()) == ["lease.json"]  # nothing else written
+    inside = images / "labels-out"
+    with pytest.raises(DinosegError, match="inside INPUT"):
+        run_pseudo_label(config(images, inside, head_file))
+    assert not inside.exists()

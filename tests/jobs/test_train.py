@@ -163,6 +163,42 @@ def test_s3_output_and_a_cache_streamed_from_s3(ray_local, small, s3_bucket, mon
     assert loaded.backbone == "dinov2_vits14" and len(loaded.classes) == 5 and loaded.resolution == 56
 
 
+@pytest.mark.slow  # a real Ray, and reads retried for seconds
+def test_a_mask_the_storage_stops_giving_mid_training_fails_in_one_sentence(
+    ray_local, small, s3_server, s3_new_bucket, monkeypatch, caplog
+):
+    import fsspec
+    from faults import FaultProxy
+
+    import pipeline.train.data as train_data
+
+    bucket, direct = s3_new_bucket()
+    fsspec.filesystem("s3", skip_instance_cache=True, **direct).put(f"{small}/", f"{bucket}/small/", recursive=True)
+    proxy = FaultProxy(s3_server, seed=6)
+    checked = train_data.refuse_unread_pairs
+
+    def then_the_masks_fail(problems):  # after the check pass read every pair: 503s until the end
+        checked(problems)
+        proxy.set({"read": 1.0}, ("503",), only="/small/train/masks/")
+
+    monkeypatch.setattr(train_data, "refuse_unread_pairs", then_the_masks_fail)
+    so = proxy.storage_options()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dinoseg.train"), pytest.raises(DinosegError) as refused:
+            run_train(
+                config(
+                    f"s3://{bucket}/small", f"s3://{bucket}/run", cache=False, epochs=1, workers=1, storage_options=so
+                )
+            )
+    finally:
+        proxy.close()
+    message = str(refused.value)
+    assert "re-run with --resume" in message and "Traceback" not in message and "\n" not in message
+    assert type(refused.value) is DinosegError  # not Ray's wrapper of it
+    assert proxy.injected[("read", "503")] > 0
+    assert "starting the workers again" not in caplog.text  # refused at once: the workers are not restarted
+
+
 def test_option_errors_are_one_sentence(tmp_path, small):
     with pytest.raises(DinosegError, match="--epochs"):
         run_train(config(small, tmp_path / "o", epochs=0))

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from model.classes import ClassMap, bundled, default_color, load_class_map, save_class_map
@@ -72,3 +73,78 @@ def test_missing_file_and_unknown_bundled_name(tmp_path):
         load_class_map(str(tmp_path / "nope.yaml"))
     with pytest.raises(DinosegError, match="bundled"):
         bundled("cityscapes")
+
+
+# ---- the ignore index: validated when a map is read -------------------------------------------
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".") and ". " not in message.rstrip(".")
+
+
+def three_classes(ignore) -> str:
+    return json.dumps({"ignore_index": ignore, "classes": [{"id": i, "name": f"c{i}"} for i in range(3)]})
+
+
+@pytest.mark.parametrize("ignore", [0, 2])
+def test_an_ignore_index_that_is_a_class_id_is_refused_in_one_sentence(tmp_path, ignore):
+    path = tmp_path / "c.json"
+    path.write_text(three_classes(ignore))
+    with pytest.raises(DinosegError, match=f"ignore_index {ignore} is also the id of class {ignore}") as e:
+        load_class_map(str(path))
+    assert str(path) in str(e.value) and one_sentence(str(e.value))
+    with pytest.raises(DinosegError, match="also the id"):  # built in code as well as read
+        ClassMap(("a", "b", "c"), ((0, 0, 0),) * 3, ignore_index=ignore)
+
+
+@pytest.mark.parametrize("ignore", ['"255"', "2.5", "255.0", "true", "[255]", "null", "-1", "65536"])
+def test_an_ignore_index_that_is_not_a_mask_value_is_refused(tmp_path, ignore):
+    path = tmp_path / "c.json"
+    path.write_text(three_classes(None).replace("null", ignore, 1))
+    if ignore == "null":  # YAML/JSON null: as if not given
+        assert load_class_map(str(path)).ignore_index == 255
+        return
+    with pytest.raises(DinosegError, match="ignore_index") as e:
+        load_class_map(str(path))
+    assert one_sentence(str(e.value)) and ("not an integer" in str(e.value) or "0..65535" in str(e.value))
+
+
+def test_another_ignore_index_is_kept_and_round_trips(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ignore_index: 100\nclasses: [{id: 0, name: a}, {id: 1, name: b}]\n")
+    cm = load_class_map(str(path))
+    assert cm.ignore_index == 100 and cm.first_id == 0
+    save_class_map(cm, str(tmp_path / "again.yaml"))
+    assert load_class_map(str(tmp_path / "again.yaml")) == cm
+
+
+def test_a_map_whose_zero_is_unlabeled_numbers_its_classes_from_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ignore_index: 0\nclasses: [{id: 1, name: wall}, {id: 2, name: floor}]\n")
+    cm = load_class_map(str(path))
+    assert (cm.names, cm.first_id, cm.ignore_index) == (("wall", "floor"), 1, 0)
+    save_class_map(cm, str(tmp_path / "again.yaml"))
+    assert load_class_map(str(tmp_path / "again.yaml")) == cm  # ids 1..N written back
+    assert cm.to_indices(np.array([[0, 1, 2]])).tolist() == [[255, 0, 1]]
+    with pytest.raises(DinosegError, match="class 3"):
+        cm.to_indices(np.array([[3]]))
+    path.write_text("ignore_index: 255\nclasses: [{id: 1, name: wall}, {id: 2, name: floor}]\n")
+    with pytest.raises(DinosegError, match="0..N-1"):  # from 1 only when 0 is the ignore index
+        load_class_map(str(path))
+
+
+def test_wide_maps_default_to_65535_and_refuse_a_stated_255(tmp_path):
+    entries = [{"id": i, "name": f"c{i}"} for i in range(300)]
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({"classes": entries}))
+    wide = load_class_map(str(path))
+    assert wide.ignore_index == 65535  # 255 is class 255 here; 65535 is no class of a 16-bit mask
+    assert ClassMap(tuple(e["name"] for e in entries), ((0, 0, 0),) * 300).ignore_index == 65535
+    assert ClassMap(("a",) * 255, ((0, 0, 0),) * 255).ignore_index == 255  # up to 255 classes: as before
+    path.write_text(json.dumps({"ignore_index": 255, "classes": entries}))
+    with pytest.raises(DinosegError, match="such as 65535") as e:
+        load_class_map(str(path))
+    assert one_sentence(str(e.value))
+    # what dinoseg wrote itself before the check (255 for every map) still loads, as 65535
+    old = ClassMap.from_dict({"ignore_index": 255, "classes": entries}, written_by_dinoseg=True)
+    assert old.ignore_index == 65535

@@ -7,6 +7,9 @@ a folder, a loopback HTTP server or a loopback S3 endpoint laid out as Meta's fi
 from __future__ import annotations
 
 import filecmp
+import hashlib
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +29,7 @@ from model.weights import (
     hub_url,
     load_checkpoint,
     segmentation_model,
+    sidecar_path,
 )
 
 HUB_FILE = "dinov2_vits14/dinov2_vits14_pretrain.pth"
@@ -139,7 +143,7 @@ def test_http_hub_downloads_once_then_loads_from_the_cache(
 
     assert ("GET", f"/{HUB_FILE}") in server.requests
     cached = cache / HUB_FILE
-    assert files_under(cache) == [cached]  # in Meta's layout, no .part file left behind
+    assert files_under(cache) == [cached, sidecar_path(cached)]  # in Meta's layout, no .part file left behind
     assert filecmp.cmp(cached, vits14_file, shallow=False)
 
     before = len(server.requests)
@@ -154,11 +158,15 @@ def test_cached_file_is_used_even_when_the_hub_is_down(vits14_file, vits14_state
     assert_same_weights(load_backbone("dinov2_vits14"), vits14_state_dict)
 
 
-def test_s3_hub(vits14_file, vits14_state_dict, s3_hub, cache, monkeypatch):
+def test_s3_hub_has_its_own_storage_options(vits14_file, vits14_state_dict, s3_hub, cache, monkeypatch):
+    """The hub is opened with DINOSEG_HUB_STORAGE_OPTIONS; a job's storage options are its
+    stores', and never reach the hub (here they would point at no endpoint at all)."""
     hub, so = s3_hub
     monkeypatch.setenv("DINOSEG_HUB", hub)
-    assert_same_weights(load_backbone("dinov2_vits14", storage_options=so), vits14_state_dict)
-    assert files_under(cache) == [cache / HUB_FILE]
+    monkeypatch.setenv("DINOSEG_HUB_STORAGE_OPTIONS", json.dumps(so))
+    elsewhere = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "key": "x", "secret": "y"}
+    assert_same_weights(load_backbone("dinov2_vits14", storage_options=elsewhere), vits14_state_dict)
+    assert files_under(cache) == [cache / HUB_FILE, sidecar_path(cache / HUB_FILE)]
     assert filecmp.cmp(cache / HUB_FILE, vits14_file, shallow=False)
 
 
@@ -429,3 +437,230 @@ def test_relative_weights_folders_are_sent_as_absolute_paths(monkeypatch, tmp_pa
     monkeypatch.setenv("DINOSEG_CACHE", "./cache")  # relative to the user's folder, not the worker's
     monkeypatch.setenv("DINOSEG_HUB", "s3://my-bucket/weights")
     assert weights_env() == {"DINOSEG_CACHE": str(tmp_path / "cache"), "DINOSEG_HUB": "s3://my-bucket/weights"}
+
+
+def test_hub_storage_options_travel_to_workers_as_they_are(monkeypatch):
+    from model.weights import weights_env
+
+    monkeypatch.setenv("DINOSEG_HUB_STORAGE_OPTIONS", '{"anon": true}')  # not a path: sent unchanged
+    assert weights_env()["DINOSEG_HUB_STORAGE_OPTIONS"] == '{"anon": true}'
+
+
+# --- the cache's sidecar: size and SHA-256 of every download, checked on every hit ------------------
+
+TINY = "dinov2_tiny/tiny.pth"
+
+
+@pytest.fixture
+def tiny_hub(tmp_path, http_server, cache, monkeypatch):
+    """A loopback http hub holding one small checkpoint (hashing it costs nothing)."""
+    root = tmp_path / "tiny-hub"
+    (root / TINY).parent.mkdir(parents=True)
+    torch.save({"w": torch.arange(1000.0)}, root / TINY)
+    server = http_server(root)
+    monkeypatch.setenv("DINOSEG_HUB", server.url)
+    return root / TINY, server
+
+
+def test_download_records_size_and_sha256_beside_the_file(tiny_hub, cache):
+    original, _ = tiny_hub
+    cached = fetch_hub_file(TINY)
+    record = json.loads(sidecar_path(cached).read_text())
+    assert record["size"] == original.stat().st_size
+    assert record["sha256"] == hashlib.sha256(original.read_bytes()).hexdigest()
+
+
+def test_a_verified_hit_costs_a_stat_not_a_hash(tiny_hub, cache, monkeypatch):
+    import model.weights as weights
+
+    _, server = tiny_hub
+    fetch_hub_file(TINY)
+    hashed = []
+    monkeypatch.setattr(weights, "file_sha256", lambda path: hashed.append(path) or "x")
+    before = len(server.requests)
+    assert fetch_hub_file(TINY) == cache / TINY
+    assert hashed == [] and len(server.requests) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same-size", "swapped"])
+def test_a_damaged_cache_file_is_fetched_again(tiny_hub, cache, damage, caplog):
+    original, server = tiny_hub
+    cached = fetch_hub_file(TINY)
+    data = bytearray(cached.read_bytes())
+    if damage == "truncated":
+        cached.write_bytes(data[: len(data) // 2])
+    elif damage == "same-size":  # one byte flipped in place, its mtime set back: ctime still tells
+        st = cached.stat()
+        data[len(data) // 2] ^= 0xFF
+        cached.write_bytes(bytes(data))
+        os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:  # another file renamed over it, of the same size
+        other = cached.with_name("other")
+        data[-10] ^= 0xFF
+        other.write_bytes(bytes(data))
+        os.replace(other, cached)
+    before = len(server.requests)
+    with caplog.at_level(logging.WARNING, logger="model.weights"):
+        assert fetch_hub_file(TINY) == cached
+    assert len(server.requests) > before  # downloaded again
+    assert cached.read_bytes() == original.read_bytes()
+    assert "damaged" in caplog.text and str(cached) in caplog.text
+
+
+def test_a_damaged_cache_file_is_refused_when_the_hub_is_down(tiny_hub, cache, monkeypatch):
+    _, server = tiny_hub
+    cached = fetch_hub_file(TINY)
+    cached.write_bytes(cached.read_bytes()[:-1])
+    server.stop()
+    with pytest.raises(WeightsError) as e:
+        fetch_hub_file(TINY)
+    message = str(e.value)
+    assert str(cached) in message and "damaged" in message and f"delete {cached}" in message
+    with pytest.raises(WeightsError):  # and it stays refused: nothing loads the damaged bytes
+        fetch_hub_file(TINY)
+
+
+def test_a_cache_entry_without_sidecar_is_hashed_once(tiny_hub, cache, monkeypatch):
+    """An entry an older dinoseg cached: hashed once, its sidecar written, then trusted by stat."""
+    original, server = tiny_hub
+    link_or_copy(original, cache / TINY)
+    server.stop()  # not needed: the entry is used as it is
+    assert fetch_hub_file(TINY) == cache / TINY
+    assert (
+        json.loads(sidecar_path(cache / TINY).read_text())["sha256"]
+        == hashlib.sha256(original.read_bytes()).hexdigest()
+    )
+
+
+def test_pinned_hashes_accept_the_published_file_and_refuse_another(tiny_hub, cache, monkeypatch):
+    import model.weights as weights
+
+    original, server = tiny_hub
+    good = hashlib.sha256(original.read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.KNOWN_SHA256, TINY, good)
+    assert fetch_hub_file(TINY) == cache / TINY  # match: downloaded, cached
+
+    monkeypatch.setitem(weights.KNOWN_SHA256, TINY, "0" * 64)  # the hub and the cache hold another file
+    with pytest.raises(WeightsError) as e:
+        fetch_hub_file(TINY)  # the cached copy is refused, and so is the hub's
+    assert "0" * 64 in str(e.value) and good in str(e.value)
+
+    for p in files_under(cache):
+        p.unlink()
+    with pytest.raises(WeightsError, match="not the published"):
+        fetch_hub_file(TINY)
+    assert files_under(cache) == []  # a download that differs is not kept
+
+
+def test_bad_hub_storage_options_are_one_sentence(tiny_hub, cache, monkeypatch):
+    for text, expected in (
+        ('{"anon": tru', "is not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"s3": {"anon": true}, "anon": true}', "mixes scopes"),
+    ):
+        monkeypatch.setenv("DINOSEG_HUB_STORAGE_OPTIONS", text)
+        with pytest.raises(DinosegError, match=expected) as e:
+            fetch_hub_file(TINY)
+        assert "DINOSEG_HUB_STORAGE_OPTIONS" in str(e.value)
+
+
+def test_hub_storage_options_reach_the_hub_only(tmp_path, http_server, cache, monkeypatch):
+    """DINOSEG_HUB_STORAGE_OPTIONS' headers go to the hub; a job's storage options do not."""
+    import headers_server
+
+    root = tmp_path / "hub"
+    (root / TINY).parent.mkdir(parents=True)
+    torch.save({"w": torch.ones(3)}, root / TINY)
+    with headers_server.serve(root) as server:
+        monkeypatch.setenv("DINOSEG_HUB", server.url)
+        monkeypatch.setenv("DINOSEG_HUB_STORAGE_OPTIONS", json.dumps({"headers": {"X-Hub": "hub-token"}}))
+        fetch_hub_file(TINY)
+        assert [h.get("X-Hub") for _, h in server.seen] and all(h.get("X-Hub") == "hub-token" for _, h in server.seen)
+
+
+# --- one digest per weights file: verified_sha256 ------------------------------------------------
+
+
+def _counting_hashes(monkeypatch) -> list:
+    import model.weights as weights
+
+    hashed, real = [], weights.file_sha256
+    monkeypatch.setattr(weights, "file_sha256", lambda path: hashed.append(Path(path)) or real(path))
+    return hashed
+
+
+def test_a_remote_checkpoint_read_once_is_not_hashed(tiny_hub, cache, monkeypatch):
+    """load_checkpoint of a URL (--backbone-weights, --head) streams to a temporary file, loads it and
+    deletes it: hashing it (1.2 GB per actor for ViT-L) would be for nothing."""
+    _, server = tiny_hub
+    hashed = _counting_hashes(monkeypatch)
+    assert torch.equal(load_checkpoint(f"{server.url}/{TINY}")["w"], torch.arange(1000.0))
+    assert hashed == []
+
+
+def test_a_local_hub_used_in_place_is_held_to_its_pinned_digest(tmp_path, cache, monkeypatch):
+    import model.weights as weights
+
+    hub = tmp_path / "hub"
+    (hub / TINY).parent.mkdir(parents=True)
+    torch.save({"w": torch.ones(3)}, hub / TINY)
+    monkeypatch.setenv("DINOSEG_HUB", str(hub))
+    good = hashlib.sha256((hub / TINY).read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.KNOWN_SHA256, TINY, good)
+    hashed = _counting_hashes(monkeypatch)
+    assert fetch_hub_file(TINY) == hub / TINY and fetch_hub_file(TINY) == hub / TINY
+    assert len(hashed) == 1  # hashed once: the second use is a stat (memoised by its stamp)
+    assert weights.verified_sha256(hub / TINY) == good and len(hashed) == 1
+
+    monkeypatch.setitem(weights.KNOWN_SHA256, TINY, "0" * 64)  # the folder holds another file
+    with pytest.raises(WeightsError, match="not the published"):
+        fetch_hub_file(TINY)
+
+
+def test_a_sidecar_is_written_for_the_file_that_was_hashed_only(tiny_hub, cache, monkeypatch):
+    """Two downloaders at once: if another's rename replaced this one's file before its sidecar
+    was written, this one's digest is not stamped onto the other's bytes."""
+    import model.weights as weights
+
+    download = weights._download
+
+    def raced(url, dest, *args, **kwargs):
+        record = download(url, dest, *args, **kwargs)
+        other = dest.with_name("other.part")
+        other.write_bytes(dest.read_bytes()[:-1] + b"\0")  # the other downloader got other bytes
+        os.replace(other, dest)
+        return record
+
+    monkeypatch.setattr(weights, "_download", raced)
+    cached = fetch_hub_file(TINY)
+    assert not sidecar_path(cached).exists()  # not this download's file any more: no record of it
+    monkeypatch.setattr(weights, "_download", download)
+    fetch_hub_file(TINY)  # no sidecar: the file there is hashed and recorded as it is
+    assert json.loads(sidecar_path(cached).read_text())["sha256"] == hashlib.sha256(cached.read_bytes()).hexdigest()
+
+
+def test_verified_sha256_of_a_cache_entry_is_its_sidecars(tiny_hub, cache, monkeypatch):
+    import model.weights as weights
+
+    cached = fetch_hub_file(TINY)  # downloaded and hashed once
+    hashed = _counting_hashes(monkeypatch)
+    assert weights.verified_sha256(cached) == json.loads(sidecar_path(cached).read_text())["sha256"]
+    assert hashed == [] and not (cache / weights.DIGESTS).exists()
+
+
+def test_verified_sha256_of_another_file_is_hashed_once_per_version(tmp_path, cache, monkeypatch):
+    import model.weights as weights
+
+    path = tmp_path / "mine.pth"
+    path.write_bytes(b"one")
+    hashed = _counting_hashes(monkeypatch)
+    assert weights.verified_sha256(path) == hashlib.sha256(b"one").hexdigest()
+    monkeypatch.setattr(weights, "_MEMO", {})  # another process: digests.json remembers
+    assert weights.verified_sha256(path) == hashlib.sha256(b"one").hexdigest() and len(hashed) == 1
+    path.write_bytes(b"two")  # a new version: hashed again, and the memo keeps only the latest
+    assert weights.verified_sha256(path) == hashlib.sha256(b"two").hexdigest() and len(hashed) == 2
+    memo = json.loads((cache / weights.DIGESTS).read_text())
+    assert (
+        list(memo) == [os.path.realpath(path)]
+        and memo[os.path.realpath(path)]["sha256"] == hashlib.sha256(b"two").hexdigest()
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.label.imports.coco import MATCHES
 from pipeline.label.imports.common import CROWDS, OVERLAPS, Record
 
@@ -39,7 +40,7 @@ def open_source(url: str, storage_options: dict | None) -> Source:
     from fsspec.core import url_to_fs
 
     try:
-        fs, path = url_to_fs(url, **(storage_options or {}))
+        fs, path = url_to_fs(url, **options_for(url, storage_options))
         exists, is_file = fs.exists(path), fs.isfile(path)
     except (OSError, ValueError, ImportError) as e:
         raise DinosegError(f"cannot open SOURCE '{url}' ({e}): check the URL and the storage options.") from None

@@ -25,6 +25,7 @@ from fsspec.core import split_protocol
 
 from model.classes import ClassMap
 from model.errors import DinosegError
+from model.storage import options_for
 from pipeline.data.keys import key_from_parts, split_url
 from pipeline.io.masks import MAX_MEGAPIXELS
 
@@ -92,7 +93,7 @@ def image_size(url: str, storage_options: dict | None) -> tuple[int, int]:
     after its EXIF orientation, as `segment` sees the image (so as the mask must be)."""
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(url, **(storage_options or {}))
+    fs, path = url_to_fs(url, **options_for(url, storage_options))
     return file_image_size(fs, path)
 
 

@@ -102,3 +102,51 @@ def test_collisions_in_a_manifest(tmp_path):
     ]
     assert "listed more than once" in rows[3]["error_message"] and rows[3]["error_type"] == "DuplicateInput"
     assert "already used" in rows[5]["error_message"] and rows[5]["error_type"] == "KeyCollision"
+
+
+def test_manifest_keys_stay_when_entries_appear_elsewhere(tmp_path):
+    (tmp_path / "m.txt").write_text("/d/x/1.jpg\n/d/x/2.jpg\n")
+    first = {r["path"]: r["key"] for r in list_inputs(str(tmp_path / "m.txt"))}
+    assert first == {"/d/x/1.jpg": "1", "/d/x/2.jpg": "2"}  # the common folder is /d/x
+    (tmp_path / "m.txt").write_text("/d/x/1.jpg\n/d/x/2.jpg\n/e/3.jpg\n/d/1.png\n")  # now it is /
+    rows = list(list_inputs(str(tmp_path / "m.txt"), recorded=first))
+    assert [(r["key"], r["error_type"]) for r in rows] == [
+        ("1", ""),  # as in run 1: no second row, no second mask for one image
+        ("2", ""),
+        ("e/3", ""),
+        ("d/1", ""),
+    ]
+    assert keys(list_inputs(str(tmp_path / "m.txt"))) == ["d/x/1", "d/x/2", "e/3", "d/1"]  # no record
+
+
+def test_manifest_entries_that_all_moved_keep_their_keys(tmp_path):
+    (tmp_path / "m.txt").write_text("s3://b/photos/x/1.jpg\ns3://b/photos/2.jpg\n")
+    first = {r["path"]: r["key"] for r in list_inputs(str(tmp_path / "m.txt"))}
+    assert sorted(first.values()) == ["2", "x/1"]
+    # the same images under another prefix (a bucket copied, a CDN in front): resumed, not collided
+    (tmp_path / "m.txt").write_text("https://cdn.example/p-2026/x/1.jpg\nhttps://cdn.example/p-2026/2.jpg\n")
+    rows = list(list_inputs(str(tmp_path / "m.txt"), recorded=first))
+    assert [(r["key"], r["error_type"]) for r in rows] == [("x/1", ""), ("2", "")]
+    # one image given as INPUT, then moved: its key stays
+    write(tmp_path / "new", ["2.jpg"])
+    rows = list(list_inputs(str(tmp_path / "new" / "2.jpg"), recorded={"/old/2.jpg": "2"}))
+    assert [(r["key"], r["error_type"]) for r in rows] == [("2", "")]
+
+
+def test_manifest_aliases_from_slashes_dots_and_case(tmp_path):
+    entries = [
+        "s3://b/in/x/y.jpg",
+        "s3://b/in/x//y.jpg",
+        "s3://b/in/./x/y.jpg",
+        "s3://b/in/X/Y.JPG",
+        "s3://b/in/x\\y.jpg",
+    ]
+    (tmp_path / "m.txt").write_text("\n".join(entries))
+    rows = list(list_inputs(str(tmp_path / "m.txt")))
+    assert [(r["path"], r["key"], r["error_type"]) for r in rows] == [
+        ("s3://b/in/x/y.jpg", "x/y.jpg", ""),  # S3 holds each as an object of its own, so each is listed
+        ("s3://b/in/x//y.jpg", "", "KeyCollision"),  # ... but their keys would be one mask
+        ("s3://b/in/./x/y.jpg", "", "KeyCollision"),
+        ("s3://b/in/X/Y.JPG", "", "KeyCollision"),
+        ("s3://b/in/x\\y.jpg", "", "UnsafePath"),
+    ]

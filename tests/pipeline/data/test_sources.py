@@ -179,11 +179,80 @@ def test_collisions_in_a_folder(tmp_path):
         "q.jpg": ("", "list", "KeyCollision"),  # 'q.jpg' is the plain key of q.jpg.png, and the plain key wins
         "q.jpg.png": ("q.jpg", "", ""),
         "q.png": ("q.png", "", ""),
-        "s/c.JPG": ("s/c.JPG", "", ""),
-        "s/c.jpg": ("s/c.jpg", "", ""),
+        "s/c.JPG": ("s/c.JPG", "", ""),  # keys are compared casefolded: one file on macOS or Windows
+        "s/c.jpg": ("", "list", "KeyCollision"),
     }
     assert "already used" in next(r for r in rows if r["path"].endswith("/q.jpg"))["error_message"]
     assert rows == list(list_inputs(str(tmp_path)))  # deterministic
+
+
+def test_keys_are_unique_over_the_whole_listing(tmp_path):
+    nfc, nfd = "caf\u00e9/x.jpg", "cafe\u0301/x.png"  # two folders, one name once normalised
+    write(tmp_path, ["a\\b.jpg", "a/b.jpg", "X/p.jpg", "x/p.jpg", nfc, nfd, "k.jpg", "K/k.jpg", "m.jpg", "M.png"])
+    rows = list(list_inputs(str(tmp_path)))
+    assert len(rows) == 10  # one row per input
+    got = {str(Path(r["path"]).relative_to(tmp_path)): (r["key"], r["error_type"]) for r in rows}
+    assert got == {
+        "X/p.jpg": ("X/p", ""),
+        "a\\b.jpg": ("", "UnsafePath"),  # a separator on Windows: refused, never taken for 'a/b'
+        "a/b.jpg": ("a/b", ""),
+        "caf\u00e9/x.jpg": ("", "KeyCollision"),  # one name once Unicode-normalised (macOS)
+        "cafe\u0301/x.png": ("cafe\u0301/x", ""),  # NFD sorts first
+        "k.jpg": ("k", ""),
+        "M.png": ("M.png", ""),  # stems equal but for case keep their extensions, as a.jpg and a.png do
+        "m.jpg": ("m.jpg", ""),
+        "K/k.jpg": ("K/k", ""),
+        "x/p.jpg": ("", "KeyCollision"),  # 'X/p' and 'x/p' are one file on a case-insensitive disk
+    }
+    message = next(r["error_message"] for r in rows if r["path"].endswith("x/p.jpg"))
+    assert f"'{tmp_path / 'x/p.jpg'}'" in message and f"'{tmp_path / 'X/p.jpg'}'" in message
+    assert "rename one of them" in message and message.count(". ") == 0  # one sentence, both paths
+
+
+def test_a_recorded_key_stays_when_a_sibling_appears(tmp_path):
+    write(tmp_path, ["a.jpg", "s/b.jpg"])
+    first = {r["path"]: r["key"] for r in list_inputs(str(tmp_path))}
+    assert first == {str(tmp_path / "a.jpg"): "a", str(tmp_path / "s/b.jpg"): "s/b"}
+    write(tmp_path, ["a.png", "s\\b.png", "S/B.jpg"])  # siblings and aliases appear after run 1
+    rows = list(list_inputs(str(tmp_path), recorded=first))
+    got = {str(Path(r["path"]).relative_to(tmp_path)): (r["key"], r["error_type"]) for r in rows}
+    assert got == {
+        "a.jpg": ("a", ""),  # as in run 1: its mask and row stay the one image's
+        "a.png": ("a.png", ""),
+        "s\\b.png": ("", "UnsafePath"),
+        "S/B.jpg": ("", "KeyCollision"),  # listed before s/b.jpg, but its key was s/b.jpg's
+        "s/b.jpg": ("s/b", ""),
+    }
+    fresh = {str(Path(r["path"]).relative_to(tmp_path)): r["key"] for r in list_inputs(str(tmp_path))}
+    assert fresh["a.jpg"] == "a.jpg" and fresh["a.png"] == "a.png"  # without a record: the rule alone
+
+
+def test_a_renamed_input_resumes_and_gone_inputs_keep_their_keys(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.data.keys import recorded_keys
+    from pipeline.io.parts import RollingParquetWriter
+
+    write(tmp_path / "photos", ["a.jpg", "a.png", "sub/b.jpg", "gone.jpg"])
+    rows = list(list_inputs(str(tmp_path / "photos")))
+    w = RollingParquetWriter(
+        str(tmp_path / "out/predictions"), pa.schema([("path", pa.string()), ("key", pa.string())])
+    )
+    w.write(pa.table({"path": [r["path"] for r in rows], "key": [r["key"] for r in rows]}))
+    w.close()
+    (tmp_path / "photos").rename(tmp_path / "photos-2026")  # renamed, remounted, or OUTPUT copied along
+    (tmp_path / "photos-2026" / "gone.jpg").unlink()
+    (tmp_path / "photos-2026" / "a.png").unlink()  # a.jpg alone now: it keeps 'a.jpg' all the same
+    write(tmp_path / "photos-2026", ["gone.png"])
+    stats: dict = {}
+    again = list(list_inputs(str(tmp_path / "photos-2026"), recorded=recorded_keys(str(tmp_path / "out")), stats=stats))
+    got = {str(Path(r["path"]).relative_to(tmp_path / "photos-2026")): (r["key"], r["error_type"]) for r in again}
+    assert got == {
+        "a.jpg": ("a.jpg", ""),  # the same file relative to INPUT: its key, its mask, skipped as done
+        "gone.png": ("", "KeyCollision"),  # gone.jpg's mask is still in OUTPUT under 'gone'
+        "sub/b.jpg": ("sub/b", ""),
+    }
+    assert stats == {"recorded_not_listed": 2}  # a.png and gone.jpg: their keys stay reserved
 
 
 # ---- reading ---------------------------------------------------------------------------------

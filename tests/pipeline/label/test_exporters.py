@@ -242,7 +242,7 @@ def test_cvat_wide_class_maps_are_fine(tmp_path):
     wide = ClassMap(tuple(f"c{i}" for i in range(300)), tuple(default_color(i + 1) for i in range(300)))
     exporter = make_exporter("cvat", str(tmp_path / "w"), wide)
     exporter.begin()
-    m = np.array([[299, 255, 0]], dtype=np.uint16)
+    m = np.array([[299, 65535, 0]], dtype=np.uint16)  # past 255 classes the ignore index is 65535
     exporter.add(exporter.encode(ExportItem("k", "k", m)))
     exporter.finish()
     rgb = np.asarray(Image.open(tmp_path / "w" / "SegmentationClass" / "k.png"))

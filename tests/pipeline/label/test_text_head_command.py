@@ -87,6 +87,7 @@ def test_classes_text_into_an_output_of_another_model_is_refused_before_the_head
     out = tmp_path / "seg"
     _masks_of_another_model(out)
     (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"listed, never read")  # INPUT is listed before the head is built
     config = SegmentConfig(str(tmp_path / "in"), str(out), classes_text="sky, road", backbone=SMALL)
     with pytest.raises(DinosegError, match="another model") as e:
         run_segment(config)
@@ -99,7 +100,41 @@ def test_a_damaged_text_head_in_output_is_refused_without_overwrite(tmp_path, hu
     out.mkdir()
     (out / "text_head.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"listed, never read")  # INPUT is listed before the head is built
     config = SegmentConfig(str(tmp_path / "in"), str(out), classes_text="sky, road", backbone=SMALL)
     with pytest.raises(DinosegError, match="--overwrite") as e:
         run_segment(config)
     assert "\n" not in str(e.value) and (out / "text_head.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_classes_text_resumes_into_an_output_url_with_user_info(tmp_path, hub, monkeypatch):
+    """The one resume check (the identity) compares the text head's model as rows hold it, with
+    the URL's user-info redacted: an earlier run's masks of this very head are resumed, not
+    refused as another model's."""
+    import fsspec
+
+    from model.hub import head_checksum
+
+    out = "memory://user:secret@bkt/seg"
+    head = build_text_head(TextHeadRequest("sky, road", backbone=SMALL))
+    rows = pa.table(
+        {
+            "key": ["a"],
+            "model": [f"{head.backbone}+memory://***@bkt/seg/text_head.pt"],  # as redact_table wrote it
+            "head_checksum": [head_checksum(head.state_dict)],
+        }
+    )
+    import model.text_head
+
+    monkeypatch.setattr(model.text_head, "build_text_head", lambda *a, **k: head)  # built once, above
+    fs = fsspec.filesystem("memory")
+    with fs.open("user:secret@bkt/seg/predictions/part-00000000-00000.parquet", "wb") as f:
+        pq.write_table(rows, f)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"done by the earlier run, never read")
+    try:
+        counts = run_segment(SegmentConfig(str(tmp_path / "in"), out, classes_text="sky, road", backbone=SMALL))
+        assert counts == {"inputs": 1, "predicted": 0, "skipped": 1, "failed": 0}
+        assert fs.exists("user:secret@bkt/seg/text_head.pt"), "written once the resume check passed"
+    finally:
+        fs.rm("user:secret@bkt", recursive=True)
