@@ -8,6 +8,7 @@ every input done; every key has one row and one whole mask; none is in both erro
 predictions/; the training pairs are the same with and without faults. Each test asserts that the
 faults it relies on were applied, not merely drawn."""
 
+# ruff: noqa: F811  (head_file: test_segment's module fixture, taken as an argument)
 from __future__ import annotations
 
 import io
@@ -17,50 +18,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-import torch
 from faults import FaultProxy
 from PIL import Image
+from test_segment import SMALL, head_file, jpeg  # noqa: F401  (head_file: the module's fixture)
 
-from model.checkpoint import HeadCheckpoint, save_head_checkpoint
-from model.classes import ClassMap, bundled
-from model.heads import HeadConfig, LinearHead
+from model.classes import bundled
 from pipeline.segment import SegmentConfig, run_segment
 
 N = 24
-SMALL = {
-    "backbone_weights": "random",
-    "resolution": 56,
-    "decode_cpus": 0.25,
-    "cpus_per_actor": 0.5,
-    "actors": 1,
-    "batch_size": 4,
-}
 # every kind of fault (`lost`: a request applied at the store whose answer never comes); a stall
 # costs about a second (timeouts of 1 s), so it is drawn less often
 FAULTS = ("503", "500", "reset", "cut", "lost") * 3 + ("stall",)
 RATES = {"list": 0.2, "read": 0.25, "write": 0.25}
 KEYS = {f"{'sub/' if i % 3 else ''}img{i:02d}" for i in range(N)}  # the fixture's images
-
-
-def jpeg(w: int, h: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def head_file(tmp_path_factory):
-    torch.manual_seed(0)
-    head = LinearHead(HeadConfig("linear", (11,), 384, 4))
-    for p in head.parameters():
-        p.data.normal_(0, 0.5)
-    classes = ClassMap(("bg", "red", "green", "blue"), ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
-    path = tmp_path_factory.mktemp("head") / "head.pt"
-    save_head_checkpoint(
-        HeadCheckpoint("dinov2_vits14", head.config, classes, head.state_dict(), resolution=56), str(path)
-    )
-    return str(path)
 
 
 @pytest.fixture(scope="module")
