@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from .classes import ClassMap
 from .convert import describe_mismatch
 from .errors import WeightsError
 from .heads import HeadConfig, build_head, output_classes
-from .storage import options_for
+from .storage import options_for, write_local_atomic
 
 FORMAT = "dinoseg.head"
 VERSION = 1
@@ -140,14 +139,7 @@ def save_head_checkpoint(ckpt: HeadCheckpoint, url: str, storage_options: dict |
     torch.save(ckpt.to_dict(), buf)
     data = buf.getvalue()
     if "://" not in url or url.startswith("file://"):
-        path = Path(url.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_local_atomic(url.removeprefix("file://"), data)  # the temp name a run's sweep knows
         return
     import fsspec
 

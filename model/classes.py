@@ -291,23 +291,13 @@ def save_class_map(classes: ClassMap, url: str, storage_options: dict | None = N
     the temporary name of the pipeline's writes (`.<name>.<8 hex>.dinoseg-tmp`, which readers skip
     and a run's sweep removes after a kill); elsewhere one PUT (`pipe_file`), whole on an object
     store. The pipeline writes OUTPUT's own copy with `pipeline.io.records.write_text`."""
-    import os
-    import uuid
-
     import fsspec
+
+    from .storage import write_local_atomic
 
     data = class_map_text(classes, url).encode()
     fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
     if fsspec.utils.get_protocol(url) not in ("file", "local"):
         fs.pipe_file(path, data)  # object stores have no folders to make
         return
-    parent, name = os.path.split(path)
-    os.makedirs(parent or ".", exist_ok=True)
-    tmp = os.path.join(parent, f".{name[:64]}.{uuid.uuid4().hex[:8]}.dinoseg-tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_local_atomic(path, data)

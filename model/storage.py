@@ -27,8 +27,11 @@ opens a URL with the user's options goes through it (`url_to_fs(url, **options_f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
+import uuid
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -226,3 +229,36 @@ def options_for(url: str, options: dict | None) -> dict:
     if scope is None:
         return {}
     return dict(options[scope]) if is_scoped(options) else dict(options)
+
+
+# ---- atomic local writes ------------------------------------------------------------------------
+
+TEMP_SUFFIX = ".dinoseg-tmp"
+TEMP_STEM_BYTES = 64  # of the final name kept in the temp name: it stays far below a 255-byte name limit
+
+
+def temp_name(name: str) -> str:
+    """A temporary name for a file that will be renamed to `name`, in the same folder:
+    `.<first 64 bytes of name>.<8 hex>.dinoseg-tmp`. Hidden, unique, recognisable by
+    `pipeline.io.files.is_temp_name` (so a sweep never takes a user's file), and short whatever
+    `name` is."""
+    stem = name.encode("utf-8", "surrogateescape")[:TEMP_STEM_BYTES].decode("utf-8", "ignore")
+    return f".{stem}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+
+
+def write_local_atomic(path: str, data: bytes) -> None:
+    """Write a local file whole or not at all: `temp_name` in its folder, then os.replace (no
+    fsync: this is about readers and killed writers, not power loss). The one local write of
+    model/ (class maps, head checkpoints) and of `pipeline.io.files.write_bytes_atomic`."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, temp_name(os.path.basename(path)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -12,13 +12,12 @@ import errno
 import logging
 import os
 import re
-import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model.errors import DinosegError
-from model.storage import options_for
+from model.storage import TEMP_SUFFIX, options_for, temp_name, write_local_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +56,9 @@ ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss
 # Filesystems fsspec can read but not write: refused before any work, in one sentence.
 READ_ONLY_PROTOCOLS = frozenset({"http", "https", "github", "zip", "tar", "libarchive"})
 
-TEMP_SUFFIX = ".dinoseg-tmp"
-TEMP_STEM_BYTES = 64  # of the final name kept in the temp name: it stays far below a 255-byte name limit
 _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX), re.DOTALL)
 # temp names of earlier versions (write_bytes_atomic's and the Parquet parts'), swept as well
 _OLD_TEMP_NAME = re.compile(r"\.(?:.+\.[0-9a-f]{12}|part-[0-9a-f]{8}-\d{5}\.parquet)\.tmp", re.DOTALL)
-
-
-def temp_name(name: str) -> str:
-    """A temporary name for a file that will be renamed to `name`, in the same folder:
-    `.<first 64 bytes of name>.<8 hex>.dinoseg-tmp`. Hidden, unique, recognisable by
-    `is_temp_name` (so a sweep never takes a user's file), and short whatever `name` is."""
-    stem = name.encode("utf-8", "surrogateescape")[:TEMP_STEM_BYTES].decode("utf-8", "ignore")
-    return f".{stem}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
 
 
 def is_temp_name(name: str) -> bool:
@@ -100,7 +89,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     check_writable(url)
     try:
         if is_local_url(url):
-            _write_local(LocalFileSystem._strip_protocol(url), data)
+            write_local_atomic(LocalFileSystem._strip_protocol(url), data)
             return
         fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
         if fsspec.utils.get_protocol(url) in ATOMIC_PUT_PROTOCOLS:
@@ -115,21 +104,6 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
             f"{url} has a name of {len(longest.encode('utf-8', 'surrogateescape'))} bytes, too long for this "
             "filesystem (most allow 255 per name): shorten the input's name, or write OUTPUT to an object store."
         ) from None
-
-
-def _write_local(path: str, data: bytes) -> None:
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, temp_name(os.path.basename(path)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_then_move(fs, path: str, data: bytes) -> None:
