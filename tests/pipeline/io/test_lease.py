@@ -9,6 +9,26 @@ from model.errors import DinosegError
 from pipeline.io.lease import LEASE_NAME, STALE_ENV, Lease
 
 
+def _race(leases: list) -> list:
+    """Acquire every lease at once (threads released by one barrier); the ones that won."""
+    won, barrier = [], threading.Barrier(len(leases))
+
+    def take(lease):
+        barrier.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except DinosegError:
+            pass
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
     with Lease(str(tmp_path / "out"), "segment"):
         record = json.loads((tmp_path / "out" / LEASE_NAME).read_text())
@@ -59,22 +79,7 @@ def test_take_over_option_and_only_one_of_two_takers_wins(tmp_path, monkeypatch)
     with pytest.raises(DinosegError, match="held by"):  # its heartbeat moves: --take-over-lease refused
         Lease(str(tmp_path / "live"), "segment", take_over=True).acquire()
     live.release()
-    takers = [Lease(str(tmp_path), "segment", take_over=True) for _ in range(6)]
-    won, barrier = [], threading.Barrier(len(takers))
-
-    def take(lease):
-        barrier.wait()
-        try:
-            lease.acquire()
-            won.append(lease)
-        except DinosegError:
-            pass
-
-    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won = _race([Lease(str(tmp_path), "segment", take_over=True) for _ in range(6)])
     assert len(won) == 1
     assert json.loads((tmp_path / LEASE_NAME).read_text())["run_id"] == won[0].run_id
     won[0].release()
@@ -107,22 +112,7 @@ def test_s3_conditional_create_and_takeover(s3_bucket, monkeypatch):
 
 def test_s3_two_runs_at_once_only_one_wins(s3_bucket):
     bucket, so = s3_bucket
-    leases = [Lease(f"s3://{bucket}/race", "segment", so) for _ in range(4)]
-    won, barrier = [], threading.Barrier(len(leases))
-
-    def take(lease):
-        barrier.wait()
-        try:
-            lease.acquire()
-            won.append(lease)
-        except DinosegError:
-            pass
-
-    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won = _race([Lease(f"s3://{bucket}/race", "segment", so) for _ in range(4)])
     assert len(won) == 1
     won[0].release()
 
