@@ -7,7 +7,7 @@ from jobs.options import all_but, command, main, values_for
 from pipeline.label import PseudoLabelConfig, pseudo_label_summary, run_pseudo_label
 from pipeline.segment import SegmentConfig
 
-SET_BY_PSEUDO_LABEL = ("masks", "rle", "overlays", "confidence")
+SET_BY_PSEUDO_LABEL = ("masks", "rle", "overlays", "confidence", "mean_confidence")  # it keeps the maps
 
 
 def pseudo_label_config(values: dict) -> PseudoLabelConfig:

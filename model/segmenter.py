@@ -4,13 +4,13 @@ Per image: normalise on the device, resize (short side `resolution`, long side c
 eval), then for every test-time view (scales x flips) compute a logit field, either whole-image
 (centre-padded to a multiple of 14) or by sliding window (crops accumulated at view resolution).
 The fields are sampled bilinearly straight at the original image's pixels, strip by strip so a
-large image needs bounded memory, and the class is the argmax of the mean softmax over views.
-The mask is never resized after the argmax.
+large image needs bounded memory, and the class is the argmax of the mean softmax over views
+(model.upsample; without TTA and confidence, only where the corner cells disagree). The mask is
+never resized after the argmax.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .argmax import argmax_mask
 from .backbone import IMAGENET_MEAN, IMAGENET_STD, DinoVisionTransformer
 from .classes import ClassMap
 from .device import autocast, choose_device, choose_precision
 from .errors import DinosegError, ImageInputError
 from .geometry import centre_pad, resized_size, window_starts
+from .upsample import Piece, softmax_mask
 
 META_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # Meta's multi-scale test ratios
+CONFIDENCE_CHOICES = (True, "mean", False)  # predict(confidence=...): the map (and its mean), the mean, none
 
 
 @dataclass(frozen=True)
@@ -62,25 +65,10 @@ class InferenceConfig:
 @dataclass
 class Prediction:
     mask: np.ndarray  # (H, W) uint8 (uint16 past 256 classes): class index per pixel
-    confidence: np.ndarray  # (H, W) float32: max softmax probability (mean over TTA views)
-
-
-@dataclass
-class _Piece:
-    """One network input (the whole view, or a sliding-window crop) and its logits.
-
-    The piece covers view pixels [y0, y0+h) x [x0, x0+w) (in the unflipped view). Per axis, a
-    view position c (pixel edges at integers) lies at logit-grid position (c + offset) / cell.
-    """
-
-    image: int
-    view: int  # index of the TTA view within its image
-    view_hw: tuple[int, int]
-    region: tuple[int, int, int, int]  # y0, x0, h, w
-    offset: tuple[float, float]
-    flipped: bool
-    padded_hw: tuple[int, int]  # the network input's size (the region plus its centre padding)
-    logits: torch.Tensor | None = None  # (C, gh, gw) float32, flipped back for flipped views
+    # (H, W) float32: max softmax probability (mean over TTA views); None unless asked for
+    confidence: np.ndarray | None = None
+    mean_confidence: float | None = None  # the confidence map's mean, reduced on the device; None unless asked for
+    class_counts: np.ndarray | None = None  # (C,) int64 pixels per class; None unless asked for
 
 
 class Segmenter(nn.Module):
@@ -156,20 +144,29 @@ class Segmenter(nn.Module):
         self,
         images: Sequence[np.ndarray | torch.Tensor],
         output_sizes: Sequence[tuple[int, int]] | None = None,
+        confidence: bool | str = True,
+        class_counts: bool = False,
     ) -> list[Prediction]:
         """uint8 RGB images (H, W, 3), any sizes -> one Prediction each, at the input's size.
 
         `output_sizes` gives each mask's (H, W) when an image arrives already shrunk (e.g. by
         the decode step of a pipeline): views and masks are then laid out for that size.
+        `confidence`: True, the per-pixel map and its mean; "mean", only the mean (the map stays
+        on the device); False, neither: without TTA the mask then samples every class only at
+        the pixels where the surrounding logit cells disagree (the same mask, much less work).
+        `class_counts`: also count each class's pixels (on the device, before the copy back).
         """
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
             raise ImageInputError("predict() takes a list of images: wrap a single image as [image].")
+        if confidence not in CONFIDENCE_CHOICES:
+            raise DinosegError(f"confidence={confidence!r}: pass True (the map), 'mean' (its mean only) or False.")
+        confidence = "mean" if confidence == "mean" else bool(confidence)
         if output_sizes is not None and len(output_sizes) != len(images):
             raise ImageInputError(
                 f"{len(output_sizes)} output sizes for {len(images)} images: give one (H, W) per image."
             )
         sizes, pieces = [], []
-        groups: dict[tuple[int, int], list[tuple[_Piece, torch.Tensor]]] = {}
+        groups: dict[tuple[int, int], list[tuple[Piece, torch.Tensor]]] = {}
         for i, image in enumerate(images):
             x = self._to_tensor(image, i)
             hw = tuple(int(n) for n in output_sizes[i]) if output_sizes is not None else tuple(x.shape[-2:])
@@ -180,7 +177,10 @@ class Segmenter(nn.Module):
         for group in groups.values():  # same-shaped inputs batch together, across images and views
             for (piece, _), logits in zip(group, self._run([t for _, t in group]), strict=True):
                 piece.logits = logits.flip(-1) if piece.flipped else logits
-        return [self._finish(hw, [p for p in pieces if p.image == i]) for i, hw in enumerate(sizes)]
+        return [
+            self._finish(hw, [p for p in pieces if p.image == i], confidence, class_counts)
+            for i, hw in enumerate(sizes)
+        ]
 
     def _to_tensor(self, image, index: int) -> torch.Tensor:
         if isinstance(image, np.ndarray):
@@ -231,74 +231,29 @@ class Segmenter(nn.Module):
                 # and the padding before it is the right-hand padding
                 x0, before = (w - xs - cw, right) if flipped else (xs, left)
                 yield (
-                    _Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped, tuple(crop.shape[-2:])),
+                    Piece(index, v, (h, w), (y, x0, ch, cw), (top - y, before - x0), flipped, tuple(crop.shape[-2:])),
                     crop,
                 )
 
-    def _finish(self, hw: tuple[int, int], pieces: list[_Piece]) -> Prediction:
-        h0, w0 = hw
+    def _finish(self, hw: tuple[int, int], pieces: list[Piece], confidence, class_counts: bool) -> Prediction:
+        views = [[p for p in pieces if p.view == v] for v in sorted({p.view for p in pieces})]
         c = self.num_classes
-        views = sorted({p.view for p in pieces})
-        rows = max(1, min(h0, self.config.strip_bytes // (4 * max(c, 2) * w0 * 3)))
-        mask_dtype = torch.uint8 if c <= 256 else torch.int32
-        mask = torch.empty(h0, w0, dtype=mask_dtype, device=self.device)
-        conf = torch.empty(h0, w0, dtype=torch.float32, device=self.device)
-        for r0 in range(0, h0, rows):
-            r1 = min(h0, r0 + rows)
-            prob = None
-            for v in views:
-                logits = self._view_logits(hw, r0, r1, [p for p in pieces if p.view == v])
-                if len(views) == 1:
-                    best, cls = logits.max(0)
-                    conf[r0:r1] = torch.exp(best - torch.logsumexp(logits, 0))
-                    mask[r0:r1] = cls.to(mask_dtype)
-                    break
-                p = logits.softmax(0)
-                prob = p if prob is None else prob.add_(p)
-            else:
-                best, cls = prob.max(0)
-                conf[r0:r1] = best / len(views)
-                mask[r0:r1] = cls.to(mask_dtype)
-        out_dtype = np.uint8 if c <= 256 else np.uint16
-        return Prediction(mask.cpu().numpy().astype(out_dtype, copy=False), conf.cpu().numpy())
-
-    def _view_logits(self, hw: tuple[int, int], r0: int, r1: int, pieces: list[_Piece]) -> torch.Tensor:
-        """Logits of one view at original rows r0..r1: each piece sampled bilinearly at the original
-        pixels whose centres fall inside it; overlapping windows are averaged (as mmseg does)."""
-        h0, w0 = hw
-        total = torch.zeros(self.num_classes, r1 - r0, w0, device=self.device)
-        count = torch.zeros(1, r1 - r0, w0, device=self.device) if len(pieces) > 1 else None
-        for p in pieces:
-            (h, w), (y0, x0, ch, cw) = p.view_hw, p.region
-            ra, rb = max(r0, _first_inside(y0, h, h0)), min(r1, _first_inside(y0 + ch, h, h0))
-            ca, cb = _first_inside(x0, w, w0), _first_inside(x0 + cw, w, w0)
-            if ra >= rb or ca >= cb:
-                continue
-            gh, gw = p.logits.shape[-2:]
-            cell_y, cell_x = p.padded_hw[0] / gh, p.padded_hw[1] / gw  # view pixels per logit cell
-            gy = _grid_coords(ra, rb, h / h0, p.offset[0], cell_y, gh, self.device)
-            gx = _grid_coords(ca, cb, w / w0, p.offset[1], cell_x, gw, self.device)
-            grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-            sampled = F.grid_sample(p.logits[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[
-                0
-            ]
-            total[:, ra - r0 : rb - r0, ca:cb] += sampled
-            if count is not None:
-                count[:, ra - r0 : rb - r0, ca:cb] += 1
-        return total if count is None else total / count
-
-
-def _first_inside(edge: float, view_n: int, n0: int) -> int:
-    """The first original pixel whose centre maps at or past view position `edge`.
-
-    Neighbouring windows share an edge, so every pixel lands in at least one window."""
-    return max(0, min(n0, math.ceil(edge * n0 / view_n - 0.5)))
-
-
-def _grid_coords(start: int, stop: int, scale: float, offset: float, cell: float, size: int, device) -> torch.Tensor:
-    """grid_sample's normalised coordinates (align_corners=False) of original pixels start..stop."""
-    centres = (torch.arange(start, stop, device=device, dtype=torch.float32) + 0.5) * scale
-    return 2.0 * ((centres + offset) / cell) / size - 1.0
+        mask = torch.empty(hw, dtype=torch.uint8 if c <= 256 else torch.int32, device=self.device)
+        conf = torch.empty(hw, dtype=torch.float32, device=self.device) if confidence else None
+        if conf is None and len(views) == 1:
+            argmax_mask(views[0], hw, self.config.strip_bytes, mask)  # the same mask, mostly from corner cells
+        else:  # every class at every pixel: the confidence needs them, and TTA averages probabilities
+            softmax_mask(views, hw, self.config.strip_bytes, mask, conf)
+        # counted before the copy back: only C numbers cross, and torch.bincount beats np.bincount
+        # on the CPU too (benchmarks/bench_upsample.py)
+        counts = torch.bincount(mask.flatten(), minlength=c).cpu().numpy() if class_counts else None
+        host = mask.cpu().numpy().astype(np.uint8 if c <= 256 else np.uint16, copy=False)
+        return Prediction(
+            host,
+            conf.cpu().numpy() if confidence is True else None,
+            float(conf.mean(dtype=torch.float64)) if conf is not None else None,  # reduced where the map is
+            counts,
+        )
 
 
 __all__ = [

@@ -59,6 +59,11 @@ class SegmentConfig:
         cli_default=False,
         parse=_confidence_bits,
     )
+    mean_confidence: bool = option(
+        False,
+        "Fill the predictions' mean_confidence column (null otherwise; --confidence fills it too). "
+        "It costs a full-resolution softmax over every class per image.",
+    )
     overwrite: bool = option(False, "Redo keys that an earlier run finished.")
     take_over_lease: bool = option(
         False, "Take over OUTPUT's lease from a run known to be dead (a lease without a heartbeat is taken anyway)."

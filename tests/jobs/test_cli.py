@@ -104,7 +104,7 @@ def test_segment_options_become_one_config_that_pseudo_label_and_self_train_shar
     config = seen["config"]
     assert (config.model, config.mode, config.confidence, config.storage_options) == (None, "slide", 8, {"anon": True})
     assert run_command(typer_app, ["in", "out", "--mode", "sideways"]) == 2  # choices are checked by the command line
-    shared = set(inspect.signature(segment.command).parameters) - {"masks", "rle", "overlays"}
+    shared = set(inspect.signature(segment.command).parameters) - {"masks", "rle", "overlays", "mean_confidence"}
     assert shared <= set(inspect.signature(pseudo_label.command).parameters)
     options = set(inspect.signature(self_train.command).parameters)
     assert set(inspect.signature(train.command).parameters) - {"resume", "overwrite"} <= options

@@ -87,7 +87,8 @@ def read_rows(folder: Path):
 def test_local_folder_with_bad_inputs(ray_local, tmp_path, head_file):
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    counts = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
+    config = SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, mean_confidence=True, **SMALL)
+    counts = run_segment(config)
     assert counts == {"inputs": 8, "predicted": 5, "skipped": 0, "failed": 3}
     rows = {r["key"]: r for r in read_rows(out / "predictions")}
     assert set(rows) == set(GOOD)
@@ -113,11 +114,13 @@ def test_resume_after_an_interrupted_run(ray_local, tmp_path, head_file):
     first = run_segment(SegmentConfig(str(manifest), str(out), model=None, head=head_file, **SMALL))
     assert first["predicted"] == 2
     a_mtime = (out / "masks" / "a.png").stat().st_mtime_ns
-    again = run_segment(SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, **SMALL))
-    assert again == {"inputs": 8, "predicted": 3, "skipped": 2, "failed": 3}
+    # --mean-confidence does not change a mask: the run resumes
+    again = SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, mean_confidence=True, **SMALL)
+    assert run_segment(again) == {"inputs": 8, "predicted": 3, "skipped": 2, "failed": 3}
     assert (out / "masks" / "a.png").stat().st_mtime_ns == a_mtime  # not redone
-    keys = [r["key"] for r in read_rows(out / "predictions")]
-    assert sorted(keys) == sorted(GOOD)  # every mask exactly once
+    rows = read_rows(out / "predictions")
+    assert sorted(r["key"] for r in rows) == sorted(GOOD)  # every mask exactly once
+    assert {r["key"] for r in rows if r["mean_confidence"] is None} == {"a", "wide"}  # null unless asked for
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written files
     redo = run_segment(
         SegmentConfig(str(tmp_path / "in"), str(out), model=None, head=head_file, overwrite=True, **SMALL)
