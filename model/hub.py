@@ -103,6 +103,53 @@ def load_head(
     return LoadedHead(head, _classes_for(head.config.num_classes), backbone, checksum=head_checksum(head.state_dict()))
 
 
+def resolve_head(
+    model: str | None, backbone: str | None, head: str | None, storage_options: dict | None = None
+) -> tuple[LoadedHead, str]:
+    """The head `build_segmenter` uses for these arguments, checked against its backbone, and
+    the model id it reports. Every refusal of a name or a head file is made here."""
+    if model and head:
+        raise DinosegError("Both --model and --head were given: pass one (a named model, or a head with its backbone).")
+    if model:
+        spec = segmentation_model(model)
+        if backbone and backbone != spec.backbone:
+            raise DinosegError(f"Model {model} uses {spec.backbone}, not {backbone}: leave --backbone out.")
+        head_path = str(fetch_hub_file(head_file(spec.backbone, spec.dataset, spec.head)))
+        loaded = load_head(head_path, spec.backbone, spec.head, storage_options)
+        loaded.classes = bundled(spec.dataset)
+        if loaded.head.config.num_classes != len(loaded.classes):  # the hub holds another file under its name
+            raise WeightsError(
+                f"{head_path} predicts {loaded.head.config.num_classes} classes, not the {len(loaded.classes)} of "
+                f"{spec.dataset}: it is not {model}'s head; put the released file there (or point DINOSEG_HUB at a copy of them)."
+            )
+    elif head:
+        loaded = load_head(head, backbone, storage_options=storage_options)
+    else:
+        raise DinosegError("No model given: pass --model NAME (see `dinoseg models`) or --head URL of a trained head.")
+    _check_head_fits_backbone(loaded, head or model)
+    return loaded, model or f"{loaded.backbone}+{head}"
+
+
+def _check_head_fits_backbone(loaded: LoadedHead, source: str) -> None:
+    """A head reads blocks of its backbone at its width; a file that says otherwise would fail
+    every image on the actors instead of the run at its start."""
+    cfg, backbone = loaded.head.config, backbone_config(loaded.backbone)
+    layers = list(cfg.layers)
+    if cfg.embed_dim != backbone.embed_dim or not layers or not all(0 <= i < backbone.depth for i in layers):
+        raise WeightsError(
+            f"{source} is a head over {cfg.embed_dim}-wide features of blocks {layers}, and {loaded.backbone} has "
+            f"{backbone.embed_dim}-wide blocks 0-{backbone.depth - 1}: the file is damaged or was edited; "
+            "retrain or re-export it."
+        )
+
+
+def resolve_config(config: InferenceConfig | None, loaded: LoadedHead) -> InferenceConfig:
+    """The inference options with the resolution the head was trained at where none is given."""
+    if config is None or config.resolution is None:
+        config = replace(config or InferenceConfig(), resolution=loaded.resolution)
+    return config
+
+
 def build_segmenter(
     model: str | None = None,
     *,
@@ -115,27 +162,14 @@ def build_segmenter(
 ) -> Segmenter:
     """`model`: a named segmentation model (Meta's backbone + head from the hub); or `head`: a
     head checkpoint (trained by dinoseg, or Meta's with `backbone`). `backbone_weights`
-    overrides where the backbone's weights come from."""
-    if model and head:
-        raise DinosegError("Both --model and --head were given: pass one (a named model, or a head with its backbone).")
-    if model:
-        spec = segmentation_model(model)
-        if backbone and backbone != spec.backbone:
-            raise DinosegError(f"Model {model} uses {spec.backbone}, not {backbone}: leave --backbone out.")
-        head_path = str(fetch_hub_file(head_file(spec.backbone, spec.dataset, spec.head)))
-        loaded = load_head(head_path, spec.backbone, spec.head, storage_options)
-        loaded.classes = bundled(spec.dataset)
-    elif head:
-        loaded = load_head(head, backbone, storage_options=storage_options)
-    else:
-        raise DinosegError("No model given: pass --model NAME (see `dinoseg models`) or --head URL of a trained head.")
+    overrides where the backbone's weights come from. `model.describe.describe_segmenter` makes
+    the same checks and reports the same names without building the backbone."""
+    loaded, model_id = resolve_head(model, backbone, head, storage_options)
     vit = load_backbone(loaded.backbone, backbone_weights, storage_options)
-    if config is None or config.resolution is None:  # the resolution the head was trained at
-        config = replace(config or InferenceConfig(), resolution=loaded.resolution)
-    model_id = model or f"{loaded.backbone}+{head}"
+    config = resolve_config(config, loaded)
     return Segmenter(
         vit, loaded.head, loaded.classes, config, device, loaded.mean, loaded.std, model_id, loaded.checksum
     )
 
 
-__all__ = ["RANDOM", "LoadedHead", "build_segmenter", "load_backbone", "load_head"]
+__all__ = ["RANDOM", "LoadedHead", "build_segmenter", "load_backbone", "load_head", "resolve_config", "resolve_head"]
