@@ -33,16 +33,12 @@ names therefore resumes them (give another OUTPUT, or --overwrite).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import unicodedata
-from array import array
 from functools import lru_cache
-from typing import Mapping
 
 import fsspec
-import numpy as np
 from fsspec.core import split_protocol
 
 from model.errors import DinosegError
@@ -163,116 +159,6 @@ def relative_name(path: str, key: str) -> str:
     return "/".join(key.split("/")[:-1] + parts[-1:])
 
 
-class KeyRegistry:
-    """The keys given out in one listing, unique under `fold_key`, and the earlier run's.
-
-    `recorded` maps a path's `identity` to the key an earlier run gave it (`recorded_keys`): that
-    path keeps it, and so does the same file relative to INPUT reached through another root (INPUT
-    renamed, remounted, through a link, OUTPUT copied: see `recorded`). Every recorded key's fold
-    is reserved from the start, so a newcomer listed first cannot take it; the keys of recorded
-    paths that are not listed now (gone, or under another INPUT) stay reserved too, since their
-    masks and rows are in OUTPUT and resume goes by key (a newcomer given one would be taken as
-    done with another image's mask). `unlisted()` counts them.
-
-    Memory: `recorded` is used as given, not copied; the reservations are 8-byte hashes of their
-    folds, in a sorted array; the keys taken in this run are one dict entry each (the fold string
-    is the key itself where folding changes nothing). A reservation's owner is looked up only on a
-    collision (an index built on the first one), which also makes a hash that merely collides
-    harmless: a fold whose owner is not found is not reserved.
-    """
-
-    def __init__(self, recorded: Mapping[str, str] | None = None):
-        self._recorded: Mapping[str, str] = recorded or {}
-        hashes = array("Q", (_fold_hash(fold_key(k)) for k in self._recorded.values() if k and is_safe_key(k)))
-        self._reserved = np.unique(np.frombuffer(hashes, np.uint64)) if hashes else np.zeros(0, np.uint64)
-        del hashes
-        self._taken: dict[str, str] = {}  # fold -> identity of the path listed in this run
-        self._owners: dict[str, str] | None = None  # fold -> recorded identity, on the first collision
-        self._kept = 0  # reservations taken by their own path
-
-    def recorded(self, path: str, rel: list[str] | None = None) -> str | None:
-        """The key an earlier run gave `path`, or None. With `rel` (its components relative to
-        INPUT), also the key of the file with that relative name recorded under another root."""
-        key = self._recorded.get(identity(path))
-        if key is not None:
-            return key if key and is_safe_key(key) else None
-        if not rel or not len(self._reserved):
-            return None
-        name = "/".join(rel)
-        for keep_extension in (False, True):
-            try:
-                f = fold_key(key_from_parts(rel, path, keep_extension))
-            except DinosegError:
-                return None
-            owner = self._owner(f) if f not in self._taken and self._is_reserved(f) else None
-            if owner is not None and relative_name(owner, self._recorded[owner]) == name:
-                return self._recorded[owner]
-        return None
-
-    def reserved(self, key: str) -> bool:
-        """Whether `key` (its fold) is taken, or reserved for a recorded path."""
-        f = fold_key(key)
-        return f in self._taken or self._is_reserved(f)
-
-    def unlisted(self) -> int:
-        """How many recorded keys no path of this listing has taken (their inputs are gone or
-        elsewhere): they stay reserved."""
-        return len(self._reserved) - self._kept
-
-    def claim(self, path: str, key: str, recorded: bool = False) -> dict:
-        """The row of `path`: its recorded key if it has one, else `key`; or a `list` error row
-        when that key's fold is taken by another path (KeyCollision) or by this one, maybe through
-        another presigned URL (DuplicateInput). `recorded`: `key` is what `recorded(path, rel)`
-        returned, so it takes its reservation."""
-        i = identity(path)
-        if not recorded:
-            kept = self._recorded.get(i)
-            if kept and is_safe_key(kept):
-                key, recorded = kept, True
-        f = fold_key(key)
-        if f == key:
-            f = key  # one string for both: memory per input is the dict slot
-        owner = self._taken.get(f)
-        if owner is None:
-            if self._is_reserved(f):
-                if recorded:
-                    self._kept += 1
-                elif (owner := self._owner(f)) is not None:
-                    return list_error_row(
-                        path, _collision(path, key, owner, " (given by an earlier run)"), "KeyCollision"
-                    )
-            self._taken[f] = i
-            return input_row(path, key)
-        if owner == i:
-            message = f"'{path}' is listed more than once: only its first listing is processed."
-            return list_error_row(path, message, "DuplicateInput")
-        return list_error_row(path, _collision(path, key, owner, ""), "KeyCollision")
-
-    def _is_reserved(self, fold: str) -> bool:
-        i = int(np.searchsorted(self._reserved, np.uint64(_fold_hash(fold))))
-        return i < len(self._reserved) and int(self._reserved[i]) == _fold_hash(fold)
-
-    def _owner(self, fold: str) -> str | None:
-        """The recorded identity whose key has `fold` (the index is built on the first call)."""
-        if self._owners is None:
-            self._owners = {}
-            for path, key in self._recorded.items():
-                if key and is_safe_key(key):
-                    self._owners.setdefault(fold_key(key), path)
-        return self._owners.get(fold)
-
-
-def _fold_hash(fold: str) -> int:
-    return int.from_bytes(hashlib.blake2b(fold.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-
-
-def _collision(path: str, key: str, owner: str, when: str) -> str:
-    return (
-        f"'{path}' would get the key '{key}', already used by '{owner}'{when} (keys that differ only by case "
-        "or Unicode normalisation are one file on macOS and Windows disks): rename one of them."
-    )
-
-
 def recorded_keys(output: str, storage_options: dict | None = None) -> dict[str, str]:
     """`identity(path)` -> key of every row an earlier run left in OUTPUT's predictions/ and
     errors/ parts (the key a re-run keeps for that path); a predicted row's key wins over an error
@@ -309,3 +195,13 @@ def row_url(fs, path: str) -> str:
     """`path` as rows hold it: a URL fsspec opens with the same storage_options; local files as
     absolute local paths."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def __getattr__(name: str):
+    """`KeyRegistry`, the keys given out in one listing by the rules above, lives in
+    `pipeline.data.registry`; it is still importable from here."""
+    if name == "KeyRegistry":
+        from pipeline.data.registry import KeyRegistry
+
+        return KeyRegistry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,8 @@ Columns along the way:
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
@@ -42,6 +44,43 @@ MASK_PNG_FIELD = pa.field("mask_png", HF_IMAGE)  # with --masks parquet|both
 # the digest of what made the mask (pipeline.segment.identity): resume refuses rows of another one
 IDENTITY_FIELD = pa.field("identity", pa.string())
 RLE_FIELD = pa.field("rle", pa.list_(pa.struct([("class_id", pa.int32()), ("counts", pa.string())])))
+
+# Hugging Face datasets' names of the Arrow types our rows use (`datasets.Value` dtypes)
+_HF_VALUE_TYPES = {
+    pa.string(): "string",
+    pa.binary(): "binary",
+    pa.bool_(): "bool",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+}
+
+
+def hf_feature(data_type: pa.DataType):
+    """The Hugging Face datasets feature (as the JSON `datasets.Features.to_dict` reads) of one
+    Arrow type: HF_IMAGE is an Image, a list a Sequence, a list of structs a one-item list, a struct
+    a dict. Sequence and the list form rather than datasets 4's `List`: every datasets release reads
+    them (4 and later as List), where an older one refuses a `List` and would not load the file."""
+    if data_type == HF_IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_list(data_type):
+        item = data_type.value_type
+        return [hf_feature(item)] if pa.types.is_struct(item) else {"feature": hf_feature(item), "_type": "Sequence"}
+    if pa.types.is_struct(data_type):
+        return {f.name: hf_feature(f.type) for f in data_type}
+    if data_type not in _HF_VALUE_TYPES:
+        raise ValueError(f"no Hugging Face datasets feature declared for the Arrow type {data_type}")
+    return {"dtype": _HF_VALUE_TYPES[data_type], "_type": "Value"}
+
+
+def with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the `huggingface` metadata that `datasets` reads from a Parquet file, so that
+    `datasets.load_dataset("parquet", ...)` decodes `mask_png` as an image with no cast."""
+    features = {f.name: hf_feature(f.type) for f in schema}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    return schema.with_metadata({**(schema.metadata or {}), **meta})
+
 
 ERROR_SCHEMA = pa.schema(
     [

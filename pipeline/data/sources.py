@@ -9,20 +9,19 @@ Listing runs on the driver and streams; `ReadBytes` is a numpy-batch callable
 
 from __future__ import annotations
 
-import re
-from fnmatch import fnmatchcase
+import contextlib
 from typing import Iterator, Mapping
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 from fsspec.core import split_protocol, url_to_fs
-from fsspec.utils import glob_translate
 
 from model.errors import DinosegError
 from model.storage import options_for, scope_of
+from pipeline.data.claims import PROPOSAL, ROW, ListingClaims
 from pipeline.data.keys import (
     IMAGE_EXTENSIONS,
-    KeyRegistry,
     canonical_protocol,
     extension,
     is_image_name,
@@ -30,14 +29,15 @@ from pipeline.data.keys import (
     row_url,
     split_url,
 )
-from pipeline.data.manifest import MANIFEST_EXTENSIONS, manifest_rows
+from pipeline.data.manifest import MANIFEST_EXTENSIONS, Manifest, manifest_rows
+from pipeline.data.recorded import RecordedKeys
+from pipeline.data.registry import KeyRegistry
 from pipeline.data.schema import failed, object_array, set_error, with_error_columns
-from pipeline.data.walk import retrying, storage_fault, walk_rows
+from pipeline.data.spool import Spool
+from pipeline.data.walk import GLOB_CHARS, glob_walk, retrying, storage_fault, walk_proposals, walk_rows
 from pipeline.io.retry import retry_each
 
-__all__ = ["IMAGE_EXTENSIONS", "ReadBytes", "is_image_name", "list_inputs"]
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
+__all__ = ["IMAGE_EXTENSIONS", "ReadBytes", "is_image_name", "list_input_batches", "list_inputs"]
 
 
 def _extensions() -> str:
@@ -71,7 +71,7 @@ def list_inputs(
     protocol is relative to the manifest's folder. Keys are relative to the longest common
     folder of all entries (a one-line manifest gives the file's stem); entries on different
     filesystems have none, so their key is the path without its scheme. The manifest is read
-    twice, to find that folder and the collisions without holding its paths in memory.
+    once, its entries spooled to find that folder and the collisions (`pipeline.data.manifest`).
 
     Keys are unique over the whole listing, also on case-insensitive disks (`pipeline.data.keys`).
     `recorded` (path -> key, from `recorded_keys(OUTPUT)`) is what an earlier run gave: those
@@ -86,29 +86,15 @@ def list_inputs(
     INPUT does not exist or cannot be looked at, and (at the end) if it holds no images. Unsafe,
     colliding or refused paths come out as rows with error_stage 'list'.
     """
-    options = options_for(input, storage_options)
     stats = {} if stats is None else stats
     registry = KeyRegistry(recorded)
-    try:
-        fs, path = url_to_fs(input, **options)
-    except (ImportError, ValueError) as e:
-        raise DinosegError(f"cannot open '{input}': {e}: check the URL, its scheme and the storage options.") from None
-    path = path.rstrip("/") or fs.root_marker or "/"
-    kind = _input_kind(fs, path, input)
-    if kind == "dir":
-        rows = walk_rows(fs, path, path, registry, stats, refuse_outside_links=refuse_outside_links)
-        nothing = f"'{input}' holds no images with extensions {_extensions()}: check the prefix."
-    elif kind == "glob":
-        rows = _glob_rows(fs, path, input, registry, stats, refuse_outside_links)
-        nothing = f"'{input}' matches no images with extensions {_extensions()}: check the pattern."
+    kind, fs, path, how, nothing = _source(input, storage_options, refuse_outside_links)
+    if kind == "file":
+        rows = iter([_file_row(fs, path, registry)])
     elif kind == "manifest":
         rows = manifest_rows(fs, path, input, registry)
-        nothing = f"the manifest '{input}' lists no paths: check the file."
     else:
-        url, name = row_url(fs, path), split_url(path)[1][-1:]
-        kept = registry.recorded(url, name)  # also the same file moved to another folder
-        rows = iter([registry.claim(url, kept, recorded=True) if kept else registry.claim(url, make_key(path, path))])
-        nothing = ""
+        rows = walk_rows(fs, path, path, registry, stats, **how)
     n = 0
     for row in rows:
         n += 1
@@ -117,6 +103,82 @@ def list_inputs(
         raise DinosegError(nothing)
     if registry.unlisted():
         stats["recorded_not_listed"] = registry.unlisted()
+
+
+def list_input_batches(
+    input: str,
+    storage_options: dict | None = None,
+    recorded: Mapping[str, str] | RecordedKeys | None = None,
+    stats: dict | None = None,
+    refuse_outside_links: bool = False,
+    mark_done: bool = False,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of `list_inputs`, the same ones in the same order, as Arrow record batches (path,
+    key, error_stage, error_type, error_message), for listings of millions of inputs: the keys of
+    the whole listing are claimed at once (`pipeline.data.claims.ListingClaims`: the rows no other
+    row can touch in Arrow, the others one by one), and the listing is held in a spool on the local
+    disk while it is (`pipeline.data.spool`), never in Python objects. Not lazy: the listing is
+    complete (and its errors raised) before the first batch. `recorded` is best given as a
+    `RecordedKeys`; with `mark_done`, each batch has a `done` column too: whether an earlier run
+    finished the row's key (a predictions row has it, `RecordedKeys.done_mask`)."""
+    stats = {} if stats is None else stats
+    book = recorded if isinstance(recorded, RecordedKeys) else RecordedKeys.from_mapping(recorded or {})
+    kind, fs, path, how, nothing = _source(input, storage_options, refuse_outside_links)
+    if kind == "file":
+        registry = KeyRegistry(book)
+        batch = pa.RecordBatch.from_pylist([_file_row(fs, path, registry)], schema=ROW)
+        if mark_done:
+            failed = batch["error_stage"][0].as_py() != ""
+            batch = batch.append_column("done", pa.array([not failed and bool(book.done_mask(batch["key"])[0])]))
+        yield batch
+        if registry.unlisted():
+            stats["recorded_not_listed"] = registry.unlisted()
+        return
+    with contextlib.ExitStack() as stack:
+        if kind == "manifest":
+            proposals = stack.enter_context(Manifest(fs, path, input)).proposals
+        else:
+            spool = stack.enter_context(Spool(PROPOSAL))
+            for batch in walk_proposals(fs, path, path, stats, **how):
+                spool.append(batch)
+            proposals = spool.__iter__
+        claims = ListingClaims(book, folders=kind != "manifest", mark_done=mark_done)
+        for batch in proposals():
+            claims.count(batch)
+        if not claims.listed:
+            raise DinosegError(nothing)
+        claims.settle()
+        for batch in proposals():
+            yield claims.rows(batch)
+    if claims.registry.unlisted():
+        stats["recorded_not_listed"] = claims.registry.unlisted()
+
+
+def _source(input: str, storage_options: dict | None, refuse_outside_links: bool):
+    """(kind: dir, glob, manifest or file; the filesystem; the path on it; how to walk it; what
+    to say when it lists nothing)."""
+    options = options_for(input, storage_options)
+    try:
+        fs, path = url_to_fs(input, **options)
+    except (ImportError, ValueError) as e:
+        raise DinosegError(f"cannot open '{input}': {e}: check the URL, its scheme and the storage options.") from None
+    path = path.rstrip("/") or fs.root_marker or "/"
+    kind = _input_kind(fs, path, input)
+    how = {"refuse_outside_links": refuse_outside_links}
+    if kind == "dir":
+        return kind, fs, path, how, f"'{input}' holds no images with extensions {_extensions()}: check the prefix."
+    if kind == "glob":
+        root, how = glob_walk(fs, path, input, refuse_outside_links)
+        return kind, fs, root, how, f"'{input}' matches no images with extensions {_extensions()}: check the pattern."
+    if kind == "manifest":
+        return kind, fs, path, how, f"the manifest '{input}' lists no paths: check the file."
+    return kind, fs, path, how, ""
+
+
+def _file_row(fs, path: str, registry: KeyRegistry) -> dict:
+    url, name = row_url(fs, path), split_url(path)[1][-1:]
+    kept = registry.recorded(url, name)  # also the same file moved to another folder
+    return registry.claim(url, kept, recorded=True) if kept else registry.claim(url, make_key(path, path))
 
 
 def _input_kind(fs, path: str, input: str) -> str:
@@ -147,44 +209,9 @@ def _input_kind(fs, path: str, input: str) -> str:
             f"cannot look at '{input}' ({type(e).__name__}: {e}): check the endpoint and the storage options, "
             "then run again."
         ) from None
-    if _GLOB_CHARS.search(path):
+    if GLOB_CHARS.search(path):
         return "glob"
     raise DinosegError(f"the input '{input}' does not exist: check the path.")
-
-
-def _glob_rows(
-    fs, pattern: str, input: str, registry: KeyRegistry, stats: dict, refuse_outside_links: bool
-) -> Iterator[dict]:
-    parts = pattern.split("/")
-    first = next(i for i, c in enumerate(parts) if _GLOB_CHARS.search(c))
-    root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
-    try:
-        exists = bool(root) and retrying(fs.exists, root, what=f"looking at {root}")
-    except Exception as e:
-        if storage_fault(e) is None:
-            raise
-        raise DinosegError(f"cannot look at '{root}' ({type(e).__name__}: {e}): check the storage options.") from None
-    if not exists:
-        raise DinosegError(
-            f"the input '{input}' does not exist: check the path (the part before the first wildcard must exist)."
-        )
-    wild = parts[first:]
-    regex = re.compile(glob_translate(pattern))
-
-    def dir_wanted(path: str) -> bool:  # could anything below `path` match?
-        for i, c in enumerate(path.split("/")[first:]):
-            if i >= len(wild) or wild[i] == "**":
-                return True
-            if not fnmatchcase(c, wild[i]):
-                return False
-        return True
-
-    def file_wanted(dirpath: str):
-        comps = dirpath.split("/")
-        whole = any(regex.match("/".join(comps[:i])) for i in range(first + 1, len(comps) + 1))
-        return (lambda p: True) if whole else (lambda p: regex.match(p) is not None)
-
-    return walk_rows(fs, root, root, registry, stats, dir_wanted, file_wanted, refuse_outside_links)
 
 
 # ---- reading ---------------------------------------------------------------------------------

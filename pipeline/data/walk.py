@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from fnmatch import fnmatchcase
 from typing import Callable, Iterator
 
+import pyarrow as pa
+from fsspec.utils import glob_translate
+
 from model.errors import DinosegError
+from pipeline.data.claims import PROPOSAL, UNSAFE, claim_folder
 from pipeline.data.keys import (
     IMAGE_EXTENSIONS,
-    KeyRegistry,
     extension,
-    fold_key,
     is_image_name,
     is_local,
     key_from_parts,
@@ -42,10 +46,15 @@ from pipeline.data.keys import (
     row_url,
     split_url,
 )
+from pipeline.data.registry import KeyRegistry
 from pipeline.io import retry
 from pipeline.io.retry import is_transient, with_retries
 
 log = logging.getLogger(__name__)
+
+GLOB_CHARS = re.compile(r"[*?\[]")  # a glob, unless a file or folder has that very name
+
+PROPOSAL_BATCH = 65_536  # proposals gathered before a batch is made (a folder is never split)
 
 _CLIENT_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "fsspec", "s3fs", "gcsfs")
 
@@ -64,19 +73,57 @@ def retrying(call: Callable, *args, what: str):
     return with_retries(lambda: call(*args), what, attempts=retry.ATTEMPTS, backoff_s=retry.BACKOFF_S)
 
 
-def walk_rows(
+def walk_rows(fs, walk_root: str, key_root: str, registry: KeyRegistry, stats: dict, **how) -> Iterator[dict]:
+    """The rows of `walk_folders`, one by one, each folder's keys claimed in `registry`."""
+    for item in walk_folders(fs, walk_root, key_root, stats, **how):
+        if isinstance(item, dict):
+            yield item
+        else:
+            yield from claim_folder(registry, item)
+
+
+def walk_proposals(fs, walk_root: str, key_root: str, stats: dict, **how) -> Iterator[pa.RecordBatch]:
+    """The rows of `walk_folders` as proposals (`pipeline.data.claims.PROPOSAL`), a folder's files
+    in one batch, each folder its own group."""
+    rows: dict[str, list] = {name: [] for name in PROPOSAL.names}
+    for group, item in enumerate(walk_folders(fs, walk_root, key_root, stats, **how)):
+        for url, rel, key, error_type, message in _proposed(item):
+            for name, value in zip(
+                PROPOSAL.names, (url, "/".join(rel), key, False, False, error_type, message, group), strict=True
+            ):
+                rows[name].append(value)
+        if len(rows["path"]) >= PROPOSAL_BATCH:
+            yield pa.RecordBatch.from_pydict(rows, schema=PROPOSAL)
+            rows = {name: [] for name in PROPOSAL.names}
+    if rows["path"]:
+        yield pa.RecordBatch.from_pydict(rows, schema=PROPOSAL)
+
+
+def _proposed(item) -> Iterator[tuple]:
+    if isinstance(item, dict):  # a final error row (a folder that could not be listed, a refused link)
+        yield item["path"], [], None, item["error_type"], item["error_message"]
+        return
+    for url, rel in item:
+        try:
+            yield url, rel, key_from_parts(rel, url), "", ""
+        except DinosegError as e:
+            yield url, rel, None, UNSAFE, str(e)
+
+
+def walk_folders(
     fs,
     walk_root: str,
     key_root: str,
-    registry: KeyRegistry,
     stats: dict,
     dir_wanted: Callable[[str], bool] | None = None,
     file_wanted: Callable[[str], Callable[[str], bool]] | None = None,
     refuse_outside_links: bool = False,
-) -> Iterator[dict]:
+) -> Iterator[list[tuple[str, list[str]]] | dict]:
     """Walk `walk_root`, keyed relative to `key_root`: a folder's files (sorted), then its
-    subfolders (sorted, depth first). `dir_wanted(path)` prunes subfolders; `file_wanted(dirpath)`
-    returns a predicate over a file's full path. Image names only (see `is_image_name`).
+    subfolders (sorted, depth first). Yields, per folder, its image files as (URL, components
+    relative to `key_root`), then its `list` error rows (refused links); a folder that cannot be
+    listed is one error row. `dir_wanted(path)` prunes subfolders; `file_wanted(dirpath)` returns
+    a predicate over a file's full path. Image names only (see `is_image_name`).
     `refuse_outside_links`: local links whose target is outside INPUT become error rows
     (SymlinkOutsideInput) instead of being followed (see the module docstring).
 
@@ -117,7 +164,8 @@ def walk_rows(
                 (dirs if info["type"] == "directory" else files).append(name)
         keep = file_wanted(folder) if file_wanted is not None else None
         paths = [p for p in sorted(files) if is_image_name(p) and (keep is None or keep(p))]
-        yield from _folder_rows(fs, paths, root_parts, registry)
+        if paths:
+            yield [(row_url(fs, p), split_url(p)[1][len(root_parts) :]) for p in paths]
         for path, error_type, message in sorted(refused):
             if error_type == "SymlinkOutsideInput":
                 stats["symlinks_refused"] = stats.get("symlinks_refused", 0) + 1
@@ -125,6 +173,40 @@ def walk_rows(
         for d in sorted(dirs, reverse=True):
             if dir_wanted is None or dir_wanted(d):
                 stack.append((d, chain + (os.path.realpath(d),) if local else ()))
+
+
+def glob_walk(fs, pattern: str, input: str, refuse_outside_links: bool) -> tuple[str, dict]:
+    """(the folder a glob's walk starts at and keys are relative to, the walk's settings)."""
+    parts = pattern.split("/")
+    first = next(i for i, c in enumerate(parts) if GLOB_CHARS.search(c))
+    root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
+    try:
+        exists = bool(root) and retrying(fs.exists, root, what=f"looking at {root}")
+    except Exception as e:
+        if storage_fault(e) is None:
+            raise
+        raise DinosegError(f"cannot look at '{root}' ({type(e).__name__}: {e}): check the storage options.") from None
+    if not exists:
+        raise DinosegError(
+            f"the input '{input}' does not exist: check the path (the part before the first wildcard must exist)."
+        )
+    wild = parts[first:]
+    regex = re.compile(glob_translate(pattern))
+
+    def dir_wanted(path: str) -> bool:  # could anything below `path` match?
+        for i, c in enumerate(path.split("/")[first:]):
+            if i >= len(wild) or wild[i] == "**":
+                return True
+            if not fnmatchcase(c, wild[i]):
+                return False
+        return True
+
+    def file_wanted(dirpath: str):
+        comps = dirpath.split("/")
+        whole = any(regex.match("/".join(comps[:i])) for i in range(first + 1, len(comps) + 1))
+        return (lambda p: True) if whole else (lambda p: regex.match(p) is not None)
+
+    return root, {"dir_wanted": dir_wanted, "file_wanted": file_wanted, "refuse_outside_links": refuse_outside_links}
 
 
 def _unlisted_message(fs, folder: str, e: BaseException) -> str:
@@ -173,36 +255,3 @@ def _sort_link(
         )
     else:
         (dirs if is_dir else files).append(name)
-
-
-def _folder_rows(fs, paths: list[str], root_parts: list[str], registry: KeyRegistry) -> Iterator[dict]:
-    """Rows for one folder's files, in order: stems shared (under `fold_key`) within the folder
-    keep their extension; plain keys are claimed before extension keys, so a plain key wins
-    ('q.jpg' of q.jpg.png over q.jpg's beside a q.png); the registry settles the rest."""
-    items = []
-    for p in paths:
-        url, rel = row_url(fs, p), split_url(p)[1][len(root_parts) :]
-        recorded = registry.recorded(url, rel)  # also the same file under a renamed INPUT
-        try:
-            items.append((url, rel, recorded, recorded or key_from_parts(rel, url)))
-        except DinosegError as e:
-            items.append((url, rel, None, e))
-    folds = [fold_key(key) if isinstance(key, str) else None for *_, key in items]
-    counts: dict[str, int] = {}
-    for f in folds:
-        if f is not None:
-            counts[f] = counts.get(f, 0) + 1
-    rows: list[dict] = [{}] * len(items)
-    shared = [f is not None and counts[f] > 1 for f in folds]
-    # plain keys (and recorded paths, which keep theirs) first; then the keys with extension
-    for i in sorted(range(len(items)), key=lambda i: shared[i] and items[i][2] is None):
-        url, rel, recorded, key = items[i]
-        if isinstance(key, DinosegError):
-            rows[i] = list_error_row(url, str(key), "UnsafePath")
-        elif recorded is not None:
-            rows[i] = registry.claim(url, recorded, recorded=True)
-        elif shared[i]:
-            rows[i] = registry.claim(url, key_from_parts(rel, url, keep_extension=True))
-        else:
-            rows[i] = registry.claim(url, key)
-    yield from rows

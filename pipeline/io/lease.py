@@ -14,7 +14,7 @@ not count). A dead lease is taken over by the next run; `--take-over-lease` take
 once it has not been written for 1.5 of its holder's renewal periods (a live holder's is). A lease
 that cannot be read as a record (a store that cannot create it whole, damaged) is alive until it
 is stale by its age. A holder whose lease was taken over stops (`Lease.check`) before it writes
-more.
+more; the tasks that publish rows on its behalf read the lease before each part (`held_by`).
 
 A takeover is a conditional replace, so of two runs taking over one dead lease only one wins:
 locally, under an exclusive `lease.json.takeover` guard file, the lease is re-read and replaced
@@ -188,6 +188,14 @@ class Lease:
                 f"{self.url} was taken over by another run while this one wrote: OUTPUT now belongs to that run; "
                 "re-run once it has ended (finished work is kept)."
             )
+
+    def taken_over(self) -> None:
+        """A task of this run found the lease another run's (`held_by`) before its renewal thread
+        did: this run stops as it would then (`check` raises from now on)."""
+        if not self.lost:
+            log.error("%s was taken over by another run (a write task found it so): this run stops", self.url)
+        self.lost = True
+        self.check()
 
     def close_writers(self, *writers) -> None:
         """Publish the writers' rows (`close_all`) while this run holds the lease; once it lost it,
@@ -422,6 +430,24 @@ class Lease:
                 self._confirmed = time.monotonic()
             except Exception as e:  # the store briefly out of reach: the next beat tries again
                 log.warning("renewing %s failed (%s); trying again", self.url, e)
+
+
+def held_by(output: str, run_id: str, storage_options: dict | None = None) -> bool:
+    """Whether OUTPUT's lease is run `run_id`'s now, by one read of lease.json: the check of a task
+    about to publish on that run's behalf (it has no renewal thread to tell it, as the run's
+    `Lease` has). False when there is no lease, another run's or one that is not a record; a store
+    that still fails after the retries raises. A record not whole yet (a renewal rewriting it in
+    place, on stores without an atomic PUT) is read again: it is another run's only once it says so."""
+    lease = Lease(output, "", storage_options)
+    for attempt in range(UNREADABLE_READS):
+        seen = lease._read()
+        if seen is None or seen.holder.get("run_id") or attempt == UNREADABLE_READS - 1:
+            break
+        time.sleep(0.2 * (attempt + 1))
+    return bool(run_id) and seen is not None and seen.holder.get("run_id") == run_id
+
+
+UNREADABLE_READS = 5  # reads of a lease.json that is not a whole record before a task takes it as lost
 
 
 async def _get_object(fs, path: str) -> tuple[bytes, dict]:

@@ -1,4 +1,6 @@
-"""Driver-side Parquet output: result rows streamed into files of a sensible size.
+"""Parquet parts: result rows streamed into files of a sensible size by one writer
+(`RollingParquetWriter`, on the driver), or one part per batch published by the task that made it
+(`encode_part` + `publish_bytes`, under a `part_name` that a retried task reproduces).
 
 A file is published whole by `write_bytes_atomic` (a temporary name then a rename; an
 object-store PUT is atomic by itself), so a killed run leaves only complete files and perhaps a
@@ -12,6 +14,7 @@ for writers not given `max_rows` (tests use it to have parts published early in 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -98,7 +101,7 @@ class RollingParquetWriter:
             name, data, rows = self._pending[0]
             url = join_url(self.folder, name)
             try:
-                with_retries(lambda u=url, d=data: write_bytes_atomic(u, d, self.storage_options), f"publishing {url}")
+                publish_bytes(url, data, self.storage_options)
             except Exception as e:
                 log.warning(
                     "%s is kept in memory (%d rows) and tried again later: %s: %s", url, rows, type(e).__name__, e
@@ -143,6 +146,31 @@ class RollingParquetWriter:
             )
 
 
+def publish_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """One part file published whole (`write_bytes_atomic`), tried again while the store fails
+    transiently."""
+    with_retries(lambda: write_bytes_atomic(url, data, storage_options), f"publishing {url}")
+
+
+def part_name(run: str, keys) -> str:
+    """The file name of run `run`'s part holding the rows of `keys` (every key of the batch, in any
+    order): the same keys give the same name, so a task run again after it published (Ray retries
+    one whose worker died after the PUT) replaces its part rather than adding a second copy of its
+    rows."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
+    return f"part-{run[:8]}-{digest.hexdigest()[:16]}.parquet"
+
+
+def encode_part(table: pa.Table, schema: pa.Schema) -> bytes:
+    """`table` as the bytes of one Parquet part of `schema` (its metadata included), credentials
+    redacted as in every part."""
+    buf = io.BytesIO()
+    pq.write_table(redact_table(table.cast(schema)), buf, compression="zstd")
+    return buf.getvalue()
+
+
 def close_all(*writers: RollingParquetWriter) -> None:
     """Close every writer (one that fails does not keep the others' rows from being published),
     then raise the first failure."""
@@ -176,25 +204,35 @@ def read_parts(folder: str, columns: list[str] | None, storage_options: dict | N
     Reaching the store (listing, opening, each read of a part's bytes) is tried again while it
     fails transiently, part by part; a store still out of reach after that is one DinosegError (a
     part out of reach must not pass for no part)."""
+    tables = [table for _, table, _ in iter_parts(folder, columns, storage_options)]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def iter_parts(folder: str, columns: list[str] | None, storage_options: dict | None = None, skip=frozenset()):
+    """(URL, table of the given columns, read_again(columns) -> table) of each complete part file
+    under `folder` but those whose URL is in `skip`, in name order, one part in memory at a time:
+    what `read_parts` reads, by its rules."""
     fs, root = _fs(folder.rstrip("/"), storage_options)
+    fs.invalidate_cache(root)  # parts are published by other processes (the write tasks): list them anew
     try:
         if not with_retries(lambda: fs.exists(root), f"looking at {folder}"):
-            return None
-        tables = []
+            return
         for path in sorted(with_retries(lambda: fs.find(root), f"listing {folder}")):
             name = path.rsplit("/", 1)[-1]
-            if name.endswith(".parquet") and not name.startswith(".") and not is_temp_name(name):
+            url = fs.unstrip_protocol(path)
+            if name.endswith(".parquet") and not name.startswith(".") and not is_temp_name(name) and url not in skip:
                 try:
-                    tables.append(read_part(fs, path, columns))
+                    table = read_part(fs, path, columns)
                 except UnreadablePart as e:
-                    _warn_unreadable(fs.unstrip_protocol(path), str(e))
+                    _warn_unreadable(url, str(e))
+                    continue
+                yield url, table, lambda cols, p=path: read_part(fs, p, cols)
     except Exception as e:
         if not is_transient(e):
             raise
         raise DinosegError(
             f"cannot read the parts under {folder} ({type(e).__name__}: {e}): the store did not answer; re-run when it does."
         ) from None
-    return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
 class UnreadablePart(Exception):

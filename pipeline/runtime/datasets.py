@@ -8,6 +8,7 @@ The steps themselves live with their workflow; this module only turns them into 
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import pyarrow as pa
@@ -31,10 +32,11 @@ def stages(ds, steps, batch_size: int | None, num_cpus: float):
     return ds
 
 
-def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, resources):
+def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, resources, publish=None, part_rows=None):
     """The lazy Dataset of result rows (one per input row): read and decode in CPU tasks, the
     model step in an actor pool (`predict_cls(config=predict_config)`, loaded once per actor),
-    then the write step in CPU tasks."""
+    then the write step in CPU tasks; with `publish`, a step over Arrow batches of exactly
+    `part_rows` rows (the last one fewer) after it, in CPU tasks too."""
     import ray.data
 
     batch, cpus = resources.read_batch_size, resources.decode_cpus
@@ -50,7 +52,34 @@ def build(rows: pa.Table, read, decode, predict_cls, predict_config, write, reso
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor or None,
     )  # Ray Data restarts dead pool actors and retries their batches by default: no input is lost
-    return stages(ds, [write], batch, cpus)
+    ds = stages(ds, [write], batch, cpus)
+    if publish is None:
+        return ds
+    # The write tasks' output cut into blocks of a divisor of both batch sizes, so that the publish
+    # tasks' batches are exactly `part_rows` (a batch_size alone leaves a remainder batch per task,
+    # a tiny part each), while the write tasks keep their small batches (given a part's rows, one
+    # would hold that many full-size masks at once).
+    ds = _cut(ds, math.gcd(batch, part_rows), cpus)
+    # No CPU request: the driver did this outside Ray's accounting before (a part's encoding is well
+    # under a millisecond of CPU a row; the rest waits on one PUT), and on the CPU the actors hold
+    # every CPU but the decode tasks' share, where any request would wait for them to end.
+    return ds.map_batches(publish, batch_size=part_rows, batch_format="pyarrow", num_cpus=0)
+
+
+def _cut(ds, rows: int, num_cpus: float):
+    """`ds` in blocks of exactly `rows` rows (the last fewer): Ray Data's strict streaming
+    repartition, fused into the stage before it. Ray 2.60's `repartition` has no argument for its
+    tasks' resources and gives them 1 CPU, which would keep them from fusing with a stage that
+    requests less (and on the CPU from running while the actors live); they get `num_cpus`, the
+    stage's, instead. The stage's batch size must be a multiple of `rows`, as it is here."""
+    import ray
+
+    ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
+    op = ds._logical_plan.dag
+    if not isinstance(getattr(op, "ray_remote_args", None), dict):  # Ray is pinned; a new one must not be silent
+        raise RuntimeError(f"Ray {ray.__version__}'s repartition has no ray_remote_args: adapt _cut to it.")
+    object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})  # a frozen dataclass
+    return ds
 
 
 def map_rows(rows: pa.Table, step, batch_size: int, num_cpus: float):

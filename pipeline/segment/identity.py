@@ -45,18 +45,19 @@ OPTIONS = {
 }
 
 
-def identity_of(segmenter, backbone_weights: str | None, storage_options: dict | None = None) -> dict:
-    """The readable identity of the masks `segmenter` makes (loaded from `backbone_weights`)."""
+def identity_of(description, backbone_weights: str | None, storage_options: dict | None = None) -> dict:
+    """The readable identity of the masks a model makes: `description` is its
+    `model.describe.SegmenterDescription` (loaded from `backbone_weights`)."""
     from model.redact import redact_text
 
-    cfg = segmenter.config
+    cfg = description.config
     slide = cfg.mode == "slide"
     return {
-        "model": redact_text(segmenter.model_id),  # a presigned head URL's signature is no identity, nor kept
-        "head": segmenter.head_checksum,
-        "backbone_weights": weights_digest(segmenter.backbone.config.name, backbone_weights, storage_options),
-        "normalisation": [round(float(v), 6) for v in (segmenter.mean / 255).flatten().tolist()]
-        + [round(float(v), 6) for v in (segmenter.std / 255).flatten().tolist()],
+        "model": redact_text(description.model_id),  # a presigned head URL's signature is no identity, nor kept
+        "head": description.head_checksum,
+        "backbone_weights": weights_digest(description.backbone, backbone_weights, storage_options),
+        # the Segmenter's float32 values, rounded: what every earlier run recorded
+        "normalisation": [round(float(v), 6) for v in description.mean] + [round(float(v), 6) for v in description.std],
         "resolution": cfg.resolution,
         "mode": cfg.mode,
         "crop": cfg.crop if slide else None,
@@ -114,25 +115,45 @@ def write_identity(out: str, identity: dict, storage_options: dict | None) -> No
     write_json(f"{out}/{IDENTITY_NAME}", {"digest": digest(identity), "settings": identity}, storage_options)
 
 
-def done_keys(out: str, identity: dict, given, storage_options: dict | None) -> set[str]:
-    """Keys an earlier run finished with this identity (resume); DinosegError naming the option
-    when OUTPUT's masks were made otherwise. `given`: the run's options as the user gave them
-    (what rows of an earlier version are compared with, through their run.json)."""
-    from pipeline.io.parts import read_parts
+class RowIdentities:
+    """What the identity check needs of predictions/ rows, noted part by part as a resume reads
+    them (`pipeline.segment.resume`): the digests the rows carry (None for rows without one), and
+    the model and head of the rows without one, with how many there are."""
 
-    table = read_parts(f"{out}/predictions", ["key", "model", "head_checksum", "identity"], storage_options)
-    if table is None or not len(table):
-        return set()
+    def __init__(self):
+        self.rows, self.digests, self.legacy, self.legacy_rows = 0, set(), set(), 0
+
+    def note(self, table) -> None:
+        """Take in a table with the identity, model and head_checksum columns."""
+        import pyarrow.compute as pc
+
+        from model.redact import redact_text
+
+        self.rows += len(table)
+        self.digests.update(pc.unique(table["identity"]).to_pylist())
+        if table["identity"].null_count:
+            rows = table.filter(table["identity"].is_null())
+            models = [redact_text(m or "") for m in rows["model"].to_pylist()]
+            self.legacy.update(zip(models, rows["head_checksum"].to_pylist(), strict=True))
+            self.legacy_rows += len(rows)
+
+
+def check_identity(out: str, rows: RowIdentities, identity: dict, given, storage_options: dict | None) -> None:
+    """Refuse to resume (DinosegError naming the option) when OUTPUT's masks, whose rows `rows`
+    noted, were made otherwise than with `identity`; if not, every predictions row's key is done.
+    `given`: the run's options as the user gave them (what rows of an earlier version are compared
+    with, through their run.json)."""
+    if not rows.rows:
+        return
     mine = digest(identity)
     recorded = recorded_identity(out, storage_options) or {}
     legacy_as = recorded.get("digest")  # rows without a digest, vouched for by the run that wrote identity.json
-    digests = {d if d is not None else legacy_as for d in table["identity"].to_pylist()}
+    digests = {d if d is not None else legacy_as for d in rows.digests}
     for other in sorted(d for d in digests if d is not None and d != mine):
         settings = recorded.get("settings") if recorded.get("digest") == other else None
         raise DinosegError(_mismatch(settings, identity))
     if None in digests:
-        _check_legacy(out, table, identity, given, storage_options)
-    return set(table["key"].to_pylist())
+        _check_legacy(out, rows, identity, given, storage_options)
 
 
 def _mismatch(settings: dict | None, identity: dict) -> str:
@@ -162,14 +183,11 @@ def _shown(name: str, value) -> str:
     return "(default)" if value is None else str(value)
 
 
-def _check_legacy(out: str, table, identity: dict, given, storage_options: dict | None) -> None:
+def _check_legacy(out: str, rows: RowIdentities, identity: dict, given, storage_options: dict | None) -> None:
     """Rows of an earlier version: their model and head, and the options their run.json recorded."""
-    from model.redact import redact_text
     from pipeline.io.records import read_json
 
-    rows = table.filter(table["identity"].is_null())
-    models = [redact_text(m or "") for m in rows["model"].to_pylist()]
-    seen = set(zip(models, rows["head_checksum"].to_pylist(), strict=True))
+    seen = rows.legacy
     for model, checksum in sorted(seen):
         if (model, checksum) != (identity["model"], identity["head"]):
             raise DinosegError(
@@ -185,4 +203,4 @@ def _check_legacy(out: str, table, identity: dict, given, storage_options: dict 
                 f"OUTPUT's masks were made with --{name.replace('_', '-')} {earlier[name]}, this run asks for "
                 f"{getattr(given, name)}: pass --overwrite to redo them, or give another OUTPUT."
             )
-    log.info("%d rows of an earlier version resumed: their model, head and recorded options match", len(rows))
+    log.info("%d rows of an earlier version resumed: their model, head and recorded options match", rows.legacy_rows)

@@ -2,8 +2,9 @@
 
 Lists the inputs on the driver, loads the model, takes OUTPUT's lease (`pipeline.io.lease`), then
 resumes past the keys an earlier run with the same identity finished (`pipeline.segment.identity`),
-hands the rest to the Ray Data graph (read + decode tasks -> predictor actors -> write tasks),
-and streams the result rows into predictions/ and errors/ Parquet parts, then run.json.
+hands the rest to the Ray Data graph (read + decode tasks -> predictor actors -> write tasks ->
+publish tasks, which write predictions/), counts the keys that come back and streams the failed
+rows into errors/ Parquet parts, then run.json.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ log = logging.getLogger("dinoseg.segment")
 def run_segment(config: SegmentConfig) -> dict:
     """Segment every image under config.input into config.output; returns the counts also
     written to run.json. Re-running resumes."""
+    import pyarrow as pa
+
     from model.storage import scope_config
-    from pipeline.data.keys import recorded_keys
-    from pipeline.data.sources import list_inputs
     from pipeline.io.lease import Lease
     from pipeline.io.places import refuse_nesting
-    from pipeline.segment.identity import done_keys
+    from pipeline.segment.resume import Resume, list_todo
 
     config = scope_config(config)  # plain storage options for the URLs it names, as on a command line
 
@@ -41,26 +42,13 @@ def run_segment(config: SegmentConfig) -> dict:
     # Nothing is written before INPUT is listed (a typo'd INPUT fails here), the model is loaded
     # and the lease is held; resume's identity is checked before --overwrite removes anything.
     counts = {"inputs": 0, "predicted": 0, "skipped": 0, "failed": 0}
-    paths, keys, listing_errors = [], [], []
-    # an earlier run's path -> key: those paths keep their keys whatever siblings appeared since
-    recorded, listing = ({} if config.overwrite else recorded_keys(out, so)), {}
-    # overlays copy the image into OUTPUT: links out of INPUT are refused (pseudo-label runs this too)
-    for row in list_inputs(config.input, so, recorded=recorded, stats=listing, refuse_outside_links=True):
-        counts["inputs"] += 1
-        if row["error_stage"]:  # unsafe path, key collision...: an error row, never read
-            listing_errors.append(
-                {
-                    "path": row["path"],
-                    "key": row["key"],
-                    "stage": row["error_stage"],
-                    "error_type": row["error_type"],
-                    "message": row["error_message"],
-                }
-            )
-        else:
-            paths.append(row["path"])
-            keys.append(row["key"])
-    del recorded
+    # one read of OUTPUT's parts: an earlier run's path -> key (those paths keep their keys whatever
+    # siblings appeared since) and its done keys, which the listing drops as it goes
+    resume, listing = (None if config.overwrite else Resume(out, so)), {}
+    listed = list_todo(config.input, so, resume, listing)  # unsafe paths, key collisions...: error rows
+    counts["inputs"] = listed.inputs
+    if resume is not None:
+        resume.release()  # the recorded keys: what remains is the rows to do
     loaded = None if config.classes_text else _load_model(config, inference, so)  # a text head is built under the lease
 
     lease = Lease(out, "segment", so, take_over=config.take_over_lease)
@@ -73,14 +61,15 @@ def run_segment(config: SegmentConfig) -> dict:
             loaded = _load_model(config, inference, so, unsaved=new_head)
         predict_config, classes, model_id, checksum, identity = loaded
         inference = predict_config.inference
-        # the one resume check; a new text head's masks included, before that head is written
-        done = set() if config.overwrite else done_keys(out, identity, given, so)
+        # the one resume check; a new text head's masks included, before that head is written; the
+        # keys of parts published since OUTPUT was read (by the run that held the lease) are done too
+        done = pa.array([], pa.string()) if resume is None else resume.check(identity, given)
         if new_head is not None:
             from model.checkpoint import save_head_checkpoint
 
             save_head_checkpoint(new_head, config.head, so)
         counts = _run_graph(
-            config, given, out, so, started, counts, paths, keys, listing_errors, listing, done,
+            config, given, out, so, started, counts, listed, listing, done,
             predict_config, classes, model_id, checksum, identity, lease,
         )  # fmt: skip
     finally:
@@ -89,10 +78,11 @@ def run_segment(config: SegmentConfig) -> dict:
 
 
 def _load_model(config: SegmentConfig, inference, so, unsaved=None):
-    """The model loaded once on the driver: (predict config, classes, model id, head checksum, identity).
+    """The model checked once on the driver: (predict config, classes, model id, head checksum, identity).
     A wrong name, path or weights file fails here in one sentence, before any cluster work.
     `unsaved`: the text head config.head names, not written there yet: loaded from a local copy,
     and named (model id, identity) as the file it will be."""
+    from model.describe import describe_segmenter
     from model.weights import weights_env
     from pipeline.io.files import absolute_input
     from pipeline.segment.identity import identity_of
@@ -128,21 +118,32 @@ def _load_model(config: SegmentConfig, inference, so, unsaved=None):
         storage_options=so,
         weights_env=weights_env(),
     )
-    # On the CPU: the driver (a cluster's head node) may have no GPU even when the actors do.
-    segmenter = replace(predict_config, device="cpu").build()
-    classes, model_id, checksum = segmenter.classes, segmenter.model_id, segmenter.head_checksum
+    # Described, not built: the head file and the backbone file's keys and shapes are checked
+    # (model.describe), no backbone is made on the driver (a cluster's head node, often without
+    # the actors' GPU or memory); the actors build the model.
+    described = describe_segmenter(
+        None if predict_config.head else predict_config.model,
+        backbone=predict_config.backbone,
+        head=predict_config.head,
+        backbone_weights=predict_config.backbone_weights,
+        config=predict_config.inference,
+        storage_options=so,
+    )
+    classes, model_id, checksum = described.classes, described.model_id, described.head_checksum
     predict_config = replace(
-        predict_config, inference=segmenter.config, keep_confidence=bool(config.confidence)
+        predict_config,
+        inference=described.config,
+        keep_confidence=bool(config.confidence),
+        mean_confidence=config.mean_confidence,
     )  # with the resolution resolved
-    identity = identity_of(segmenter, predict_config.backbone_weights, so)
-    del segmenter
+    identity = identity_of(described, predict_config.backbone_weights, so)
     if config.max_classes and len(classes) > config.max_classes:
         raise DinosegError(f"{model_id} has {len(classes)} classes; {config.max_classes_reason}")
     return predict_config, classes, model_id, checksum, identity
 
 
 def _run_graph(
-    config, given, out, so, started, counts, paths, keys, listing_errors, listing, done,
+    config, given, out, so, started, counts, listed, listing, done,
     predict_config, classes, model_id, checksum, identity, lease,
 ) -> dict:  # fmt: skip
     """Under the lease: OUTPUT prepared (temp files swept, --overwrite's removal, classes.yaml),
@@ -154,20 +155,14 @@ def _run_graph(
     from pipeline import runtime
     from pipeline.data.decode import Decode, DecodeConfig
     from pipeline.data.error_log import compact_errors
-    from pipeline.data.schema import (
-        ERROR_SCHEMA,
-        IDENTITY_FIELD,
-        MASK_PNG_FIELD,
-        PREDICTION_SCHEMA,
-        RLE_FIELD,
-        error_rows,
-    )
+    from pipeline.data.schema import ERROR_FIELDS, ERROR_SCHEMA, error_rows
     from pipeline.data.sources import ReadBytes
     from pipeline.io.files import sweep_temp_files
     from pipeline.io.parts import RollingParquetWriter
     from pipeline.io.records import versions, write_run_json, write_text
     from pipeline.segment.identity import digest, write_identity
     from pipeline.segment.predict import Predict
+    from pipeline.segment.publish import PublishParts, account, part_batch_rows
     from pipeline.segment.write import WriteConfig, WriteMasks
 
     inference = predict_config.inference
@@ -183,36 +178,28 @@ def _run_graph(
     write_identity(out, identity, so)  # what a refusal names
     write_text(f"{out}/classes.yaml", class_map_text(classes, "classes.yaml"), so)  # export, train, evaluate read it
 
-    schema = PREDICTION_SCHEMA
-    if config.masks in ("parquet", "both"):
-        schema = schema.append(MASK_PNG_FIELD)
-    if config.rle:
-        schema = schema.append(RLE_FIELD)
-    # a run whose lease was taken over publishes no more parts: the new holder redoes their keys
-    predictions = RollingParquetWriter(f"{out}/predictions", schema.append(IDENTITY_FIELD), so, guard=lease.check)
+    # predictions/ parts are published by the graph's own tasks (pipeline.segment.publish), each after
+    # reading the lease; the driver writes errors/. A run whose lease was taken over publishes no more
+    # parts: the new holder redoes their keys
     errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, so, max_rows=100_000, guard=lease.check)
 
-    if done:
-        kept = [i for i, k in enumerate(keys) if k not in done]
-        counts["skipped"] += len(keys) - len(kept)
-        paths, keys = [paths[i] for i in kept], [keys[i] for i in kept]
-    errors.write(error_rows(pa.Table.from_pylist(listing_errors, schema=ERROR_SCHEMA)))
-    counts["failed"] += len(listing_errors)
+    todo = listed.todo  # the listing's rows whose keys are not done (`pipeline.segment.resume`)
+    counts["skipped"] += listed.done
+    if len(done):  # done since OUTPUT was read (`Resume.check`): an anti-join in Arrow
+        left = pc.invert(pc.is_in(todo["key"], value_set=done))
+        counts["skipped"] += len(todo) - pc.sum(left).as_py()
+        todo = todo.filter(left)
+    errors.write(error_rows(listed.errors))
+    counts["failed"] += len(listed.errors)
     if listing.get("unlisted_folders"):  # their images are unknown: the summary says the listing is incomplete
         counts["unlisted_folders"] = listing["unlisted_folders"]
         log.warning(
             "%d folders could not be listed: their images are missing from this run", counts["unlisted_folders"]
         )
-    rows = pa.table(
-        {
-            "path": paths,
-            "key": keys,
-            "error_stage": [""] * len(keys),
-            "error_type": [""] * len(keys),
-            "error_message": [""] * len(keys),
-        }
-    )
-    del paths, keys, listing_errors
+    rows = todo.combine_chunks()
+    for name in ERROR_FIELDS:
+        rows = rows.append_column(name, pa.repeat(pa.scalar("", pa.string()), len(rows)))
+    del todo, listed
 
     started_ray, failure = False, None
     try:
@@ -222,18 +209,18 @@ def _run_graph(
                 config.actors, config.gpus_per_actor, config.cpus_per_actor, config.decode_cpus, config.batch_size
             ).resolve(runtime.cluster_resources(joined=not started_ray))
             log.info("resources: %s", resources)
-            write = WriteMasks(
-                WriteConfig(
-                    out,
-                    classes,
-                    config.masks,
-                    config.rle,
-                    config.overlays,
-                    model_id,
-                    checksum,
-                    so,
-                    confidence_bits=config.confidence,
-                )
+            write_config = WriteConfig(
+                out,
+                classes,
+                config.masks,
+                config.rle,
+                config.overlays,
+                model_id,
+                checksum,
+                so,
+                confidence_bits=config.confidence,
+                identity=ident,
+                run_id=lease.run_id,
             )
             ds = runtime.build(
                 rows,
@@ -241,26 +228,20 @@ def _run_graph(
                 Decode(DecodeConfig(config.max_megapixels, shrink_for(inference))),
                 Predict,
                 predict_config,
-                write,
+                WriteMasks(write_config),
                 resources,
+                publish=PublishParts(write_config),
+                part_rows=part_batch_rows(config.masks),
             )
-            for table in runtime.iter_results(ds):
-                lease.check()  # taken over by another run (this one was thought dead): stop writing rows
-                ok = table["ok"]
-                done_rows = table.filter(ok).select(schema.names)
-                done_rows = done_rows.append_column(IDENTITY_FIELD, pa.array([ident] * len(done_rows), pa.string()))
-                failed_rows = table.filter(pc.invert(ok)).select(ERROR_SCHEMA.names)
-                predictions.write(done_rows)
-                errors.write(failed_rows)
-                counts["predicted"] += len(done_rows)
-                counts["failed"] += len(failed_rows)
+            for table in runtime.iter_results(ds):  # keys and errors only: the rows are published
+                account(table, errors, counts, lease)  # stops once another run took OUTPUT over
     except BaseException as e:
         failure = e  # what the user is told: a failure to close the writers after it does not replace it
         raise
     finally:
         try:
             # each part tried again; unpublished rows fail the run only here; dropped once the lease is lost
-            _after(failure, lambda: lease.close_writers(predictions, errors))
+            _after(failure, lambda: lease.close_writers(errors))
         finally:
             if started_ray:
                 runtime.stop_ray()

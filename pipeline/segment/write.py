@@ -70,6 +70,10 @@ class WriteConfig:
     storage_options: dict | None = field(default=None, repr=False)  # credentials: never in a repr
     io_threads: int = 8  # rows of a batch written concurrently (object-store PUTs wait on the network)
     confidence_bits: int = 0  # write confidence/<key>.png: 8 or 16 bits (needs the `confidence` column); 0: none
+    # for the publish step (pipeline.segment.publish): every row's `identity` (the digest of what made
+    # the mask), and the run whose OUTPUT lease must still be held when a part is published
+    identity: str = ""
+    run_id: str = ""
 
     def __post_init__(self):
         if self.confidence_bits not in (0, 8, 16):
@@ -102,8 +106,9 @@ class WriteMasks:
 
     Every input row comes back once, as a row of `write_schema(config)`: `ok` true with the
     prediction columns filled, or `ok` false with stage/error_type/message (failed earlier, or
-    at 'write' here) and the prediction columns null where there is nothing to say. The job keeps
-    `ok` rows' `prediction_columns(config)` for predictions/ and the rest's ERROR_COLUMNS for errors/.
+    at 'write' here) and the prediction columns null where there is nothing to say. The publish step
+    (pipeline.segment.publish) puts the `ok` rows' `prediction_columns(config)` in predictions/; the
+    driver gets the rest's ERROR_COLUMNS for errors/.
 
     It returns Arrow, not a numpy dict, because Ray Data's numpy-to-Arrow conversion would not
     give the declared types: an object column of ndarrays becomes Ray's tensor extension type,

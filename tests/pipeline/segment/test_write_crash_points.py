@@ -1,12 +1,13 @@
-"""Crash-point matrix for the writer alone (no Ray, no model): the driver's write loop — sweep,
-resume past the published keys, WriteMasks, predictions/ parts of 2 rows — SIGKILLed in a
-subprocess at the n-th mask write, mask rename or part publish (tests/crash_hook.py), for several
-n. What a kill leaves is checked (every published row's mask whole and matching it, only our
+"""Crash-point matrix for the writer alone (no Ray, no model): the write and publish steps and the
+driver's accounting — lease, sweep, resume past the published keys, WriteMasks, PublishParts into
+predictions/ parts of 2 rows — SIGKILLed in a subprocess at the n-th mask write, mask rename or
+part publish (tests/crash_hook.py), for several n and each --masks mode. What a kill leaves is checked (every published row's mask whole and matching it, only our
 temporary names), then a re-run ends with every key in exactly one row, every mask whole and
 the row's, and no temporary file. The full-job version is tests/jobs/test_crash_points.py."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -30,32 +31,52 @@ def mask_of(key: str) -> np.ndarray:
     return blobs(10 + i, 12 + 2 * i, len(VOC), seed=i)
 
 
-def drive(out: str, batch_size: int = 3) -> None:
-    """What run_segment does with results, without Ray: sweep, resume, write, publish."""
-    from pipeline.data.schema import PREDICTION_SCHEMA
-    from pipeline.io.files import sweep_temp_files
-    from pipeline.io.parts import RollingParquetWriter, done_keys
-    from pipeline.segment.write import WriteConfig, WriteMasks, prediction_columns
+def drive(out: str, batch_size: int = 3, masks: str = "png") -> None:
+    """What run_segment and its graph do, without Ray: the lease, sweep, resume, WriteMasks, its
+    rows regrouped into publish batches of 2 (the graph's repartition), PublishParts, the driver's
+    accounting into errors/."""
+    import pyarrow as pa
 
-    sweep_temp_files(out)
-    done = done_keys(f"{out}/predictions")
-    todo = [k for k in KEYS if k not in done]
-    cfg = WriteConfig(out, VOC, model_id="m", head_checksum="c", io_threads=2)
-    write, predictions = WriteMasks(cfg), RollingParquetWriter(f"{out}/predictions", PREDICTION_SCHEMA, max_rows=2)
-    for start in range(0, len(todo), batch_size):
-        keys = todo[start : start + batch_size]
-        table = write(make_batch([mask_of(k) for k in keys], keys))
-        predictions.write(table.filter(table["ok"]).select(prediction_columns(cfg)))
-    predictions.close()
+    from pipeline.data.schema import ERROR_SCHEMA
+    from pipeline.io.files import sweep_temp_files
+    from pipeline.io.lease import Lease
+    from pipeline.io.parts import RollingParquetWriter, done_keys
+    from pipeline.segment.publish import PublishParts, account
+    from pipeline.segment.write import WriteConfig, WriteMasks
+
+    lease = Lease(out, "segment")
+    lease.acquire()  # a killed run's lease: its process is gone, so it is taken over at once
+    try:
+        sweep_temp_files(out)
+        done = done_keys(f"{out}/predictions")
+        todo = [k for k in KEYS if k not in done]
+        cfg = WriteConfig(out, VOC, masks, model_id="m", head_checksum="c", io_threads=2, run_id=lease.run_id)
+        write, publish = WriteMasks(cfg), PublishParts(cfg)
+        errors = RollingParquetWriter(f"{out}/errors", ERROR_SCHEMA, guard=lease.check)
+        counts, waiting = {"predicted": 0, "failed": 0}, None
+        for start in range(0, len(todo), batch_size):
+            keys = todo[start : start + batch_size]
+            table = write(make_batch([mask_of(k) for k in keys], keys))
+            waiting = table if waiting is None else pa.concat_tables([waiting, table])
+            while len(waiting) >= 2:
+                account(publish(waiting.slice(0, 2)), errors, counts, lease)
+                waiting = waiting.slice(2)
+        if waiting is not None and len(waiting):
+            account(publish(waiting), errors, counts, lease)
+        lease.close_writers(errors)
+        assert counts == {"predicted": len(todo), "failed": 0}
+    finally:
+        lease.release()
 
 
 def check_rows_and_masks(out: Path) -> list[str]:
-    """Every published row's mask is whole and is the row's; every mask file decodes. Returns
-    the published keys."""
-    table = read_parts(str(out / "predictions"), ["key", "mask", "width", "height", "class_counts"])
+    """Every published row's mask (file, or mask_png bytes) is whole and is the row's; every mask
+    file decodes. Returns the published keys."""
+    columns = ["key", "mask", "mask_png", "width", "height", "class_counts"]
+    table = read_parts(str(out / "predictions"), columns)
     published = table.to_pylist() if table is not None else []
     for row in published:
-        with Image.open(row["mask"]) as m:
+        with Image.open(row["mask"] or io.BytesIO(row["mask_png"]["bytes"])) as m:
             m.load()
             mask = np.asarray(m)
         assert np.array_equal(mask, mask_of(row["key"])), row["key"]
@@ -69,20 +90,25 @@ def check_rows_and_masks(out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "point,n",
+    "point,n,masks",
     [
-        ("mask-write", 1),
-        ("mask-write", 5),
-        ("mask-rename", 2),
-        ("mask-rename", 7),
-        ("part-publish", 1),
-        ("part-publish", 3),
+        ("mask-write", 1, "png"),
+        ("mask-write", 5, "png"),
+        ("mask-rename", 2, "png"),
+        ("mask-rename", 7, "png"),
+        ("part-publish", 1, "png"),
+        ("part-publish", 3, "png"),
+        ("part-publish", 2, "parquet"),
+        ("mask-write", 4, "both"),
     ],
 )
-def test_killed_writer_rerun_leaves_one_row_and_one_whole_mask_per_key(tmp_path, point, n):
+def test_killed_writer_rerun_leaves_one_row_and_one_whole_mask_per_key(tmp_path, point, n, masks):
     out = tmp_path / "out"
     env = hook_env(tmp_path / "hook", point, n)
-    code = f"import sys; sys.path[:0] = {[str(HERE), str(HERE.parents[1])]!r}; import {Path(__file__).stem} as t; t.drive({str(out)!r})"
+    code = (
+        f"import sys; sys.path[:0] = {[str(HERE), str(HERE.parents[1])]!r}; import {Path(__file__).stem} as t; "
+        f"t.drive({str(out)!r}, masks={masks!r})"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120, start_new_session=True
     )
@@ -96,10 +122,9 @@ def test_killed_writer_rerun_leaves_one_row_and_one_whole_mask_per_key(tmp_path,
     if point == "part-publish":
         assert len(before) >= 2 * n  # n parts of 2 rows were published before the kill
 
-    drive(str(out))  # the re-run
+    drive(str(out), masks=masks)  # the re-run
     after = check_rows_and_masks(out)
     assert sorted(after) == sorted(KEYS)  # each key once: published rows are not redone, the rest are
-    assert sorted(str(p.relative_to(out / "masks")) for p in (out / "masks").rglob("*.png")) == sorted(
-        f"{k}.png" for k in KEYS
-    )
+    files = sorted(str(p.relative_to(out / "masks")) for p in (out / "masks").rglob("*.png"))
+    assert files == (sorted(f"{k}.png" for k in KEYS) if masks != "parquet" else [])
     assert not [p for p in out.rglob("*") if is_temp_name(p.name)]
