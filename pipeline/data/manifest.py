@@ -34,6 +34,7 @@ from pipeline.data.spool import Spool
 from pipeline.data.strings import (
     Bytes,
     any_byte,
+    byte_slice,
     cut_prefix,
     fold_keys,
     hashes,
@@ -167,11 +168,21 @@ class _Resolver:
         # split_url: the scheme, then the '/'-parts of what follows (one leading '/' dropped)
         at = found if urls is entries else pc.find_substring(urls, "://").to_numpy(zero_copy_only=False)
         scheme = at > 1
-        b = Bytes(urls)
-        protocols = self._canonical(b.slice(b.starts, np.where(scheme, b.starts + at, b.starts)))
-        after = Bytes(b.slice(np.where(scheme, b.starts + at + 3, b.starts), b.ends))
-        lead = after.first_not(ord("/"), after.starts) > after.starts
-        full = after.slice(np.where(lead, after.starts + 1, after.starts), after.ends)
+        if not scheme.any():  # local paths
+            protocols, after = self._canonical(pa.repeat(pa.scalar("", pa.string()), len(urls))), urls
+        elif scheme.all() and (at == at[0]).all():  # one scheme for all (its name is ASCII)
+            protocols = self._canonical(byte_slice(urls, 0, int(at[0])))
+            after = byte_slice(urls, int(at[0]) + 3)
+        else:
+            b = Bytes(urls)
+            protocols = self._canonical(b.slice(b.starts, np.where(scheme, b.starts + at, b.starts)))
+            after = b.slice(np.where(scheme, b.starts + at + 3, b.starts), b.ends)
+        lead = pc.fill_null(pc.starts_with(after, "/"), False)
+        if not pc.any(lead).as_py() or pc.all(lead).as_py():  # one '/' dropped from all or none
+            full = byte_slice(after, 1) if pc.any(lead).as_py() else after
+        else:
+            a = Bytes(after)
+            full = a.slice(a.starts + lead.to_numpy(zero_copy_only=False), a.ends)
         plain = ~unplain(full)
         fast &= plain
         fast &= ~np.isin(protocols, ["http", "https"])  # user-info and queries are no names

@@ -238,12 +238,21 @@ class RecordedKeys:
 
     # ---- KeyRegistry's book ------------------------------------------------------------------
 
+    # one value at a time (rows claimed one by one): scalar searches, no arrays made
+
     def get(self, identity: str) -> str | None:
-        row = int(self.lookup(pa.array([identity], pa.string()))[0])
-        return None if row < 0 else self.keys[row]
+        h1, h2 = hash(identity), hash(identity + "\x00")
+        i = int(np.searchsorted(self._h1, h1))
+        while i < len(self._h1) and self._h1[i] == h1:
+            if self._h2[i] == h2:
+                return self.keys[int(self._winner[i])]
+            i += 1
+        return None
 
     def is_reserved(self, fold: str) -> bool:
-        return bool(self.reserved_mask(np.array([hash(fold)], np.int64))[0])
+        h = hash(fold)
+        i = int(np.searchsorted(self._fold, h))
+        return i < len(self._fold) and self._fold[i] == h and bool(self._is_winner[i])
 
     def _owner_row(self, fold: str) -> int | None:
         from pipeline.data.keys import fold_key
@@ -312,8 +321,8 @@ def _search(sorted_values: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray,
 def read_recorded(output: str, storage_options: dict | None = None, columns=(), each=None) -> RecordedKeys:
     """What `recorded_keys(output)` holds, as `RecordedKeys`, from one read of OUTPUT's errors/ and
     predictions/ parts: their path and key columns, one part at a time (and of each predictions
-    part the `columns` too, its URL and table handed to `each(url, table)`: the one read a resume
-    makes)."""
+    part the `columns` too, handed to `each(url, table, read_again)` with its URL and a function
+    reading other columns of it: the one read a resume makes)."""
     from pipeline.io.parts import iter_parts
 
     def chunks():
@@ -321,7 +330,7 @@ def read_recorded(output: str, storage_options: dict | None = None, columns=(), 
             wanted = ["path", "key", *columns] if done else ["path", "key"]
             for url, table, read_again in iter_parts(f"{output.rstrip('/')}/{folder}", wanted, storage_options):
                 if done and each is not None:
-                    each(url, table)
+                    each(url, table, read_again)
                 yield table["path"], table["key"], done, lambda read=read_again: read(["path"])["path"]
 
     return RecordedKeys.from_chunks(chunks())

@@ -55,10 +55,10 @@ def unplain(values, dots: bool = False) -> np.ndarray:
 def hashes(values, lane: int = 0) -> np.ndarray:
     """int64 hash of each string (nulls hash alike). Lane 1 is a second, independent hash (of the
     string with a NUL appended), for identities compared by 128 bits."""
-    items = as_array(values).to_pylist()
-    if lane:
-        items = [None if s is None else s + "\x00" for s in items]
-    return np.fromiter(map(hash, items), np.int64, len(items))
+    values = as_array(values)
+    if lane:  # the NUL appended in Arrow (a null stays null)
+        values = pc.binary_join_element_wise(values, "\x00", "")
+    return np.fromiter(map(hash, values.to_pylist()), np.int64, len(values))
 
 
 def safe_keys(keys) -> np.ndarray:
@@ -150,6 +150,15 @@ class Bytes:
         return out
 
 
+def byte_slice(values, start: int, stop: int | None = None) -> pa.Array:
+    """Bytes start to stop (None: the end) of each string, cut between two characters (the
+    caller knows it: ASCII prefixes), as strings."""
+    values = as_array(values)
+    binary = pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()
+    # an explicit stop: pyarrow 26's default (the largest int64) overflows when a row ends at the start
+    return pc.binary_slice(values.view(binary), start, 2**40 if stop is None else stop).view(values.type)
+
+
 def strip_extensions(names) -> pa.Array:
     """Each '/'-separated name without the extension of its last part, as `os.path.splitext`
     strips it ('a/b.tar.jpg' -> 'a/b.tar'; '.hidden', '..jpg' and 'a/b' stay as they are)."""
@@ -170,10 +179,7 @@ def strip_extensions(names) -> pa.Array:
 
 def cut_prefix(values, prefix: str) -> pa.Array:
     """Each string without its first len(prefix) bytes (every string starts with `prefix`)."""
-    if prefix.isascii():  # bytes are code units
-        return pc.utf8_slice_codeunits(as_array(values), len(prefix))
-    b = Bytes(values)
-    return b.slice(b.starts + len(prefix.encode()), b.ends)
+    return byte_slice(values, len(prefix.encode()))
 
 
 def stripped(lines: pa.Array) -> pa.Array:

@@ -124,7 +124,8 @@ class RowIdentities:
         self.rows, self.digests, self.legacy, self.legacy_rows = 0, set(), set(), 0
 
     def note(self, table) -> None:
-        """Take in a table with the identity, model and head_checksum columns."""
+        """Take in a table with the identity column (and model and head_checksum where some rows
+        have no identity)."""
         import pyarrow.compute as pc
 
         from model.redact import redact_text

@@ -1,9 +1,10 @@
 """A re-run's view of OUTPUT, from one read of its parts, and the listing that resumes past it.
 
-`Resume.read(OUTPUT)` reads errors/ and predictions/ once, part by part, only the columns it needs:
-path and key (the keys an earlier run gave, which a re-run keeps: `pipeline.data.recorded`), and of
-predictions/ the identity columns the resume check needs (`pipeline.segment.identity`). Every
-predictions row's key is done once that check passes (it passes for all rows or refuses).
+`Resume(OUTPUT)` reads errors/ and predictions/ once, part by part, only the columns it needs: path
+and key (the keys an earlier run gave, which a re-run keeps: `pipeline.data.recorded`), and of
+predictions/ the identity digest the resume check needs (`pipeline.segment.identity`; model and
+head too, of a part with rows of an earlier version that have none). Every predictions row's key
+is done once that check passes (it passes for all rows or refuses).
 
 `list_todo` lists INPUT in Arrow batches (`list_input_batches`) and drops, batch by batch, the rows
 whose key is done (an anti-join against the done keys, `RecordedKeys.done_mask`), so the driver
@@ -29,7 +30,7 @@ from pipeline.segment.identity import RowIdentities, check_identity
 
 log = logging.getLogger(__name__)
 
-_IDENTITY_COLUMNS = ["identity", "model", "head_checksum"]
+_IDENTITY_COLUMNS = ["identity", "model", "head_checksum"]  # read at once only in a late part
 LISTING_ERRORS = pa.schema([(n, pa.string()) for n in ("path", "key", "stage", "error_type", "message")])
 
 
@@ -42,10 +43,15 @@ class Resume:
 
         self.out, self.storage_options = out.rstrip("/"), storage_options
         self.rows, self.parts = RowIdentities(), set()
-        self.recorded = read_recorded(self.out, storage_options, _IDENTITY_COLUMNS, self._note)
+        self.recorded = read_recorded(self.out, storage_options, ["identity"], self._note)
 
-    def _note(self, url: str, table: pa.Table) -> None:
+    def _note(self, url: str, table: pa.Table, read_again=None) -> None:
+        """Take in a predictions part: its identities, and the model and head of rows without one
+        (read from the part only then: most parts have none, and those columns are long)."""
         self.parts.add(url)
+        if read_again is not None and table["identity"].null_count:
+            more = read_again(["model", "head_checksum"])
+            table = table.append_column("model", more["model"]).append_column("head_checksum", more["head_checksum"])
         self.rows.note(table)
 
     def release(self) -> None:
