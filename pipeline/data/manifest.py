@@ -178,8 +178,11 @@ class _Resolver:
             protocols = self._canonical(b.slice(b.starts, np.where(scheme, b.starts + at, b.starts)))
             after = b.slice(np.where(scheme, b.starts + at + 3, b.starts), b.ends)
         lead = pc.fill_null(pc.starts_with(after, "/"), False)
-        if not pc.any(lead).as_py() or pc.all(lead).as_py():  # one '/' dropped from all or none
-            full = byte_slice(after, 1) if pc.any(lead).as_py() else after
+        leading = pc.sum(lead).as_py() or 0
+        if leading == 0:
+            full = after
+        elif leading == len(after):  # one '/' dropped from all
+            full = byte_slice(after, 1)
         else:
             a = Bytes(after)
             full = a.slice(a.starts + lead.to_numpy(zero_copy_only=False), a.ends)
