@@ -17,39 +17,38 @@ import argparse
 import collections
 import os
 import subprocess
-import time
 
-from segment_cost import become_subreaper  # benchmarks/ is the script's folder
-
-TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+from segment_cost import TreeSampler, become_subreaper  # benchmarks/ is the script's folder
 
 
-def pids() -> set[str]:
-    return {p for p in os.listdir("/proc") if p.isdigit()}
+class RoleSampler(TreeSampler):
+    """TreeSampler (the tree with its adopted orphans, the last CPU times per process), plus each
+    process's comm and command line as last seen (a Ray worker renames itself after start-up)."""
 
+    def __init__(self, pid: int):
+        super().__init__(pid, exclude=set(), tree_interval=0.2, pss_interval=1e9)
+        self.names: dict[int, tuple[str, str]] = {}
 
-def read(pid: str) -> tuple[str, str, str, float] | None:
-    """(parent pid, comm, command line, user + system CPU seconds) of a process, or None once it is
-    gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[1], comm, args, (int(fields[11]) + int(fields[12])) / TICK
+    def _cpu(self, pids, ignoring) -> None:
+        super()._cpu(pids, ignoring)
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            self.names[pid] = comm, args
 
 
 def role(comm: str, args: str, command: list[str]) -> str:
     if comm.startswith("ray::"):  # ray::IDLE and ray::MapBatches(...) are task workers
-        return "task workers" if comm in ("ray::IDLE",) or comm.startswith("ray::MapBatches") else comm
+        return "task workers" if comm == "ray::IDLE" or comm.startswith("ray::MapBatches") else comm
     for name in ("raylet", "gcs_server", "log_monitor", "dashboard", "runtime_env"):
         if name in args:
             return f"ray: {name}"
-    if args.strip() == " ".join(command):
+    if args == " ".join(command):
         return "driver"
     return f"other: {comm}"
 
@@ -62,19 +61,15 @@ def main() -> None:
     if not command:
         raise SystemExit("cpu_by_role.py: give the command to measure after --, e.g. -- python -m jobs.segment IN OUT")
     become_subreaper()
-    me = str(os.getpid())
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ours, last = {str(child.pid)}, {}
-    while child.poll() is None:
-        for pid in sorted(pids(), key=int):  # a parent is (almost always) numbered before its child
-            seen = read(pid)
-            if seen is not None and (pid in ours or seen[0] in ours or (seen[0] == me and pid != me)):
-                ours.add(pid)
-                last[pid] = seen[1:]
-        time.sleep(0.2)
+    sampler = RoleSampler(child.pid)
+    sampler.start()
+    child.wait()
+    sampler.stop(reaped={child.pid})
+    tick = os.sysconf("SC_CLK_TCK")
     roles: collections.Counter[str] = collections.Counter()
-    for comm, cmdline, cpu in last.values():
-        roles[role(comm, cmdline, command)] += cpu
+    for (pid, _), seen in sampler.seen.items():
+        roles[role(*sampler.names.get(pid, ("?", "")), command)] += seen.own / tick
     print(f"exit status {child.returncode}; CPU s by role (total {sum(roles.values()):.2f}):")
     for name, cpu in roles.most_common():
         if cpu >= 0.05:
